@@ -1,0 +1,89 @@
+"""spialloc: IPsec SPIs from the Linux kernel (XFRM_MSG_ALLOCSPI), without the traps.
+
+    >>> import spialloc
+    >>> with spialloc.Allocator() as alloc:            # needs CAP_NET_ADMIN
+    ...     r = alloc.allocate("192.0.2.1", "esp")
+    ...     print(hex(r.spi))
+    ...     alloc.release(r)
+"""
+
+from __future__ import annotations
+
+from ._model import (
+    DEFAULT_CPI_RANGE,
+    DEFAULT_SPI_RANGE,
+    Direction,
+    KernelState,
+    Mode,
+    Proto,
+    Reservation,
+)
+from ._netns import Namespace
+from .aio import AsyncAllocator
+from .allocator import Allocator, AllocatorStats, BatchResult
+from .errors import (
+    BatchError,
+    ClosedError,
+    DecodeError,
+    DuplicateSpi,
+    InsufficientPrivilege,
+    InvalidRequest,
+    NamespaceError,
+    NetlinkError,
+    ReservationLost,
+    SpiallocError,
+    SpiExhausted,
+)
+from .guard import Guard, GuardStats, State
+from .ha import Partition, check_disjoint
+from .monitor import Acquire, Event, EventsLost, Expire, Monitor, Selector
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_CPI_RANGE",
+    "DEFAULT_SPI_RANGE",
+    "Acquire",
+    "Allocator",
+    "AsyncAllocator",
+    "AllocatorStats",
+    "BatchError",
+    "BatchResult",
+    "ClosedError",
+    "DecodeError",
+    "Direction",
+    "Event",
+    "EventsLost",
+    "Expire",
+    "DuplicateSpi",
+    "Guard",
+    "GuardStats",
+    "InsufficientPrivilege",
+    "InvalidRequest",
+    "KernelState",
+    "Mode",
+    "Monitor",
+    "Namespace",
+    "NamespaceError",
+    "NetlinkError",
+    "Partition",
+    "Proto",
+    "Reservation",
+    "ReservationLost",
+    "Selector",
+    "SpiExhausted",
+    "SpiallocError",
+    "State",
+    "backend",
+    "check_disjoint",
+]
+
+
+def __getattr__(name: str) -> str:
+    # Resolved on access, not at import: a bad SPIALLOC_BACKEND must be an
+    # error where it is used, not a failed `import spialloc`.
+    if name == "backend":
+        from ._backend import select
+
+        return select()[0]
+    raise AttributeError(f"module 'spialloc' has no attribute {name!r}")

@@ -1,0 +1,408 @@
+"""Friendly types (enums, Reservation) and the validation that turns user input
+into a wire-ready request before any syscall is made."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import ipaddress
+import time
+from dataclasses import dataclass, field
+from typing import Tuple, Union
+
+from . import _wire as w
+from .errors import InvalidRequest
+
+Address = Union[str, ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+MarkSpec = Union[int, Tuple[int, int], None]
+
+U32_MAX = 0xFFFFFFFF
+
+
+class Proto(enum.IntEnum):
+    """IPsec protocols that take an SPI (or a CPI, for IPComp)."""
+
+    ESP = w.IPPROTO_ESP
+    AH = w.IPPROTO_AH
+    COMP = w.IPPROTO_COMP
+
+
+class Mode(enum.IntEnum):
+    TRANSPORT = w.XFRM_MODE_TRANSPORT
+    TUNNEL = w.XFRM_MODE_TUNNEL
+    ROUTEOPTIMIZATION = w.XFRM_MODE_ROUTEOPTIMIZATION
+    IN_TRIGGER = w.XFRM_MODE_IN_TRIGGER
+    BEET = w.XFRM_MODE_BEET
+
+
+class Direction(enum.IntEnum):
+    IN = w.XFRM_SA_DIR_IN
+    OUT = w.XFRM_SA_DIR_OUT
+
+
+_PROTO_NAMES = {"esp": Proto.ESP, "ah": Proto.AH, "comp": Proto.COMP, "ipcomp": Proto.COMP}
+_MODE_NAMES = {
+    "transport": Mode.TRANSPORT,
+    "tunnel": Mode.TUNNEL,
+    "ro": Mode.ROUTEOPTIMIZATION,
+    "in_trigger": Mode.IN_TRIGGER,
+    "beet": Mode.BEET,
+}
+_DIR_NAMES = {"in": Direction.IN, "out": Direction.OUT}
+
+#: SPIs 1-255 are reserved by IANA (RFC 4303 section 2.1), 0 means "none".
+RESERVED_SPI_MAX = 0xFF
+#: Default ESP/AH range, the one strongSwan uses: 2^28 values, so random picks
+#: rarely collide even with a million SAs, SPIs stay recognisable in
+#: ``ip xfrm state`` output, and the rest of the space is left to manually keyed
+#: SAs, other daemons and HA partitioning.
+DEFAULT_SPI_RANGE = (0xC0000000, 0xCFFFFFFF)
+#: Default IPComp CPI range: RFC 3173 section 3.3 keeps 0-63 well known,
+#: 64-255 reserved and 61440-65535 for private use; the kernel takes 16 bits.
+DEFAULT_CPI_RANGE = (0x100, 0xEFFF)
+CPI_MAX = 0xFFFF
+
+
+def _int_field(name: str, value: object, maximum: int = U32_MAX) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"{name} must be an integer, got {value!r}")
+    if value < 0 or value > maximum:
+        raise InvalidRequest(f"{name}={value!r} is out of range 0..{maximum:#x}")
+    return int(value)
+
+
+def parse_proto(proto: object) -> Proto:
+    if isinstance(proto, str):
+        found = _PROTO_NAMES.get(proto.lower())
+        if found is not None:
+            return found
+    elif isinstance(proto, int) and not isinstance(proto, bool):
+        try:
+            return Proto(proto)
+        except ValueError:
+            pass
+    raise InvalidRequest(f"unknown proto {proto!r}: use 'esp', 'ah' or 'comp'")
+
+
+def parse_mode(mode: object) -> Mode:
+    if isinstance(mode, str):
+        found = _MODE_NAMES.get(mode.lower())
+        if found is not None:
+            return found
+    elif isinstance(mode, int) and not isinstance(mode, bool):
+        try:
+            return Mode(mode)
+        except ValueError:
+            pass
+    raise InvalidRequest(f"unknown mode {mode!r}: use one of {', '.join(_MODE_NAMES)}")
+
+
+def parse_direction(direction: object) -> Direction | None:
+    if direction is None:
+        return None
+    if isinstance(direction, str):
+        found = _DIR_NAMES.get(direction.lower())
+        if found is not None:
+            return found
+    elif isinstance(direction, int) and not isinstance(direction, bool):
+        try:
+            return Direction(direction)
+        except ValueError:
+            pass
+    raise InvalidRequest(f"unknown direction {direction!r}: use 'in' or 'out'")
+
+
+def parse_address(name: str, value: object) -> IPAddress:
+    if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        return value
+    if isinstance(value, str):
+        try:
+            return ipaddress.ip_address(value)
+        except ValueError:
+            pass
+    raise InvalidRequest(f"{name}={value!r} is not an IPv4 or IPv6 address")
+
+
+def parse_mark(mark: MarkSpec) -> tuple[int, int] | None:
+    if mark is None:
+        return None
+    if isinstance(mark, tuple) and len(mark) == 2:
+        return (_int_field("mark value", mark[0]), _int_field("mark mask", mark[1]))
+    if isinstance(mark, int) and not isinstance(mark, bool):
+        return (_int_field("mark", mark), U32_MAX)
+    raise InvalidRequest(f"mark={mark!r} must be an int or a (value, mask) tuple")
+
+
+def default_range(proto: Proto) -> tuple[int, int]:
+    return DEFAULT_CPI_RANGE if proto is Proto.COMP else DEFAULT_SPI_RANGE
+
+
+def parse_range(proto: Proto, spi_range: object, allow_reserved: bool = False) -> tuple[int, int]:
+    if spi_range is None:
+        return default_range(proto)
+    if not isinstance(spi_range, (tuple, list, range)) or len(spi_range) < 1:
+        raise InvalidRequest(f"spi_range={spi_range!r} must be a (min, max) pair")
+    if isinstance(spi_range, range):
+        if spi_range.step != 1:
+            raise InvalidRequest(f"spi_range={spi_range!r} must have step 1")
+        lo, hi = spi_range.start, spi_range.stop - 1
+    elif len(spi_range) == 2:
+        lo, hi = spi_range
+    else:
+        raise InvalidRequest(f"spi_range={spi_range!r} must be a (min, max) pair")
+    lo = _int_field("spi_range min", lo)
+    hi = _int_field("spi_range max", hi)
+    if lo > hi:
+        raise InvalidRequest(f"spi_range min {lo:#x} is greater than max {hi:#x}")
+    if proto is Proto.COMP and hi > CPI_MAX:
+        raise InvalidRequest(f"IPComp CPIs are 16 bits: spi_range max {hi:#x} > {CPI_MAX:#x}")
+    if hi == 0:
+        raise InvalidRequest("spi_range max 0: SPI 0 is never allocated")
+    if lo == 0 and hi == U32_MAX:
+        # The kernel computes max - min + 1 in 32 bits: 0 picks, always ENOENT.
+        raise InvalidRequest("spi_range (0, 0xffffffff) wraps in the kernel; use min >= 1")
+    if lo <= RESERVED_SPI_MAX and not allow_reserved:
+        raise InvalidRequest(
+            f"spi_range min {lo:#x} includes reserved values 0-255 (RFC 4303); pass allow_reserved=True to use them"
+        )
+    return (max(lo, 1), hi)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A validated ALLOCSPI request; ``info`` and ``attrs`` are its wire bytes
+    (sequence number and range are patched per message)."""
+
+    dst: IPAddress
+    src: IPAddress
+    family: int
+    proto: Proto
+    mode: Mode
+    reqid: int
+    spi_min: int
+    spi_max: int
+    mark: tuple[int, int] | None
+    if_id: int | None
+    direction: Direction | None
+    seq: int
+    pcpu: int | None
+    daddr: bytes
+    saddr: bytes
+    attrs: bytes
+    gdst: bytes  # the guard's key for dst
+    #: The whole ALLOCSPI message with nlmsg_seq 0: engines copy it and patch
+    #: the sequence number (and range) per request.
+    template: bytes = field(default=b"", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.template:
+            object.__setattr__(self, "template", self.message(0))
+
+    def message(self, nl_seq: int, spi_min: int | None = None, spi_max: int | None = None) -> bytes:
+        info = w.userspi_info(
+            family=self.family,
+            daddr=self.daddr,
+            saddr=self.saddr,
+            proto=self.proto,
+            mode=self.mode,
+            reqid=self.reqid,
+            acq_seq=self.seq,
+            spi_min=self.spi_min if spi_min is None else spi_min,
+            spi_max=self.spi_max if spi_max is None else spi_max,
+        )
+        return w.allocspi(nl_seq, info, self.attrs)
+
+    def with_seq(self, seq: int) -> "Request":
+        return dataclasses.replace(self, seq=seq, template=b"")
+
+
+def pack_address(addr: IPAddress) -> bytes:
+    return addr.packed.ljust(16, b"\0")
+
+
+_V4MAPPED = b"\0" * 10 + b"\xff\xff"
+
+
+def guard_dst(family: int, raw: bytes) -> bytes:
+    """The guard's 16-byte key for a destination: IPv4 as IPv4-mapped IPv6,
+    so that no IPv6 address with twelve trailing zero bytes can alias one."""
+    return _V4MAPPED + raw[:4] if family == w.AF_INET else bytes(raw[:16])
+
+
+def address_key(addr: IPAddress) -> bytes:
+    return guard_dst(w.AF_INET if addr.version == 4 else w.AF_INET6, pack_address(addr))
+
+
+def guard_dst_address(key: bytes) -> IPAddress:
+    if key[:12] == _V4MAPPED:
+        return ipaddress.IPv4Address(key[12:16])
+    return ipaddress.IPv6Address(key)
+
+
+def unpack_address(family: int, raw: bytes) -> IPAddress:
+    if family == w.AF_INET:
+        return ipaddress.IPv4Address(raw[:4])
+    return ipaddress.IPv6Address(raw[:16])
+
+
+def build_request(
+    dst: object,
+    proto: object = "esp",
+    *,
+    src: object = None,
+    spi_range: object = None,
+    mode: object = "transport",
+    reqid: object = 0,
+    mark: MarkSpec = None,
+    if_id: object = None,
+    direction: object = None,
+    seq: object = 0,
+    pcpu: object = None,
+    allow_reserved: bool = False,
+) -> Request:
+    """Validate everything ALLOCSPI takes; raise InvalidRequest naming the bad value."""
+    dst_a = parse_address("dst", dst)
+    if src is None:
+        src_a: IPAddress = ipaddress.ip_address(0) if dst_a.version == 4 else ipaddress.IPv6Address(0)
+    else:
+        src_a = parse_address("src", src)
+        if src_a.version != dst_a.version:
+            raise InvalidRequest(f"src {src_a} and dst {dst_a} are of different address families")
+    p = parse_proto(proto)
+    lo, hi = parse_range(p, spi_range, allow_reserved)
+    m = parse_mark(mark)
+    return Request(
+        dst=dst_a,
+        src=src_a,
+        family=w.AF_INET if dst_a.version == 4 else w.AF_INET6,
+        proto=p,
+        mode=parse_mode(mode),
+        reqid=_int_field("reqid", reqid),
+        spi_min=lo,
+        spi_max=hi,
+        mark=m,
+        if_id=None if if_id is None else _int_field("if_id", if_id),
+        direction=parse_direction(direction),
+        seq=_int_field("seq", seq),
+        pcpu=None if pcpu is None else _int_field("pcpu", pcpu),
+        daddr=pack_address(dst_a),
+        gdst=guard_dst(w.AF_INET if dst_a.version == 4 else w.AF_INET6, pack_address(dst_a)),
+        saddr=pack_address(src_a),
+        attrs=w.sa_attrs(
+            m,
+            None if if_id is None else int(if_id),  # type: ignore[call-overload]
+            None if direction is None else int(parse_direction(direction)),  # type: ignore[arg-type]
+            None if pcpu is None else int(pcpu),  # type: ignore[call-overload]
+        ),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """An SPI the kernel allocated: a larval state (dst, proto, spi) in the SAD.
+
+    ``spi`` is in host order.  Hand ``spi`` to your peer and install the SA
+    with UPDSA using the same dst, proto, mark and direction; then call
+    ``Allocator.commit(reservation)`` so the guard knows it is in use.
+    """
+
+    spi: int
+    dst: IPAddress
+    src: IPAddress
+    proto: Proto
+    mode: Mode = Mode.TRANSPORT
+    reqid: int = 0
+    mark: tuple[int, int] | None = None
+    if_id: int | None = None
+    direction: Direction | None = None
+    seq: int = 0
+    allocated_at: float = field(default_factory=time.time, compare=False)
+
+    @property
+    def family(self) -> int:
+        return w.AF_INET if self.dst.version == 4 else w.AF_INET6
+
+    @property
+    def key(self) -> tuple[bytes, int, int]:
+        """(dst key, proto, spi): the tuple the guard tracks."""
+        return (guard_dst(self.family, pack_address(self.dst)), int(self.proto), self.spi)
+
+    def __str__(self) -> str:
+        return f"{self.proto.name.lower()} spi {self.spi:#010x} dst {self.dst}"
+
+
+def reservation_from(req: Request, spi: int) -> Reservation:
+    return Reservation(
+        spi=spi,
+        dst=req.dst,
+        src=req.src,
+        proto=req.proto,
+        mode=req.mode,
+        reqid=req.reqid,
+        mark=req.mark,
+        if_id=req.if_id,
+        direction=req.direction,
+        seq=req.seq,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class KernelState:
+    """A state in the kernel's SAD, as GETSA or a dump reports it."""
+
+    spi: int
+    dst: IPAddress
+    src: IPAddress
+    proto: int  # a Proto value, or another protocol number for non-IPsec states
+    mode: int
+    reqid: int
+    mark: tuple[int, int] | None
+    if_id: int | None
+    direction: Direction | None
+    acquire_seq: int  # km.seq: non-zero for states made by a kernel ACQUIRE
+    larval: bool  # no algorithms: made by ALLOCSPI or ACQUIRE, not installed
+    added: int  # seconds since the epoch
+
+    @classmethod
+    def from_wire(cls, sa: w.SaInfo) -> "KernelState":
+        proto: int = sa.proto
+        try:
+            proto = Proto(sa.proto)
+        except ValueError:
+            pass
+        mode: int = sa.mode
+        try:
+            mode = Mode(sa.mode)
+        except ValueError:
+            pass
+        return cls(
+            spi=sa.spi,
+            dst=unpack_address(sa.family, sa.daddr),
+            src=unpack_address(sa.family, sa.saddr),
+            proto=proto,
+            mode=mode,
+            reqid=sa.reqid,
+            mark=sa.mark,
+            if_id=sa.if_id,
+            direction=Direction(sa.direction) if sa.direction in (1, 2) else None,
+            acquire_seq=sa.seq,
+            larval=sa.larval,
+            added=sa.add_time,
+        )
+
+    def reservation(self) -> Reservation:
+        proto = self.proto if isinstance(self.proto, Proto) else Proto(self.proto)
+        return Reservation(
+            spi=self.spi,
+            dst=self.dst,
+            src=self.src,
+            proto=proto,
+            mode=Mode(self.mode),
+            reqid=self.reqid,
+            mark=self.mark,
+            if_id=self.if_id,
+            direction=self.direction,
+            seq=self.acquire_seq,
+            allocated_at=float(self.added),
+        )

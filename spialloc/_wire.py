@@ -1,0 +1,428 @@
+"""Kernel wire layouts for NETLINK_XFRM: the only module that packs or unpacks bytes.
+
+Layouts are x86_64/aarch64 (LP64, little or big endian host order as the kernel
+uses native order for netlink).  ``tests/unit/test_native.py`` checks every size
+and offset here against the C compiler via the cffi extension, so a mismatch is a
+test failure rather than a silent misparse.
+
+::
+
+    struct nlmsghdr (16)          struct xfrm_userspi_info (232)
+    +--------+------+-------+     +------------------------------+
+    | len u32|type16|flags16|     | struct xfrm_usersa_info info | 224
+    +--------+------+-------+     |   sel      @0   (56)         |
+    | seq u32| pid u32      |     |   id       @56  (24) spi BE  |
+    +--------+--------------+     |   saddr    @80  (16)         |
+                                  |   lft @96 curlft @160 ...    |
+    struct nlattr (4)             |   seq @204 reqid @208        |
+    +--------+--------+-----      |   family @212 mode @214      |
+    | len u16| type16 | value     +------------------------------+
+    +--------+--------+--(pad 4)  | min u32 @224 | max u32 @228  |
+                                  +------------------------------+
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Iterator
+
+from .errors import DecodeError
+
+# --- netlink core -----------------------------------------------------------
+NETLINK_XFRM = 6
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+NETLINK_CAP_ACK = 10
+NETLINK_EXT_ACK = 11
+NETLINK_GET_STRICT_CHK = 12
+
+NLMSG_NOOP = 1
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLMSG_OVERRUN = 4
+
+NLM_F_REQUEST = 0x1
+NLM_F_MULTI = 0x2
+NLM_F_ACK = 0x4
+NLM_F_ROOT = 0x100
+NLM_F_MATCH = 0x200
+NLM_F_DUMP = NLM_F_ROOT | NLM_F_MATCH
+NLM_F_CAPPED = 0x100  # on NLMSG_ERROR: original payload left out
+NLM_F_ACK_TLVS = 0x200  # on NLMSG_ERROR: extended-ack attributes follow
+
+NLMSGERR_ATTR_MSG = 1
+NLMSGERR_ATTR_OFFS = 2
+
+# --- xfrm message types -----------------------------------------------------
+XFRM_MSG_NEWSA = 16
+XFRM_MSG_DELSA = 17
+XFRM_MSG_GETSA = 18
+XFRM_MSG_ALLOCSPI = 22
+XFRM_MSG_ACQUIRE = 23
+XFRM_MSG_EXPIRE = 24
+XFRM_MSG_UPDSA = 26
+
+# --- xfrm attributes --------------------------------------------------------
+XFRMA_REPLAY_VAL = 10
+XFRMA_MARK = 21
+XFRMA_IF_ID = 31
+XFRMA_SA_DIR = 33
+XFRMA_SA_PCPU = 35
+
+# --- multicast groups (group number; bind mask is 1 << (group - 1)) ----------
+XFRMNLGRP_ACQUIRE = 1
+XFRMNLGRP_EXPIRE = 2
+XFRMNLGRP_SA = 3
+
+# --- IPsec protocol numbers and modes ----------------------------------------
+IPPROTO_ESP = 50
+IPPROTO_AH = 51
+IPPROTO_COMP = 108
+AF_INET = 2
+AF_INET6 = 10
+XFRM_MODE_TRANSPORT = 0
+XFRM_MODE_TUNNEL = 1
+XFRM_MODE_ROUTEOPTIMIZATION = 2
+XFRM_MODE_IN_TRIGGER = 3
+XFRM_MODE_BEET = 4
+XFRM_SA_DIR_IN = 1
+XFRM_SA_DIR_OUT = 2
+
+# --- struct layouts -----------------------------------------------------------
+NLMSGHDR = struct.Struct("=IHHII")
+NLATTR = struct.Struct("=HH")
+U16 = struct.Struct("=H")
+U32 = struct.Struct("=I")
+I32 = struct.Struct("=i")
+BE32 = struct.Struct("!I")
+XFRM_MARK = struct.Struct("=II")
+
+NLMSGHDR_LEN = 16
+NLATTR_LEN = 4
+XFRM_SELECTOR_LEN = 56
+XFRM_ID_LEN = 24
+XFRM_LIFETIME_CFG_LEN = 64
+XFRM_LIFETIME_CUR_LEN = 32
+XFRM_STATS_LEN = 12
+XFRM_USERSA_INFO_LEN = 224
+XFRM_USERSPI_INFO_LEN = 232
+XFRM_USERSA_ID_LEN = 24
+XFRM_MARK_LEN = 8
+XFRM_USER_ACQUIRE_LEN = 280
+XFRM_USER_EXPIRE_LEN = 232
+XFRM_USERPOLICY_INFO_LEN = 168
+XFRM_USER_TMPL_LEN = 64
+NLMSGERR_LEN = 20
+
+# Offsets inside struct xfrm_usersa_info (also the first 224 bytes of
+# xfrm_userspi_info and of xfrm_user_expire).
+SA_SEL = 0
+SA_ID_DADDR = 56
+SA_ID_SPI = 72
+SA_ID_PROTO = 76
+SA_SADDR = 80
+SA_CURLFT = 160
+SA_SEQ = 204
+SA_REQID = 208
+SA_FAMILY = 212
+SA_MODE = 214
+SA_REPLAY_WINDOW = 215
+SA_FLAGS = 216
+SPI_MIN = 224
+SPI_MAX = 228
+EXPIRE_HARD = 224
+
+# Offsets inside struct xfrm_user_acquire
+ACQ_ID = 0
+ACQ_SADDR = 24
+ACQ_SEL = 40
+ACQ_POLICY = 96
+ACQ_SEQ = 276
+
+# Offsets inside the ALLOCSPI message (header included): what the batch
+# engines patch per request.
+MSG_SEQ = 8
+MSG_SPI_MIN = NLMSGHDR_LEN + SPI_MIN
+MSG_SPI_MAX = NLMSGHDR_LEN + SPI_MAX
+# Offset of id.spi inside a NEWSA reply, header included.
+MSG_REPLY_SPI = NLMSGHDR_LEN + SA_ID_SPI
+
+# daddr(16) spi(BE) proto pad3 | saddr(16) at 80; used to read replies.
+_SA_HEAD = struct.Struct("=16s4sB3x16s")  # at SA_ID_DADDR
+_SA_TAIL = struct.Struct("=IIHBBB")  # seq reqid family mode replay_window flags
+_CURLFT = struct.Struct("=QQQQ")  # bytes packets add_time use_time
+_SELECTOR = struct.Struct("=16s16s2s2s2s2sHBBB3xiI")  # ports are big endian
+_USERSA_ID = struct.Struct("=16s4sHB1x")
+_SPI_RANGE = struct.Struct("=II")
+
+
+def align4(n: int) -> int:
+    return (n + 3) & ~3
+
+
+# --- encoding ---------------------------------------------------------------
+
+
+def attr(kind: int, value: bytes) -> bytes:
+    length = NLATTR_LEN + len(value)
+    return NLATTR.pack(length, kind) + value + b"\0" * (align4(length) - length)
+
+
+def sa_attrs(
+    mark: tuple[int, int] | None,
+    if_id: int | None,
+    direction: int | None,
+    pcpu: int | None,
+) -> bytes:
+    """Attributes ALLOCSPI (and later UPDSA) take, in the kernel's order."""
+    out = b""
+    if mark is not None:
+        out += attr(XFRMA_MARK, XFRM_MARK.pack(*mark))
+    if if_id is not None:
+        out += attr(XFRMA_IF_ID, U32.pack(if_id))
+    if direction is not None:
+        out += attr(XFRMA_SA_DIR, bytes((direction,)))
+    if pcpu is not None:
+        out += attr(XFRMA_SA_PCPU, U32.pack(pcpu))
+    return out
+
+
+def message(kind: int, flags: int, seq: int, payload: bytes, pid: int = 0) -> bytes:
+    return NLMSGHDR.pack(NLMSGHDR_LEN + len(payload), kind, flags, seq, pid) + payload
+
+
+def userspi_info(
+    *,
+    family: int,
+    daddr: bytes,
+    saddr: bytes,
+    proto: int,
+    mode: int,
+    reqid: int,
+    acq_seq: int,
+    spi_min: int,
+    spi_max: int,
+) -> bytes:
+    """struct xfrm_userspi_info with everything the kernel reads set.
+
+    The kernel reads id.daddr, id.proto, saddr, family, mode, reqid and seq of
+    the embedded usersa_info; the selector is left zero, as ip(8) does.
+    """
+    info = bytearray(XFRM_USERSPI_INFO_LEN)
+    _SA_HEAD.pack_into(info, SA_ID_DADDR, daddr, b"\0\0\0\0", proto, saddr)
+    _SA_TAIL.pack_into(info, SA_SEQ, acq_seq, reqid, family, mode, 0, 0)
+    _SPI_RANGE.pack_into(info, SPI_MIN, spi_min, spi_max)
+    return bytes(info)
+
+
+def allocspi(seq: int, info: bytes, attrs: bytes, flags: int = NLM_F_REQUEST) -> bytes:
+    return message(XFRM_MSG_ALLOCSPI, flags, seq, info + attrs)
+
+
+def usersa_id(daddr: bytes, spi: int, family: int, proto: int) -> bytes:
+    return _USERSA_ID.pack(daddr, BE32.pack(spi), family, proto)
+
+
+def delsa(seq: int, sa_id: bytes, attrs: bytes, flags: int = NLM_F_REQUEST | NLM_F_ACK) -> bytes:
+    return message(XFRM_MSG_DELSA, flags, seq, sa_id + attrs)
+
+
+def getsa(seq: int, sa_id: bytes, attrs: bytes) -> bytes:
+    return message(XFRM_MSG_GETSA, NLM_F_REQUEST, seq, sa_id + attrs)
+
+
+def getsa_dump(seq: int) -> bytes:
+    return message(XFRM_MSG_GETSA, NLM_F_REQUEST | NLM_F_DUMP, seq, b"")
+
+
+def patch_seq(buf: bytearray, offset: int, seq: int) -> None:
+    U32.pack_into(buf, offset + MSG_SEQ, seq)
+
+
+def patch_range(buf: bytearray, offset: int, spi_min: int, spi_max: int) -> None:
+    _SPI_RANGE.pack_into(buf, offset + MSG_SPI_MIN, spi_min, spi_max)
+
+
+# --- decoding ---------------------------------------------------------------
+
+
+def iter_messages(buf: bytes | bytearray | memoryview) -> Iterator[tuple[int, int, int, int, memoryview]]:
+    """Yield (type, flags, seq, pid, payload) for each message in a datagram."""
+    view = memoryview(buf)
+    off = 0
+    end = len(view)
+    while end - off >= NLMSGHDR_LEN:
+        length, kind, flags, seq, pid = NLMSGHDR.unpack_from(view, off)
+        if length < NLMSGHDR_LEN or length > end - off:
+            raise DecodeError(f"netlink message length {length} at offset {off} exceeds datagram of {end}")
+        yield kind, flags, seq, pid, view[off + NLMSGHDR_LEN : off + length]
+        off += align4(length)
+    if off < end:
+        raise DecodeError(f"{end - off} trailing bytes after last netlink message")
+
+
+def iter_attrs(buf: bytes | bytearray | memoryview) -> Iterator[tuple[int, memoryview]]:
+    """Yield (type, value) for each attribute; nested/byteorder bits masked off."""
+    view = memoryview(buf)
+    off = 0
+    end = len(view)
+    while end - off >= NLATTR_LEN:
+        length, kind = NLATTR.unpack_from(view, off)
+        if length < NLATTR_LEN or length > end - off:
+            raise DecodeError(f"attribute length {length} at offset {off} exceeds {end}")
+        yield kind & 0x3FFF, view[off + NLATTR_LEN : off + length]
+        off += align4(length)
+    if off < end:
+        raise DecodeError(f"{end - off} trailing bytes after last attribute")
+
+
+def decode_error(payload: memoryview, flags: int) -> tuple[int, str | None, int | None]:
+    """struct nlmsgerr + ext-ack TLVs -> (errno (positive, 0 = ack), text, seq of request)."""
+    if len(payload) < NLMSGERR_LEN:
+        raise DecodeError(f"NLMSG_ERROR payload of {len(payload)} bytes, need {NLMSGERR_LEN}")
+    (err,) = I32.unpack_from(payload, 0)
+    orig_len, _, _, orig_seq, _ = NLMSGHDR.unpack_from(payload, 4)
+    text = None
+    if flags & NLM_F_ACK_TLVS:
+        skip = 4 + (NLMSGHDR_LEN if flags & NLM_F_CAPPED else orig_len)
+        if skip > len(payload):
+            raise DecodeError("extended ack offset beyond NLMSG_ERROR payload")
+        for kind, value in iter_attrs(payload[align4(skip) :]):
+            if kind == NLMSGERR_ATTR_MSG:
+                text = bytes(value).split(b"\0", 1)[0].decode("utf-8", "replace")
+    return -err, text, orig_seq
+
+
+def decode_alloc_reply(payload: memoryview) -> int:
+    """SPI (host order) from the usersa_info of a NEWSA reply."""
+    if len(payload) < XFRM_USERSA_INFO_LEN:
+        raise DecodeError(f"NEWSA payload of {len(payload)} bytes, need {XFRM_USERSA_INFO_LEN}")
+    return int(BE32.unpack_from(payload, SA_ID_SPI)[0])
+
+
+@dataclass(frozen=True, slots=True)
+class SaInfo:
+    """One state as the kernel reports it (NEWSA reply, dump entry, expire)."""
+
+    family: int
+    daddr: bytes  # 16 bytes, IPv4 in the first four
+    saddr: bytes
+    spi: int  # host order
+    proto: int
+    mode: int
+    reqid: int
+    seq: int  # km.seq: non-zero for kernel ACQ states
+    flags: int
+    add_time: int  # seconds since the epoch
+    mark: tuple[int, int] | None
+    if_id: int | None
+    direction: int | None
+    pcpu: int | None
+    larval: bool  # no algorithms attached: only ALLOCSPI/ACQUIRE made it
+
+
+def decode_sa(payload: memoryview) -> SaInfo:
+    if len(payload) < XFRM_USERSA_INFO_LEN:
+        raise DecodeError(f"usersa_info payload of {len(payload)} bytes, need {XFRM_USERSA_INFO_LEN}")
+    daddr, spi, proto, saddr = _SA_HEAD.unpack_from(payload, SA_ID_DADDR)
+    seq, reqid, family, mode, _, flags = _SA_TAIL.unpack_from(payload, SA_SEQ)
+    add_time = _CURLFT.unpack_from(payload, SA_CURLFT)[2]
+    mark = if_id = direction = pcpu = None
+    larval = True
+    for kind, value in iter_attrs(payload[XFRM_USERSA_INFO_LEN:]):
+        if kind == XFRMA_MARK and len(value) >= XFRM_MARK_LEN:
+            mark = XFRM_MARK.unpack_from(value)
+        elif kind == XFRMA_IF_ID and len(value) >= 4:
+            if_id = U32.unpack_from(value)[0]
+        elif kind == XFRMA_SA_DIR and len(value) >= 1:
+            direction = value[0]
+        elif kind == XFRMA_SA_PCPU and len(value) >= 4:
+            pcpu = U32.unpack_from(value)[0]
+        elif kind in (1, 2, 3, 18, 20):  # ALG_AUTH, ALG_CRYPT, ALG_COMP, ALG_AEAD, ALG_AUTH_TRUNC
+            larval = False
+    return SaInfo(
+        family=family,
+        daddr=daddr,
+        saddr=saddr,
+        spi=BE32.unpack(spi)[0],
+        proto=proto,
+        mode=mode,
+        reqid=reqid,
+        seq=seq,
+        flags=flags,
+        add_time=add_time,
+        mark=mark,
+        if_id=if_id,
+        direction=direction,
+        pcpu=pcpu,
+        larval=larval,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Selector:
+    family: int
+    daddr: bytes
+    saddr: bytes
+    dport: int
+    sport: int
+    prefixlen_d: int
+    prefixlen_s: int
+    proto: int
+    ifindex: int
+
+
+def decode_selector(buf: memoryview) -> Selector:
+    (daddr, saddr, dport, _, sport, _, family, plen_d, plen_s, proto, ifindex, _) = _SELECTOR.unpack_from(buf, 0)
+    return Selector(
+        family=family,
+        daddr=daddr,
+        saddr=saddr,
+        dport=int.from_bytes(dport, "big"),
+        sport=int.from_bytes(sport, "big"),
+        prefixlen_d=plen_d,
+        prefixlen_s=plen_s,
+        proto=proto,
+        ifindex=ifindex,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AcquireInfo:
+    daddr: bytes
+    spi: int
+    proto: int
+    saddr: bytes
+    family: int  # of the SA: the first template's, else the selector's
+    selector: Selector
+    reqid: int  # first template's reqid (0 when no template attribute)
+    mode: int | None
+    seq: int
+
+
+def decode_acquire(payload: memoryview) -> AcquireInfo:
+    if len(payload) < XFRM_USER_ACQUIRE_LEN:
+        raise DecodeError(f"acquire payload of {len(payload)} bytes, need {XFRM_USER_ACQUIRE_LEN}")
+    daddr, spi, proto, saddr = _SA_HEAD.unpack_from(payload, ACQ_ID)
+    sel = decode_selector(payload[ACQ_SEL : ACQ_SEL + XFRM_SELECTOR_LEN])
+    (seq,) = U32.unpack_from(payload, ACQ_SEQ)
+    reqid, mode, family = 0, None, sel.family
+    for kind, value in iter_attrs(payload[XFRM_USER_ACQUIRE_LEN:]):
+        if kind == 5 and len(value) >= XFRM_USER_TMPL_LEN:  # XFRMA_TMPL, first template
+            # The template's family is the SA's (outer) one; the selector's may
+            # be the inner family of a mixed-family tunnel.
+            family = U16.unpack_from(value, 24)[0]
+            reqid = U32.unpack_from(value, 44)[0]
+            mode = value[48]
+            break
+    return AcquireInfo(daddr, BE32.unpack(spi)[0], proto, saddr, family, sel, reqid, mode, seq)
+
+
+def decode_expire(payload: memoryview) -> tuple[SaInfo, bool]:
+    if len(payload) < XFRM_USER_EXPIRE_LEN:
+        raise DecodeError(f"expire payload of {len(payload)} bytes, need {XFRM_USER_EXPIRE_LEN}")
+    sa = decode_sa(
+        memoryview(bytes(payload[:XFRM_USERSA_INFO_LEN]) + bytes(payload[XFRM_USER_EXPIRE_LEN:]))
+    )
+    return sa, bool(payload[EXPIRE_HARD])

@@ -1,0 +1,105 @@
+"""The exception tree.  Every error spialloc raises derives from SpiallocError.
+
+Kernel errors keep the kernel's own words (the extended-ack text) and errno, so
+a daemon can log them as they are and branch on type or errno.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class SpiallocError(Exception):
+    """Base class of every spialloc error."""
+
+
+class InvalidRequest(SpiallocError, ValueError):
+    """Bad input, raised before any syscall."""
+
+
+class NetlinkError(SpiallocError, OSError):
+    """The kernel refused a request: errno plus the kernel's extended-ack text."""
+
+    def __init__(self, code: int, kernel_text: str | None = None, operation: str = "") -> None:
+        self.kernel_text = kernel_text
+        self.operation = operation
+        # The kernel's own words when it gave any, else the errno text.
+        message = kernel_text or os.strerror(code)
+        if operation:
+            message = f"{operation}: {message}"
+        super().__init__(code, message)
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (type(self), (self.errno, self.kernel_text, self.operation))
+
+
+class SpiExhausted(NetlinkError):
+    """No free SPI in the requested range (kernel ENOENT on ALLOCSPI, or the
+    guard found every value of the range outstanding)."""
+
+
+class InsufficientPrivilege(NetlinkError, PermissionError):
+    """The socket's network namespace does not grant CAP_NET_ADMIN."""
+
+    HINT = (
+        "CAP_NET_ADMIN is needed in the target network namespace: run as root, "
+        "or in a private namespace of your own with `unshare -Urn`"
+    )
+
+    def __init__(self, code: int = _errno.EPERM, kernel_text: str | None = None, operation: str = "") -> None:
+        super().__init__(code, kernel_text, operation)
+        self.args = (code, f"{self.strerror}; {self.HINT}")
+        self.strerror = f"{self.strerror}; {self.HINT}"
+
+
+class NamespaceError(SpiallocError, OSError):
+    """The network namespace could not be opened or entered."""
+
+
+class DecodeError(SpiallocError, ValueError):
+    """A kernel message did not parse; the bytes are kept in ``data``."""
+
+    def __init__(self, message: str, data: bytes = b"") -> None:
+        super().__init__(message)
+        self.data = data
+
+
+class BatchError(SpiallocError):
+    """Some requests of an all-or-nothing batch failed; the successes were released.
+
+    ``failures`` maps the batch index of each failed request to its exception;
+    ``released`` is how many SPIs were handed back to the kernel.
+    """
+
+    def __init__(self, requested: int, failures: dict[int, SpiallocError], released: int) -> None:
+        self.requested = requested
+        self.failures = failures
+        self.released = released
+        first = next(iter(failures.values()), None)
+        super().__init__(
+            f"{len(failures)} of {requested} allocations failed "
+            f"(first: {first}); {released} successful allocations were released"
+        )
+
+
+class ReservationLost(SpiallocError):
+    """The reservation's larval state expired or was deleted before commit;
+    its SPI may already belong to someone else."""
+
+
+class DuplicateSpi(SpiallocError):
+    """The kernel kept returning outstanding SPIs and the retry budget ran out."""
+
+
+class ClosedError(SpiallocError, OSError):
+    """The allocator (or its socket) is closed."""
+
+
+def from_errno(code: int, kernel_text: str | None, operation: str) -> NetlinkError:
+    """Map a kernel errno (+ extack text) from ``operation`` to the typed error."""
+    if code == _errno.EPERM:
+        return InsufficientPrivilege(code, kernel_text, operation)
+    if code == _errno.ENOENT and operation == "allocspi":
+        return SpiExhausted(code, kernel_text or "No SPI available in the requested range", operation)
+    return NetlinkError(code, kernel_text, operation)

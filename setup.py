@@ -1,0 +1,3 @@
+from setuptools import setup
+
+setup(cffi_modules=["spialloc/_ffi_build.py:ffibuilder"])

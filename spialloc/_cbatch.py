@@ -1,0 +1,149 @@
+"""C batch engine: thin wrapper around ``spialloc._native`` (csrc/spialloc.c).
+
+Same functions, signatures and results as ``_pybatch``.  Python owns every
+buffer; C fills them.  Each ``spialloc_batch_step`` call sends one chunk and
+collects its replies with the GIL released, then returns here, so signal
+handlers (Ctrl-C) run between chunks.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import os
+import socket
+from typing import Any, Callable
+
+from ._native import ffi, lib
+
+PENDING = lib.SPIALLOC_PENDING  # not sent (only in partial results)
+LOST = lib.SPIALLOC_LOST  # reply dropped: a larval state may exist
+
+_ERRMSG_LEN = 256
+
+
+def _align4(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def _u32_array(name: str, values: array.array[int], count: int) -> Any:
+    if values.itemsize != 4 or values.typecode not in "IL":
+        raise TypeError(f"{name} must be array.array('I'), got typecode {values.typecode!r}")
+    if len(values) < count:
+        raise ValueError(f"{name} has {len(values)} entries, need {count}")
+    return ffi.from_buffer("uint32_t[]", values)
+
+
+def _new_batch(
+    sock: socket.socket, portid: int, msgs: bytes, stride: int, count: int, seq0: int, chunk: int
+) -> tuple[Any, list[Any]]:
+    """A struct spialloc_batch with its buffers; ``keep`` holds what C points into."""
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    chunk = max(1, min(chunk, count))
+    msg_size = stride or _align4(len(msgs))
+    b = ffi.new("struct spialloc_batch *")
+    tmpl = ffi.from_buffer("uint8_t[]", msgs)
+    sendbuf = ffi.new("uint8_t[]", chunk * msg_size)
+    recvbuf = ffi.new("uint8_t[]", lib.SPIALLOC_RECV_SLOT * min(chunk + 1, lib.SPIALLOC_RECV_BATCH))
+    errmsg = ffi.new("char[]", _ERRMSG_LEN)
+    b.fd = sock.fileno()
+    b.portid = portid
+    b.tmpl, b.tmpl_len, b.stride = tmpl, len(msgs), stride
+    b.count, b.seq0, b.chunk = count, seq0 & 0xFFFFFFFF, chunk
+    b.sendbuf, b.sendbuf_len = sendbuf, len(sendbuf)
+    b.recvbuf, b.recvbuf_len = recvbuf, len(recvbuf)
+    b.errmsg, b.errmsg_len = errmsg, _ERRMSG_LEN
+    return b, [tmpl, sendbuf, recvbuf, errmsg]
+
+
+def _check_init(rc: int, what: str) -> None:
+    if rc < 0:
+        code = ffi.errno
+        raise ValueError(f"{what}: {os.strerror(code)} (errno {code}): bad template or buffer sizes")
+
+
+def _run(b: Any, check_interrupt: Callable[[], None] | None) -> None:
+    """Step until done, calling ``check_interrupt`` after every chunk (as
+    _pybatch does); on any exception settle what was sent, then re-raise."""
+    try:
+        while True:
+            rc = lib.spialloc_batch_step(b)
+            if rc < 0:
+                code = ffi.errno
+                if code == errno.EMSGSIZE and b.chunk > 1:
+                    # The chunk exceeds SO_SNDBUF; nothing was sent.
+                    b.chunk //= 2
+                    continue
+                raise OSError(code, os.strerror(code))
+            if check_interrupt is not None:
+                check_interrupt()
+            if rc == 0:
+                return
+    except BaseException:
+        lib.spialloc_batch_drain(b)  # marks unanswered requests LOST even if it fails
+        raise
+
+
+def alloc_batch(
+    sock: socket.socket,
+    portid: int,
+    template: bytes,
+    count: int,
+    seq0: int,
+    ranges: tuple[array.array[int], array.array[int]] | None,
+    chunk: int,
+    check_interrupt: Callable[[], None],
+) -> tuple[list[int], list[int], str | None, int]:
+    """Allocate ``count`` SPIs from one ALLOCSPI template (no NLM_F_ACK).
+
+    Request i gets nlmsg_seq ``seq0 + i`` (mod 2^32) and, with ``ranges``
+    (two ``array('I')`` of at least ``count`` entries), SPI range
+    ``ranges[0][i]..ranges[1][i]``.  Returns ``(spis, errs, first_error_text,
+    overruns)`` as lists of int: ``errs[i]`` is 0 (``spis[i]`` valid, host
+    order), a positive errno, or LOST.  If anything raises between chunks
+    (``check_interrupt``, KeyboardInterrupt, a socket error), the requests
+    sent are settled first and ``exc.spialloc_partial = (spis, errs)`` is
+    attached; there ``errs[i] == PENDING`` (-1) means request i was never sent.
+    """
+    if count <= 0:
+        return [], [], None, 0
+    b, keep = _new_batch(sock, portid, template, 0, count, seq0, chunk)
+    spis = array.array("I", bytes(4 * count))
+    errs = array.array("i", bytes(4 * count))
+    keep += [ffi.from_buffer("uint32_t[]", spis), ffi.from_buffer("int32_t[]", errs)]
+    b.spis, b.errs = keep[-2], keep[-1]
+    if ranges is not None:
+        keep += [_u32_array("ranges[0]", ranges[0], count), _u32_array("ranges[1]", ranges[1], count)]
+        b.mins, b.maxs = keep[-2], keep[-1]
+    _check_init(lib.spialloc_batch_init_allocspi(b), "alloc_batch")
+    try:
+        _run(b, check_interrupt)
+    except BaseException as exc:
+        exc.spialloc_partial = (spis.tolist(), errs.tolist())  # type: ignore[attr-defined]
+        raise
+    text = ffi.string(b.errmsg).decode("utf-8", "replace") or None
+    return spis.tolist(), errs.tolist(), text, b.overruns
+
+
+def delsa_batch(
+    sock: socket.socket, portid: int, messages: bytes, stride: int, count: int, seq0: int, chunk: int
+) -> list[int]:
+    """Send ``count`` pre-encoded DELSA messages, ``stride`` bytes apart (a
+    multiple of 4), each with NLM_F_REQUEST | NLM_F_ACK and its own
+    nlmsg_len <= stride; only nlmsg_seq is patched.  Returns errno per message
+    as a list: 0 deleted, ESRCH already gone, LOST.  On an exception the list
+    so far is attached as ``exc.spialloc_partial = errs``."""
+    if count <= 0:
+        return []
+    b, keep = _new_batch(sock, portid, messages, stride, count, seq0, chunk)
+    errs = array.array("i", bytes(4 * count))
+    keep.append(ffi.from_buffer("int32_t[]", errs))
+    b.errs = keep[-1]
+    _check_init(lib.spialloc_batch_init_delsa(b), "delsa_batch")
+    try:
+        _run(b, None)
+    except BaseException as exc:
+        exc.spialloc_partial = errs.tolist()  # type: ignore[attr-defined]
+        raise
+    return errs.tolist()

@@ -1,0 +1,190 @@
+"""A NETLINK_XFRM socket: sequence numbers, extended acks, reply matching.
+
+Hand-written rather than pyroute2's IPRoute machinery because ALLOCSPI is the
+per-SPI hot path: pyroute2's generic message classes cost ~70 us to encode and
+~16 us to decode one message (KERNEL.md), more than the kernel's own work.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import socket
+import threading
+from typing import Iterator
+
+from . import _wire as w
+from ._netns import Namespace
+from .errors import ClosedError, DecodeError, NetlinkError, from_errno
+
+RECV_BUF = 1 << 16
+#: Receive buffer asked for with SO_RCVBUFFORCE: room for ~5,000 queued replies
+#: (each costs ~840 bytes of truesize), so batches can keep large windows.
+DEFAULT_RCVBUF = 4 << 20
+DEFAULT_SNDBUF = 1 << 20
+#: Bytes of receive buffer one ALLOCSPI reply occupies, with margin (KERNEL.md: ~840).
+REPLY_TRUESIZE = 1024
+
+
+class XfrmSocket:
+    """One NETLINK_XFRM socket.  Not thread-safe by itself: callers hold ``lock``."""
+
+    def __init__(self, ns: Namespace, *, groups: int = 0, rcvbuf: int | None = DEFAULT_RCVBUF) -> None:
+        self.ns = ns
+        self.sock = ns.socket(socket.AF_NETLINK, socket.SOCK_RAW, w.NETLINK_XFRM)
+        try:
+            self.sock.setsockopt(w.SOL_NETLINK, w.NETLINK_EXT_ACK, 1)
+            self.sock.setsockopt(w.SOL_NETLINK, w.NETLINK_CAP_ACK, 1)
+            if rcvbuf:
+                self._force_buf(socket.SO_RCVBUF, 33, rcvbuf)  # 33 = SO_RCVBUFFORCE
+                self._force_buf(socket.SO_SNDBUF, 32, DEFAULT_SNDBUF)  # 32 = SO_SNDBUFFORCE
+            self.sock.bind((0, groups))
+            self.portid: int = self.sock.getsockname()[0]
+        except BaseException:
+            self.sock.close()
+            raise
+        self.lock = threading.RLock()
+        self._seq = itertools.count(1)
+        self._buf = bytearray(RECV_BUF)
+        self._view = memoryview(self._buf)
+        self.overruns = 0
+
+    def _force_buf(self, plain: int, forced: int, size: int) -> None:
+        # FORCE needs CAP_NET_ADMIN in the netns' user namespace, which ALLOCSPI
+        # needs anyway; without it the plain option is capped by net.core.rmem_max.
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, forced, size)
+        except PermissionError:
+            self.sock.setsockopt(socket.SOL_SOCKET, plain, size)
+
+    @property
+    def rcvbuf(self) -> int:
+        return int(self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+
+    @property
+    def sndbuf(self) -> int:
+        return int(self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+
+    def window(self) -> int:
+        """How many replies fit in the receive buffer: the most requests we may
+        have in flight without the kernel dropping a reply (ENOBUFS)."""
+        return max(1, min(4096, self.rcvbuf // REPLY_TRUESIZE))
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def next_seq(self, count: int = 1) -> int:
+        """Reserve ``count`` consecutive sequence numbers; returns the first."""
+        first = next(self._seq) & 0xFFFFFFFF
+        if count > 1:
+            # itertools.count is atomic under the GIL; skip ahead for a batch.
+            self._seq = itertools.count(first + count)
+        return first
+
+    def seq_block(self, count: int) -> int:
+        with self.lock:
+            return self.next_seq(count)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.sock.fileno() < 0
+
+    # --- I/O -----------------------------------------------------------------
+
+    def send(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            self.sock.send(data)
+        except OSError as exc:
+            if self.closed or exc.errno == errno.EBADF:
+                raise ClosedError(errno.EBADF, "netlink socket is closed") from None
+            raise NetlinkError(exc.errno or errno.EIO, None, "sendmsg") from None
+
+    def recv_nowait(self) -> memoryview | None:
+        """One datagram already queued, or None.  ENOBUFS is counted and skipped:
+        the kernel reports it once, in place of the replies it dropped."""
+        while True:
+            try:
+                n, addr = self.sock.recvfrom_into(self._buf, RECV_BUF, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return None
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    self.overruns += 1
+                    continue
+                if self.closed or exc.errno == errno.EBADF:
+                    raise ClosedError(errno.EBADF, "netlink socket is closed") from None
+                raise NetlinkError(exc.errno or errno.EIO, None, "recvmsg") from None
+            if addr[0] != 0:
+                continue  # not from the kernel: ignore spoofed unicast
+            return self._view[:n]
+
+    def recv_wait(self, timeout: float | None) -> memoryview | None:
+        """Block (up to timeout) for one datagram: used for multicast events and dumps."""
+        import select
+
+        while True:
+            got = self.recv_nowait()
+            if got is not None:
+                return got
+            try:
+                ready, _, _ = select.select([self.sock], [], [], timeout)
+            except ValueError:
+                raise ClosedError(errno.EBADF, "netlink socket is closed") from None
+            if not ready:
+                return None
+
+    def transact(self, msg: bytes, seq: int, operation: str) -> tuple[int, memoryview | None]:
+        """Send one request and return (type, payload) of its reply.
+
+        The kernel handles a request inside sendmsg, so its reply is queued
+        before send returns: a missing reply was dropped (ENOBUFS), never late.
+        Errors become typed exceptions; a bare ack returns (NLMSG_ERROR, None).
+        """
+        with self.lock:
+            self.send(msg)
+            while True:
+                data = self.recv_nowait()
+                if data is None:
+                    raise NetlinkError(errno.ENOBUFS, "reply dropped: receive buffer full", operation)
+                for kind, flags, rseq, pid, payload in w.iter_messages(data):
+                    if rseq != seq or pid != self.portid:
+                        continue  # stale reply of an abandoned request
+                    if kind == w.NLMSG_ERROR:
+                        code, text, _ = w.decode_error(payload, flags)
+                        if code:
+                            raise from_errno(code, text, operation)
+                        return kind, None
+                    return kind, memoryview(bytes(payload))
+
+    def dump(self, msg: bytes, seq: int, operation: str) -> Iterator[tuple[int, memoryview]]:
+        """Run a dump request; yields (type, payload) of each entry."""
+        with self.lock:
+            self.send(msg)
+            entries: list[tuple[int, bytes]] = []
+            done = False
+            while not done:
+                data = self.recv_wait(5.0)
+                if data is None:
+                    raise NetlinkError(errno.ETIMEDOUT, "dump did not finish", operation)
+                for kind, flags, rseq, pid, payload in w.iter_messages(data):
+                    if rseq != seq or pid != self.portid:
+                        continue
+                    if kind == w.NLMSG_DONE:
+                        done = True
+                        break
+                    if kind == w.NLMSG_ERROR:
+                        code, text, _ = w.decode_error(payload, flags)
+                        if code:
+                            raise from_errno(code, text, operation)
+                        continue
+                    entries.append((kind, bytes(payload)))
+        for kind, payload in entries:
+            yield kind, memoryview(payload)
+
+
+__all__ = ["XfrmSocket", "DecodeError"]

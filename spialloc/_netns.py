@@ -1,0 +1,266 @@
+"""Network namespaces: open sockets in a target namespace, make throwaway ones.
+
+A netlink socket belongs to the namespace its creator was in when it was made,
+and the capability check for ALLOCSPI is done against that namespace.  Setting
+the namespace is per thread on Linux, so sockets for another namespace are made
+in a short-lived thread that enters it (pyroute2's ``setns``), which leaves
+every other thread of the daemon where it was and needs no fork.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import struct
+import threading
+from typing import Union
+
+from .errors import NamespaceError
+
+NetnsSpec = Union[None, str, "os.PathLike[str]", int, "Namespace"]
+
+CLONE_NEWNET = 0x40000000
+CLONE_NEWUSER = 0x10000000
+NETNS_RUN_DIR = "/run/netns"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns_thread(fd: int) -> None:
+    from pyroute2 import netns as _pyroute2_netns
+
+    # flags=0: never create a namespace as a side effect of a typo.
+    _pyroute2_netns.setns(fd, flags=0)
+
+
+def _run_in_thread(fn, *args):  # type: ignore[no-untyped-def]
+    result: list[object] = []
+    error: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            result.append(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            error.append(exc)
+
+    t = threading.Thread(target=body, name="spialloc-netns", daemon=True)
+    t.start()
+    t.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+class Namespace:
+    """A network namespace held open by a file descriptor (or the current one).
+
+    ``Namespace.current()`` makes sockets in the caller's own namespace;
+    ``Namespace.open(spec)`` resolves a name from ``ip netns`` (``/run/netns``),
+    a path such as ``/proc/PID/ns/net``, or an open fd (duplicated, so the
+    caller may close theirs); ``Namespace.isolated()`` makes a fresh one that
+    disappears with the last socket and handle.
+    """
+
+    def __init__(self, fd: int | None, description: str, helper: "_UserNsHelper | None" = None) -> None:
+        self.fd = fd
+        self.description = description
+        self._helper = helper
+
+    @classmethod
+    def current(cls) -> "Namespace":
+        return cls(None, "current network namespace")
+
+    @classmethod
+    def open(cls, spec: NetnsSpec) -> "Namespace":
+        if spec is None:
+            return cls.current()
+        if isinstance(spec, Namespace):
+            return spec.dup()
+        if isinstance(spec, bool):
+            raise NamespaceError(f"netns={spec!r}: give a name, a path or an open fd")
+        if isinstance(spec, int):
+            try:
+                return cls(os.dup(spec), f"netns fd {spec}")
+            except OSError as exc:
+                raise NamespaceError(exc.errno, f"netns fd {spec}: {exc.strerror}") from None
+        path = os.fspath(spec)
+        if not isinstance(path, str) or not path:
+            raise NamespaceError(f"netns={spec!r}: give a name, a path or an open fd")
+        if "/" not in path:
+            path = os.path.join(NETNS_RUN_DIR, path)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise NamespaceError(exc.errno, f"network namespace {spec!r} ({path}): {exc.strerror}") from None
+        return cls(fd, f"network namespace {spec!r}")
+
+    @classmethod
+    def isolated(cls) -> "Namespace":
+        """A fresh, empty network namespace owned by this process.
+
+        As root (CAP_SYS_ADMIN) it is made with unshare(CLONE_NEWNET) in a
+        helper thread.  Without that capability, a child process makes a user
+        namespace plus a network namespace (what ``unshare -Urn`` does) and
+        hands sockets back over a Unix socket: only a process inside the new
+        user namespace can make sockets that pass the CAP_NET_ADMIN check.
+        """
+
+        def unshare_net() -> int:
+            if _libc.unshare(CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+            return os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+
+        try:
+            fd = _run_in_thread(unshare_net)
+            return cls(fd, "isolated network namespace")
+        except OSError as exc:
+            first = exc
+        try:
+            helper = _UserNsHelper()
+        except OSError as exc:
+            raise NamespaceError(
+                exc.errno,
+                f"cannot make an isolated network namespace: unshare: {first.strerror}; "
+                f"user namespace: {exc.strerror} (are unprivileged user namespaces disabled?)",
+            ) from None
+        return cls(None, "isolated network namespace (user namespace)", helper)
+
+    def dup(self) -> "Namespace":
+        if self._helper is not None:
+            self._helper.refs += 1
+            return Namespace(None, self.description, self._helper)
+        return Namespace(None if self.fd is None else os.dup(self.fd), self.description)
+
+    def socket(self, family: int, kind: int, proto: int) -> socket.socket:
+        if self._helper is not None:
+            return self._helper.socket(family, kind, proto)
+        if self.fd is None:
+            return socket.socket(family, kind | socket.SOCK_CLOEXEC, proto)
+        fd = self.fd
+
+        def make() -> socket.socket:
+            _setns_thread(fd)
+            return socket.socket(family, kind | socket.SOCK_CLOEXEC, proto)
+
+        try:
+            sock: socket.socket = _run_in_thread(make)
+        except OSError as exc:
+            raise NamespaceError(exc.errno, f"cannot enter {self.description}: {exc.strerror}") from None
+        return sock
+
+    def run(self, fn, *args):  # type: ignore[no-untyped-def]
+        """Call fn(*args) in a thread that is inside this namespace (e.g. to
+        read its sysctls under /proc/sys/net, which follow the caller's netns)."""
+        if self.fd is None:
+            if self._helper is not None:
+                raise NamespaceError("cannot run code inside a user-namespace isolated namespace")
+            return fn(*args)
+        fd = self.fd
+
+        def body():  # type: ignore[no-untyped-def]
+            _setns_thread(fd)
+            return fn(*args)
+
+        return _run_in_thread(body)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self._helper is not None:
+            self._helper.refs -= 1
+            if self._helper.refs == 0:
+                self._helper.close()
+            self._helper = None
+
+    def __enter__(self) -> "Namespace":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Namespace {self.description}>"
+
+
+class _UserNsHelper:
+    """A child process inside a fresh user + network namespace that makes
+    sockets on request and passes them back with SCM_RIGHTS."""
+
+    def __init__(self) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ready_r, ready_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            parent.close()
+            os.close(ready_r)
+            code = 0
+            try:
+                if _libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) != 0:
+                    os.write(ready_w, struct.pack("=i", ctypes.get_errno()))
+                    os._exit(1)
+                os.write(ready_w, struct.pack("=i", 0))
+                while True:
+                    req = child.recv(12)
+                    if len(req) != 12:
+                        break
+                    fam, kind, proto = struct.unpack("=iii", req)
+                    try:
+                        s = socket.socket(fam, kind, proto)
+                        socket.send_fds(child, [struct.pack("=i", 0)], [s.fileno()])
+                        s.close()
+                    except OSError as exc:
+                        child.send(struct.pack("=i", exc.errno or 1))
+            except BaseException:
+                code = 1
+            os._exit(code)
+        child.close()
+        os.close(ready_w)
+        status = os.read(ready_r, 4)
+        os.close(ready_r)
+        err = struct.unpack("=i", status)[0] if len(status) == 4 else 1
+        self.pid = pid
+        self.chan = parent
+        self.refs = 1
+        self.lock = threading.Lock()
+        if err:
+            self.close()
+            raise OSError(err, os.strerror(err))
+
+    def socket(self, family: int, kind: int, proto: int) -> socket.socket:
+        with self.lock:
+            self.chan.send(struct.pack("=iii", family, kind | socket.SOCK_CLOEXEC, proto))
+            msg, fds, _, _ = socket.recv_fds(self.chan, 4, 1)
+        err = struct.unpack("=i", msg)[0] if len(msg) == 4 else 1
+        if err or not fds:
+            raise NamespaceError(err, f"socket in isolated namespace: {os.strerror(err)}")
+        return socket.socket(fileno=fds[0])
+
+    def close(self) -> None:
+        self.chan.close()
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def read_sysctl(ns: Namespace, name: str) -> str:
+    path = "/proc/sys/" + name.replace(".", "/")
+
+    def read() -> str:
+        with open(path) as f:
+            return f.read().strip()
+
+    return str(ns.run(read))
+
+
+def write_sysctl(ns: Namespace, name: str, value: object) -> None:
+    path = "/proc/sys/" + name.replace(".", "/")
+
+    def write() -> None:
+        with open(path, "w") as f:
+            f.write(str(value))
+
+    ns.run(write)

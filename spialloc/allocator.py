@@ -1,0 +1,863 @@
+"""Allocator: the public face that a keying daemon holds.
+
+One Allocator owns one request socket in one network namespace, a Guard (its
+own or shared), and, while the guard is on, a watcher thread that listens for
+the kernel's EXPIRE events so a reservation whose larval state died is known
+as lost before its SPI can be handed to anyone else.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import random
+import select
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Callable, Generator, Iterable, Literal, NamedTuple, Sequence, Union, overload
+
+from . import _backend
+from . import _wire as w
+from ._model import (
+    Address,
+    KernelState,
+    MarkSpec,
+    Proto,
+    Request,
+    Reservation,
+    address_key,
+    build_request,
+    guard_dst,
+    guard_dst_address,
+    pack_address,
+    parse_address,
+    parse_mark,
+    parse_proto,
+    parse_range,
+    reservation_from,
+)
+from ._netlink import DEFAULT_RCVBUF, XfrmSocket
+from ._netns import Namespace, NetnsSpec, read_sysctl, write_sysctl
+from .errors import (
+    BatchError,
+    ClosedError,
+    DuplicateSpi,
+    InvalidRequest,
+    NetlinkError,
+    ReservationLost,
+    SpiallocError,
+    SpiExhausted,
+    from_errno,
+)
+from .guard import Guard, State
+from .ha import Partition
+
+LOST = -2
+#: Ranges at most this wide are filled by directed allocation: the guard picks
+#: a free value and asks for exactly it, instead of the kernel's random picks
+#: with replacement that fail spuriously while free values remain.
+DIRECTED_MAX_RANGE = 1 << 16
+
+
+class AllocOp(NamedTuple):
+    req: Request
+    lo: int
+    hi: int
+
+
+class DeleteOp(NamedTuple):
+    daddr: bytes
+    spi: int
+    family: int
+    proto: int
+    mark: tuple[int, int] | None
+
+
+class PollOp(NamedTuple):
+    pass
+
+
+Plan = Generator[Union[AllocOp, DeleteOp, PollOp], object, Reservation]
+
+
+@dataclass
+class AllocatorStats:
+    """Counters since the allocator opened (a snapshot is returned by ``stats``)."""
+
+    allocated: int = 0
+    released: int = 0
+    batches: int = 0
+    collisions: int = 0  # the kernel returned an SPI that was still outstanding
+    retries: int = 0  # requests re-sent after a collision
+    directed_misses: int = 0  # directed picks the kernel refused (held by others)
+    lost: int = 0  # reservations whose larval state expired before commit
+    overruns: int = 0  # ENOBUFS seen on the request socket
+    recovered: int = 0  # larval states of dropped replies found and deleted
+
+
+@dataclass
+class BatchResult:
+    """What ``allocate_many(..., strict=False)`` returns: the successes in
+    request order, and for each failed request index its typed error."""
+
+    reservations: list[Reservation]
+    errors: dict[int, SpiallocError] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+class Allocator:
+    """Allocate and release SPIs in one network namespace.
+
+    ``netns``: None (the caller's namespace), a name from ``ip netns``, a path
+    (``/proc/PID/ns/net``), an open fd, or a ``Namespace``.
+    ``guard``: True (a private Guard), False (no tracking: the kernel's answers
+    as they are, duplicates included), or a Guard shared with other allocators.
+    """
+
+    def __init__(
+        self,
+        netns: NetnsSpec = None,
+        *,
+        guard: bool | Guard = True,
+        scope: Literal["spi", "dst"] = "spi",
+        backend: str | None = None,
+        spi_range: tuple[int, int] | None = None,
+        cpi_range: tuple[int, int] | None = None,
+        partition: Partition | None = None,
+        allow_reserved: bool = False,
+        sync: bool = False,
+        on_lost: Callable[[Reservation], None] | None = None,
+        watch_expiry: bool = True,
+        max_retries: int = 8,
+        rcvbuf: int = DEFAULT_RCVBUF,
+    ) -> None:
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise InvalidRequest(f"max_retries={max_retries!r} must be a non-negative integer")
+        self.backend, self._engine = _backend.select(backend)
+        self._allow_reserved = allow_reserved
+        self._ranges = {
+            Proto.ESP: parse_range(Proto.ESP, spi_range, allow_reserved),
+            Proto.AH: parse_range(Proto.AH, spi_range, allow_reserved),
+            Proto.COMP: parse_range(Proto.COMP, cpi_range, allow_reserved),
+        }
+        self.partition = partition
+        if partition is not None:
+            for lo, hi in self._ranges.values():
+                partition.apply(lo, hi)  # validates: raises InvalidRequest if too small
+        if isinstance(guard, Guard):
+            self.guard: Guard | None = guard
+        elif guard is True:
+            self.guard = Guard(scope)
+        elif guard is False or guard is None:
+            self.guard = None
+        else:
+            raise InvalidRequest(f"guard={guard!r} must be True, False or a Guard")
+        self.on_lost = on_lost
+        self.max_retries = max_retries
+        self._stats = AllocatorStats()
+        self._acq_expires: float | None = None
+        self._rng = random.Random()
+        self._closed = False
+        self.ns = Namespace.open(netns)
+        try:
+            self._sock = XfrmSocket(self.ns, rcvbuf=rcvbuf)
+        except BaseException:
+            self.ns.close()
+            raise
+        self._events: XfrmSocket | None = None
+        self._watcher: threading.Thread | None = None
+        self._wake_r = self._wake_w = -1
+        try:
+            if self.guard is not None and watch_expiry:
+                self._start_watcher()
+            if sync:
+                self.sync()
+        except BaseException:
+            self.close()
+            raise
+
+    # --- lifecycle -------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._watcher is not None:
+            import os
+
+            os.write(self._wake_w, b"x")
+            self._watcher.join()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+        if self._events is not None:
+            self._events.close()
+        self._sock.close()
+        self.ns.close()
+
+    def __enter__(self) -> "Allocator":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            try:
+                self.close()
+            except Exception:
+                pass
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def stats(self) -> AllocatorStats:
+        return replace(self._stats)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(errno.EBADF, "allocator is closed")
+
+    # --- requests --------------------------------------------------------------
+
+    def _request(
+        self,
+        dst: Address,
+        proto: str | int | Proto,
+        src: Address | None,
+        spi_range: tuple[int, int] | None,
+        mode: str | int,
+        reqid: int,
+        mark: MarkSpec,
+        if_id: int | None,
+        direction: str | int | None,
+        seq: int,
+        pcpu: int | None,
+    ) -> Request:
+        p = parse_proto(proto)
+        if spi_range is None:
+            lo, hi = self._ranges[p]
+            spi_range = self.partition.apply(lo, hi) if self.partition is not None else (lo, hi)
+        elif self.partition is not None:
+            lo, hi = parse_range(p, spi_range, self._allow_reserved)
+            spi_range = self.partition.apply(lo, hi)
+        return build_request(
+            dst,
+            p,
+            src=src,
+            spi_range=spi_range,
+            mode=mode,
+            reqid=reqid,
+            mark=mark,
+            if_id=if_id,
+            direction=direction,
+            seq=seq,
+            pcpu=pcpu,
+            allow_reserved=self._allow_reserved,
+        )
+
+    def _directed(self, req: Request) -> bool:
+        if self.guard is None:
+            return False
+        size = req.spi_max - req.spi_min + 1
+        if size <= DIRECTED_MAX_RANGE:
+            return True
+        # Dense by the guard's count: random kernel picks would hit outstanding
+        # values often enough that directed picks are cheaper.
+        return self.guard.count_in(req.proto, req.gdst) * 16 > size
+
+    def _alloc_one(self, req: Request, spi_min: int, spi_max: int) -> int:
+        """One ALLOCSPI round trip; returns the SPI (host order)."""
+        sock = self._sock
+        msg = bytearray(req.template)
+        w.patch_range(msg, 0, spi_min, spi_max)
+        with sock.lock:
+            seq = sock.next_seq()
+            w.patch_seq(msg, 0, seq)
+            try:
+                kind, payload = sock.transact(bytes(msg), seq, "allocspi")
+            except NetlinkError as exc:
+                if exc.errno == errno.ENOBUFS and "reply dropped" in str(exc):
+                    self._stats.overruns += 1
+                    self._recover_lost(req, 1, time.time() - 1.0)
+                raise
+        if kind != w.XFRM_MSG_NEWSA or payload is None:
+            raise NetlinkError(errno.EPROTO, f"unexpected reply type {kind} to ALLOCSPI", "allocspi")
+        return w.decode_alloc_reply(payload)
+
+    def allocate(
+        self,
+        dst: Address,
+        proto: str | int | Proto = "esp",
+        *,
+        src: Address | None = None,
+        spi_range: tuple[int, int] | None = None,
+        mode: str | int = "transport",
+        reqid: int = 0,
+        mark: MarkSpec = None,
+        if_id: int | None = None,
+        direction: str | int | None = None,
+        seq: int = 0,
+        pcpu: int | None = None,
+    ) -> Reservation:
+        """Allocate one SPI (``ip xfrm state allocspi``): a larval state in the kernel.
+
+        ``seq`` binds the request to a kernel ACQUIRE (its ``seq``), so the
+        ACQ state gets the SPI.  With the guard on, an SPI that is still
+        outstanding is never returned: the request is changed (``seq`` dropped,
+        then a known-free SPI asked for exactly) and retried.
+        """
+        self._check_open()
+        req = self._request(dst, proto, src, spi_range, mode, reqid, mark, if_id, direction, seq, pcpu)
+        if self.guard is None:
+            spi = self._alloc_one(req, req.spi_min, req.spi_max)
+            self._stats.allocated += 1
+            return reservation_from(req, spi)
+        return self._allocate_guarded(req)
+
+    def _allocate_guarded(self, req: Request) -> Reservation:
+        return self._drive(self._guarded_plan(req))
+
+    def _drive(self, plan: Plan) -> Reservation:
+        """Run a guarded plan with blocking round trips (AsyncAllocator has
+        the awaiting twin of this loop; the plan itself is shared)."""
+        value: object = None
+        error: BaseException | None = None
+        while True:
+            try:
+                op = plan.send(value) if error is None else plan.throw(error)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+            value, error = None, None
+            try:
+                if isinstance(op, AllocOp):
+                    value = self._alloc_one(op.req, op.lo, op.hi)
+                elif isinstance(op, DeleteOp):
+                    value = self._delete(op.daddr, op.spi, op.family, op.proto, op.mark)
+                else:
+                    value = self.poll_events()
+            except BaseException as exc:  # handed to the plan, which cleans up and re-raises
+                error = exc
+
+    def _guarded_plan(self, req: Request) -> Plan:
+        """The guarded allocation algorithm, as a generator of kernel operations.
+
+        It yields AllocOp / DeleteOp / PollOp and receives their results (or
+        their exceptions, thrown in), so the blocking and the asyncio drivers
+        share one implementation of the retry rules.
+        """
+        guard = self.guard
+        assert guard is not None
+        retries = 0
+        misses = 0
+        directed = self._directed(req)
+        size = req.spi_max - req.spi_min + 1
+        while True:
+            cand = None
+            if directed:
+                cand = guard.reserve_free(req.gdst, req.proto, req.spi_min, req.spi_max, self._rng)
+                if cand is None:
+                    raise SpiExhausted(
+                        errno.ENOENT,
+                        f"every SPI in {req.spi_min:#x}-{req.spi_max:#x} is outstanding",
+                        "allocspi",
+                    )
+                lo = hi = cand
+            else:
+                lo, hi = req.spi_min, req.spi_max
+            try:
+                spi = yield AllocOp(req, lo, hi)
+            except SpiExhausted:
+                if cand is None:
+                    raise
+                # Someone outside this guard holds it: remember, pick another.
+                guard.release(req.gdst, req.proto, cand)
+                guard.mark_foreign(req.gdst, req.proto, cand)
+                self._stats.directed_misses += 1
+                misses += 1
+                if misses > min(size, 4096):
+                    raise
+                continue
+            except BaseException:
+                if cand is not None:
+                    guard.release(req.gdst, req.proto, cand)
+                raise
+            assert isinstance(spi, int)
+            if cand is not None and spi == cand:
+                self._stats.allocated += 1
+                return reservation_from(req, spi)
+            if cand is not None:
+                guard.release(req.gdst, req.proto, cand)
+            if guard.reserve(req.gdst, req.proto, spi):
+                self._stats.allocated += 1
+                return reservation_from(req, spi)
+            # A collision: the kernel returned an SPI that is still out.
+            self._stats.collisions += 1
+            yield PollOp()  # maybe the holder's state just expired
+            if guard.reserve(req.gdst, req.proto, spi):
+                self._stats.allocated += 1
+                return reservation_from(req, spi)
+            owner = guard.owner_dst(req.proto, spi, req.gdst)
+            if owner != req.gdst:
+                # A second state with the same SPI for another destination (kernels
+                # before 6.17): ours to delete.  Same destination means the very
+                # state the holder has (a reused ACQUIRE seq): leave it alone.
+                yield DeleteOp(req.daddr, spi, req.family, req.proto, req.mark)
+            retries += 1
+            self._stats.retries += 1
+            if retries > self.max_retries:
+                raise DuplicateSpi(
+                    f"the kernel returned outstanding SPIs {retries} times for {req.dst} "
+                    f"(last {spi:#010x}); giving up after {self.max_retries} retries"
+                )
+            if req.seq:
+                req = req.with_seq(0)
+            directed = True
+
+    # --- batches ----------------------------------------------------------------
+
+    @overload
+    def allocate_many(
+        self, count: int, dst: Address, proto: str | int | Proto = ..., *, strict: Literal[True] = ..., **options: object
+    ) -> list[Reservation]: ...
+
+    @overload
+    def allocate_many(
+        self, count: int, dst: Address, proto: str | int | Proto = ..., *, strict: Literal[False], **options: object
+    ) -> BatchResult: ...
+
+    def allocate_many(
+        self,
+        count: int,
+        dst: Address,
+        proto: str | int | Proto = "esp",
+        *,
+        strict: bool = True,
+        src: Address | None = None,
+        spi_range: tuple[int, int] | None = None,
+        mode: str | int = "transport",
+        reqid: int = 0,
+        mark: MarkSpec = None,
+        if_id: int | None = None,
+        direction: str | int | None = None,
+        pcpu: int | None = None,
+        **unknown: object,
+    ) -> list[Reservation] | BatchResult:
+        """Allocate ``count`` SPIs with the same parameters in few syscalls.
+
+        All or nothing by default: if any request fails, the SPIs that were
+        allocated are released and BatchError says how many failed and why.
+        With ``strict=False`` a BatchResult carries the successes and, per
+        failed index, the error.
+        """
+        if unknown:
+            if "seq" in unknown:
+                raise InvalidRequest("allocate_many takes no seq: one ACQUIRE binds one SPI; use allocate(seq=...)")
+            raise InvalidRequest(f"allocate_many got unknown options: {', '.join(sorted(unknown))}")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise InvalidRequest(f"count={count!r} must be a non-negative integer")
+        self._check_open()
+        req = self._request(dst, proto, src, spi_range, mode, reqid, mark, if_id, direction, 0, pcpu)
+        if count == 0:
+            return [] if strict else BatchResult([])
+        spis, errors = self._batch(req, count)
+        good = [i for i in range(count) if i not in errors]
+        if errors and strict:
+            released = self._release_keys([(req.daddr, spis[i], req.family, req.proto, req.mark) for i in good])
+            raise BatchError(count, errors, released)
+        reservations = [reservation_from(req, spis[i]) for i in good]
+        self._stats.allocated += len(reservations)
+        return reservations if strict else BatchResult(reservations, errors)
+
+    def _batch(self, req: Request, count: int) -> tuple[list[int], dict[int, SpiallocError]]:
+        """Run a batch through the engine; returns (spis, errors by index).
+        Guarded: every returned SPI is reserved in the guard; collisions and
+        dropped replies are retried one at a time."""
+        guard = self.guard
+        ranges = None
+        cands: list[int] = []
+        if guard is not None and self._directed(req):
+            for _ in range(count):
+                c = guard.reserve_free(req.gdst, req.proto, req.spi_min, req.spi_max, self._rng)
+                if c is None:
+                    break
+                cands.append(c)
+            ranges = (array.array("I", cands), array.array("I", cands))
+        n = len(cands) if ranges is not None else count
+        sock = self._sock
+        start = time.time() - 1.0
+        began = time.monotonic()
+        with sock.lock:
+            seq0 = sock.next_seq(n)
+            try:
+                spis, errs, text, overruns = self._engine.alloc_batch(
+                    sock.sock, sock.portid, req.template, n, seq0, ranges, sock.window(), _no_interrupt
+                )
+            except BaseException as exc:
+                partial = getattr(exc, "spialloc_partial", None)
+                self._abandon_batch(req, partial, cands, start)
+                raise
+        self._stats.batches += 1
+        self._stats.overruns += overruns
+        spis = list(spis) + [0] * (count - n)
+        errs = list(errs) + [errno.ENOENT] * (count - n)
+        if time.monotonic() - began > self._larval_lifetime() / 2:
+            self._drop_expired(req, spis, errs)
+        errors: dict[int, SpiallocError] = {}
+        lost = [i for i in range(n) if errs[i] == LOST]
+        if lost:
+            self._recover_lost(req, len(lost), start, known=set(s for s, e in zip(spis, errs) if e == 0))
+        for i in range(count):
+            e = errs[i]
+            if i < n and ranges is not None and e != 0:
+                assert guard is not None
+                guard.release(req.gdst, req.proto, cands[i])
+                if e == errno.ENOENT:
+                    guard.mark_foreign(req.gdst, req.proto, cands[i])
+                    self._stats.directed_misses += 1
+            if e == 0:
+                if guard is not None and ranges is None and not guard.reserve(req.gdst, req.proto, spis[i]):
+                    self._stats.collisions += 1
+                    if guard.owner_dst(req.proto, spis[i], req.gdst) != req.gdst:
+                        self._delete(req.daddr, spis[i], req.family, req.proto, req.mark)
+                    e = LOST  # retried below, one at a time
+                else:
+                    continue
+            if e in (LOST, errno.ENOENT) and guard is not None:
+                # Dropped reply, collision, or a directed miss: one guarded
+                # retry each; it raises SpiExhausted when the range is full.
+                try:
+                    spis[i] = self._allocate_guarded(req).spi
+                    self._stats.allocated -= 1  # counted by the caller
+                    self._stats.retries += 1
+                    continue
+                except SpiallocError as exc:
+                    errors[i] = exc
+                    continue
+            if e == LOST:
+                try:
+                    spis[i] = self._alloc_one(req, req.spi_min, req.spi_max)
+                    continue
+                except SpiallocError as exc:
+                    errors[i] = exc
+                    continue
+            errors[i] = from_errno(e, text if e == errno.ENOENT or text else None, "allocspi")
+        return spis, errors
+
+    def _larval_lifetime(self) -> float:
+        if self._acq_expires is None:
+            try:
+                self._acq_expires = float(self.acq_expires)
+            except (OSError, ValueError, SpiallocError):
+                self._acq_expires = 30.0  # the kernel's default
+        return self._acq_expires
+
+    def _drop_expired(self, req: Request, spis: list[int], errs: list[int]) -> None:
+        """A batch that ran for a good part of the larval lifetime may have
+        seen its first states expire, and their SPIs handed out again later in
+        the same batch.  Keep only SPIs whose state still exists, once each;
+        the rest go through the single-request retry path."""
+        present = {s.spi for s in self._dump_states() if s.proto == req.proto and pack_address(s.dst) == req.daddr}
+        seen: set[int] = set()
+        for i, (spi, e) in enumerate(zip(spis, errs)):
+            if e != 0:
+                continue
+            if spi not in present or spi in seen:
+                errs[i] = LOST
+                self._stats.lost += 1
+            seen.add(spi)
+
+    def _abandon_batch(
+        self, req: Request, partial: tuple[Sequence[int], Sequence[int]] | None, cands: list[int], start: float
+    ) -> None:
+        """An interrupted batch: delete what the kernel allocated, free the guard."""
+        if self.guard is not None:
+            for c in cands:
+                self.guard.release(req.gdst, req.proto, c)
+        if partial is None:
+            return
+        spis, errs = partial
+        keys = [(req.daddr, s, req.family, req.proto, req.mark) for s, e in zip(spis, errs) if e == 0]
+        self._release_keys(keys)
+        lost = sum(1 for e in errs if e == LOST)
+        if lost:
+            self._recover_lost(req, lost, start, known=set())
+
+    def _recover_lost(self, req: Request, lost: int, since: float, known: set[int] | None = None) -> None:
+        """Replies were dropped (ENOBUFS): the kernel may hold larval states
+        nobody knows.  Find them in a dump (same request parameters, made since
+        the batch began, not ours and not in the guard) and delete them."""
+        known = known or set()
+        found = 0
+        for st in self._dump_states():
+            if not st.larval or st.acquire_seq:
+                continue
+            if (
+                st.proto != req.proto
+                or pack_address(st.dst) != req.daddr
+                or pack_address(st.src) != req.saddr
+                or st.mode != req.mode
+                or st.reqid != req.reqid
+                or st.mark != req.mark
+                or st.if_id != req.if_id
+                or st.added < int(since)
+                or st.spi in known
+            ):
+                continue
+            if self.guard is not None and self.guard.is_outstanding(req.gdst, req.proto, st.spi):
+                continue
+            self._delete(req.daddr, st.spi, req.family, req.proto, req.mark)
+            found += 1
+        self._stats.recovered += found
+
+    # --- release ----------------------------------------------------------------
+
+    def release(self, reservations: Reservation | Iterable[Reservation]) -> int:
+        """Delete the larval state(s) (DELSA) and free their tuples in the guard.
+
+        A state already gone (expired, deleted by someone else, never
+        installed) is not an error.  Returns how many states were deleted.
+        """
+        self._check_open()
+        if isinstance(reservations, Reservation):
+            items = [reservations]
+        else:
+            items = list(reservations)
+            for r in items:
+                if not isinstance(r, Reservation):
+                    raise InvalidRequest(f"release takes Reservations, got {r!r}")
+        keys = [(pack_address(r.dst), r.spi, r.family, int(r.proto), r.mark) for r in items]
+        return self._release_keys(keys)
+
+    def _release_keys(self, keys: list[tuple[bytes, int, int, int, tuple[int, int] | None]]) -> int:
+        if not keys:
+            return 0
+        if len(keys) == 1:
+            deleted = int(self._delete(*keys[0]))
+        else:
+            deleted = self._delete_many(keys)
+        if self.guard is not None:
+            for daddr, spi, family, proto, _ in keys:
+                self.guard.release(guard_dst(family, daddr), proto, spi)
+        self._stats.released += deleted
+        return deleted
+
+    def _delsa_message(self, daddr: bytes, spi: int, family: int, proto: int, mark: tuple[int, int] | None) -> bytes:
+        return w.delsa(0, w.usersa_id(daddr, spi, family, proto), w.sa_attrs(mark, None, None, None))
+
+    def _delete(self, daddr: bytes, spi: int, family: int, proto: int, mark: tuple[int, int] | None) -> bool:
+        msg = bytearray(self._delsa_message(daddr, spi, family, proto, mark))
+        with self._sock.lock:
+            seq = self._sock.next_seq()
+            w.patch_seq(msg, 0, seq)
+            try:
+                self._sock.transact(bytes(msg), seq, "delsa")
+            except NetlinkError as exc:
+                if exc.errno == errno.ESRCH:
+                    return False
+                raise
+        return True
+
+    def _delete_many(self, keys: list[tuple[bytes, int, int, int, tuple[int, int] | None]]) -> int:
+        # Messages differ only in size when some carry a mark: batch by size.
+        by_size: dict[int, list[bytes]] = {}
+        for k in keys:
+            m = self._delsa_message(*k)
+            by_size.setdefault(len(m), []).append(m)
+        deleted = 0
+        sock = self._sock
+        for size, msgs in by_size.items():
+            with sock.lock:
+                seq0 = sock.next_seq(len(msgs))
+                errs = self._engine.delsa_batch(
+                    sock.sock, sock.portid, b"".join(msgs), size, len(msgs), seq0, sock.window()
+                )
+            for e in errs:
+                if e == 0:
+                    deleted += 1
+                elif e == LOST:
+                    self._stats.overruns += 1
+                elif e not in (errno.ESRCH,):
+                    raise from_errno(e, None, "delsa")
+        return deleted
+
+    # --- guard lifecycle --------------------------------------------------------
+
+    def commit(self, reservation: Reservation) -> None:
+        """Mark the reservation as installed (the caller ran UPDSA on it): the
+        guard keeps its tuple outstanding until ``release``.  Raises
+        ReservationLost if its larval state expired first."""
+        self._check_open()
+        if self.guard is None:
+            return
+        self.poll_events()
+        self.guard.commit(*reservation.key)
+
+    def poll_events(self) -> int:
+        """Process queued EXPIRE events now (the watcher thread does it too)."""
+        if self._events is None:
+            return 0
+        handled = 0
+        with self._events.lock:
+            while True:
+                data = self._events.recv_nowait()
+                if data is None:
+                    break
+                handled += self._handle_events(data)
+            if self._events.overruns:
+                self._events.overruns = 0
+                self._resync_lost()
+        return handled
+
+    def _handle_events(self, data: memoryview) -> int:
+        handled = 0
+        for kind, _, _, _, payload in w.iter_messages(data):
+            if kind != w.XFRM_MSG_EXPIRE:
+                continue
+            sa, hard = w.decode_expire(payload)
+            if not hard or self.guard is None:
+                continue
+            handled += 1
+            st = KernelState.from_wire(sa)
+            old = self.guard.expire(guard_dst(sa.family, sa.daddr), sa.proto, sa.spi)
+            if old is State.RESERVED:
+                self._lost(st)
+        return handled
+
+    def _lost(self, st: KernelState) -> None:
+        self._stats.lost += 1
+        if self.on_lost is not None:
+            try:
+                self.on_lost(st.reservation())
+            except Exception as exc:  # a callback bug must not kill the watcher
+                warnings.warn(f"spialloc on_lost callback raised {exc!r}", RuntimeWarning, stacklevel=2)
+
+    def _resync_lost(self) -> None:
+        """EXPIRE events were dropped: anything the guard holds as reserved
+        that is no longer in the SAD has died unseen."""
+        guard = self.guard
+        if guard is None:
+            return
+        present = {(address_key(s.dst), int(s.proto), s.spi) for s in self._dump_states()}
+        for daddr, proto, spi in guard.reserved():
+            if (daddr, proto, spi) not in present:
+                if guard.expire(daddr, proto, spi) is State.RESERVED:
+                    self._stats.lost += 1
+                    if self.on_lost is not None:
+                        dst = guard_dst_address(daddr)
+                        self.on_lost(Reservation(spi=spi, dst=dst, src=dst, proto=Proto(proto)))
+
+    def _start_watcher(self) -> None:
+        import os
+
+        self._events = XfrmSocket(self.ns, groups=1 << (w.XFRMNLGRP_EXPIRE - 1), rcvbuf=1 << 20)
+        self._wake_r, self._wake_w = os.pipe()
+        self._watcher = threading.Thread(target=self._watch, name="spialloc-expiry", daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        assert self._events is not None
+        while True:
+            try:
+                ready, _, _ = select.select([self._events.sock, self._wake_r], [], [])
+            except (OSError, ValueError):
+                return
+            if self._wake_r in ready:
+                return
+            try:
+                self.poll_events()
+            except SpiallocError as exc:
+                if self._closed:
+                    return
+                warnings.warn(f"spialloc expiry watcher: {exc}", RuntimeWarning, stacklevel=1)
+
+    # --- reading the SAD --------------------------------------------------------
+
+    def lookup(
+        self, dst: Address, spi: int, proto: str | int | Proto = "esp", *, mark: MarkSpec = None
+    ) -> KernelState | None:
+        """Read one state (GETSA, ``ip xfrm state get``); None if there is none."""
+        self._check_open()
+        d = parse_address("dst", dst)
+        p = parse_proto(proto)
+        if isinstance(spi, bool) or not isinstance(spi, int) or not 0 <= spi <= 0xFFFFFFFF:
+            raise InvalidRequest(f"spi={spi!r} must be an integer 0..0xffffffff")
+        family = w.AF_INET if d.version == 4 else w.AF_INET6
+        msg = bytearray(w.getsa(0, w.usersa_id(pack_address(d), spi, family, p), w.sa_attrs(parse_mark(mark), None, None, None)))
+        with self._sock.lock:
+            seq = self._sock.next_seq()
+            w.patch_seq(msg, 0, seq)
+            try:
+                kind, payload = self._sock.transact(bytes(msg), seq, "getsa")
+            except NetlinkError as exc:
+                if exc.errno == errno.ESRCH:
+                    return None
+                raise
+        if kind != w.XFRM_MSG_NEWSA or payload is None:
+            return None
+        return KernelState.from_wire(w.decode_sa(payload))
+
+    def _dump_states(self) -> list[KernelState]:
+        with self._sock.lock:
+            seq = self._sock.next_seq()
+            entries = list(self._sock.dump(w.getsa_dump(seq), seq, "getsa dump"))
+        return [KernelState.from_wire(w.decode_sa(p)) for k, p in entries if k == w.XFRM_MSG_NEWSA]
+
+    def states(self, *, larval: bool | None = None, proto: str | int | Proto | None = None) -> list[KernelState]:
+        """Every state in the namespace (GETSA dump, ``ip xfrm state list``),
+        of all processes; ``larval=True`` keeps only larval ones."""
+        self._check_open()
+        p = None if proto is None else parse_proto(proto)
+        out = self._dump_states()
+        return [s for s in out if (larval is None or s.larval == larval) and (p is None or s.proto == p)]
+
+    def sync(self) -> int:
+        """Seed the guard from the SAD: every state that is not ours is marked
+        foreign, so it is never handed out, and reservations whose state is
+        gone are marked lost.  Returns the number of foreign tuples."""
+        self._check_open()
+        guard = self.guard
+        if guard is None:
+            return 0
+        states = self._dump_states()
+        guard.clear_foreign()
+        foreign = 0
+        for s in states:
+            if not isinstance(s.proto, Proto):
+                continue
+            gkey = address_key(s.dst)
+            if not guard.is_outstanding(gkey, s.proto, s.spi):
+                guard.mark_foreign(gkey, s.proto, s.spi)
+                foreign += 1
+        present = {(address_key(s.dst), int(s.proto), s.spi) for s in states}
+        for daddr, proto, spi in guard.reserved():
+            if (daddr, proto, spi) not in present and guard.expire(daddr, proto, spi) is State.RESERVED:
+                self._stats.lost += 1
+        return foreign
+
+    # --- namespace settings -----------------------------------------------------
+
+    @property
+    def acq_expires(self) -> int:
+        """``net.core.xfrm_acq_expires`` of the namespace: larval lifetime, seconds."""
+        return int(read_sysctl(self.ns, "net.core.xfrm_acq_expires"))
+
+    @acq_expires.setter
+    def acq_expires(self, seconds: int) -> None:
+        if isinstance(seconds, bool) or not isinstance(seconds, int) or seconds < 1:
+            raise InvalidRequest(f"acq_expires={seconds!r} must be a positive integer (seconds)")
+        write_sysctl(self.ns, "net.core.xfrm_acq_expires", seconds)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<Allocator {self.ns.description} backend={self.backend} guard={'off' if self.guard is None else 'on'} {state}>"
+
+
+def _no_interrupt() -> None:
+    return None

@@ -1,0 +1,236 @@
+"""Kernel XFRM events: ACQUIRE (a packet needs an SA) and EXPIRE (a state died).
+
+``Monitor`` subscribes to the multicast groups and yields typed events, as a
+blocking iterator or an async iterator.  When the kernel drops events because
+the socket buffer was full (ENOBUFS), the monitor does not die: it yields
+``EventsLost`` carrying a fresh dump of the SAD so the daemon can resync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections import deque
+from dataclasses import dataclass
+from typing import AsyncIterator, Iterator, Union
+
+from . import _wire as w
+from ._model import IPAddress, KernelState, Mode, Proto, unpack_address
+from ._netlink import XfrmSocket
+from ._netns import Namespace, NetnsSpec
+from .errors import ClosedError, DecodeError
+
+
+@dataclass(frozen=True, slots=True)
+class Selector:
+    """The traffic selector of an ACQUIRE (which packets the policy matched)."""
+
+    src: IPAddress
+    dst: IPAddress
+    prefixlen_s: int
+    prefixlen_d: int
+    proto: int  # upper-layer protocol, 0 = any
+    sport: int
+    dport: int
+    ifindex: int
+
+
+@dataclass(frozen=True, slots=True)
+class Acquire:
+    """XFRM_MSG_ACQUIRE: the kernel needs an SA and made an ACQ state.
+
+    Pass ``seq`` to ``Allocator.allocate(..., seq=event.seq)`` to give that
+    ACQ state its SPI."""
+
+    seq: int
+    dst: IPAddress  # template (SA) addresses
+    src: IPAddress
+    proto: Proto | int
+    reqid: int
+    mode: Mode | int | None
+    selector: Selector
+
+
+@dataclass(frozen=True, slots=True)
+class Expire:
+    """XFRM_MSG_EXPIRE: soft (rekey soon) or hard (the state is gone)."""
+
+    spi: int
+    dst: IPAddress
+    proto: Proto | int
+    hard: bool
+    state: KernelState
+
+
+@dataclass(frozen=True, slots=True)
+class EventsLost:
+    """The kernel dropped events (socket buffer full).  ``states`` is the SAD
+    as dumped right after, to resynchronise from."""
+
+    states: tuple[KernelState, ...]
+
+
+Event = Union[Acquire, Expire, EventsLost]
+
+
+def _proto(p: int) -> Proto | int:
+    try:
+        return Proto(p)
+    except ValueError:
+        return p
+
+
+def decode_event(kind: int, payload: memoryview) -> Acquire | Expire | None:
+    """One multicast message -> event (None for types we do not report)."""
+    if kind == w.XFRM_MSG_ACQUIRE:
+        a = w.decode_acquire(payload)
+        fam = a.family or (w.AF_INET6 if a.daddr[4:] != b"\0" * 12 else w.AF_INET)
+        sel = a.selector
+        sfam = sel.family or fam
+        mode: Mode | int | None = a.mode
+        if a.mode is not None:
+            try:
+                mode = Mode(a.mode)
+            except ValueError:
+                pass
+        return Acquire(
+            seq=a.seq,
+            dst=unpack_address(fam, a.daddr),
+            src=unpack_address(fam, a.saddr),
+            proto=_proto(a.proto),
+            reqid=a.reqid,
+            mode=mode,
+            selector=Selector(
+                src=unpack_address(sfam, sel.saddr),
+                dst=unpack_address(sfam, sel.daddr),
+                prefixlen_s=sel.prefixlen_s,
+                prefixlen_d=sel.prefixlen_d,
+                proto=sel.proto,
+                sport=sel.sport,
+                dport=sel.dport,
+                ifindex=sel.ifindex,
+            ),
+        )
+    if kind == w.XFRM_MSG_EXPIRE:
+        sa, hard = w.decode_expire(payload)
+        st = KernelState.from_wire(sa)
+        return Expire(spi=sa.spi, dst=st.dst, proto=_proto(sa.proto), hard=hard, state=st)
+    return None
+
+
+class Monitor:
+    """Subscribe to ACQUIRE and EXPIRE events of a network namespace.
+
+    >>> with Monitor() as mon:
+    ...     for event in mon:          # blocks; or `async for event in mon`
+    ...         print(event)
+    """
+
+    def __init__(
+        self,
+        netns: NetnsSpec = None,
+        *,
+        acquire: bool = True,
+        expire: bool = True,
+        rcvbuf: int = 1 << 20,
+    ) -> None:
+        groups = (1 << (w.XFRMNLGRP_ACQUIRE - 1) if acquire else 0) | (
+            1 << (w.XFRMNLGRP_EXPIRE - 1) if expire else 0
+        )
+        self.ns = Namespace.open(netns)
+        try:
+            self._events = XfrmSocket(self.ns, groups=groups, rcvbuf=rcvbuf)
+            self._requests = XfrmSocket(self.ns, rcvbuf=None)
+        except BaseException:
+            self.ns.close()
+            raise
+        self._queue: deque[Event] = deque()
+        self._closed = False
+        self.lost = 0  # how many times events were dropped
+
+    def fileno(self) -> int:
+        return self._events.fileno()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._events.close()
+            self._requests.close()
+            self.ns.close()
+
+    def __enter__(self) -> "Monitor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _dump(self) -> tuple[KernelState, ...]:
+        seq = self._requests.next_seq()
+        return tuple(
+            KernelState.from_wire(w.decode_sa(p))
+            for k, p in self._requests.dump(w.getsa_dump(seq), seq, "getsa dump")
+            if k == w.XFRM_MSG_NEWSA
+        )
+
+    def _pump(self) -> None:
+        """Move whatever is queued on the socket into the event queue."""
+        if self._closed:
+            raise ClosedError(errno.EBADF, "monitor is closed")
+        while True:
+            before = self._events.overruns
+            data = self._events.recv_nowait()
+            if self._events.overruns != before:
+                self.lost += 1
+                self._queue.append(EventsLost(self._dump()))
+            if data is None:
+                return
+            try:
+                for kind, _, _, _, payload in w.iter_messages(data):
+                    ev = decode_event(kind, payload)
+                    if ev is not None:
+                        self._queue.append(ev)
+            except DecodeError:
+                continue  # a message we cannot read is skipped, never fatal
+
+    def get(self, timeout: float | None = None) -> Event | None:
+        """The next event, waiting up to ``timeout`` seconds (None: forever)."""
+        import select
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._pump()
+            if self._queue:
+                return self._queue.popleft()
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if remaining == 0.0:
+                return None
+            try:
+                select.select([self._events.sock], [], [], remaining)
+            except ValueError:
+                raise ClosedError(errno.EBADF, "monitor is closed") from None
+
+    def __iter__(self) -> Iterator[Event]:
+        while not self._closed:
+            ev = self.get()
+            if ev is not None:
+                yield ev
+
+    async def aget(self) -> Event:
+        """The next event, awaiting the socket on the running loop."""
+        loop = asyncio.get_running_loop()
+        while True:
+            self._pump()
+            if self._queue:
+                return self._queue.popleft()
+            ready: asyncio.Future[None] = loop.create_future()
+            fd = self._events.fileno()
+            loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+            try:
+                await ready
+            finally:
+                loop.remove_reader(fd)
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        while not self._closed:
+            yield await self.aget()

@@ -1,0 +1,78 @@
+"""Helpers for kernel tests: run ip(8) inside a test namespace, read its SAD
+with ip(8) (an independent witness), provoke a kernel ACQUIRE."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from typing import Callable, Sequence
+
+from spialloc import Namespace
+
+
+def ns_run(ns: Namespace, argv: Sequence[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a command (ip, sysctl ...) inside the test namespace."""
+    assert ns.fd is not None, "namespace has no fd (user-namespace helper)"
+    return subprocess.run(
+        ["nsenter", f"--net=/proc/self/fd/{ns.fd}", *argv],
+        pass_fds=[ns.fd],
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=60,
+    )
+
+
+def sad_count(ns: Namespace) -> int:
+    """States in the namespace's SAD, counted by ip(8), not by spialloc."""
+    out = ns_run(ns, ["ip", "-o", "xfrm", "state", "list"]).stdout
+    return sum(1 for line in out.splitlines() if line.startswith("src "))
+
+
+def sad_spis(ns: Namespace) -> set[int]:
+    out = ns_run(ns, ["ip", "xfrm", "state", "list"]).stdout
+    spis = set()
+    for line in out.splitlines():
+        parts = line.split()
+        if "spi" in parts:
+            spis.add(int(parts[parts.index("spi") + 1], 16))
+    return spis
+
+
+def make_acquire(ns: Namespace, dst: str = "10.99.0.2", src: str = "10.99.0.1") -> None:
+    """veth pair + outbound trap policy with an ESP template + one datagram:
+    the kernel makes an ACQ state and multicasts XFRM_MSG_ACQUIRE."""
+    ns_run(ns, ["ip", "link", "add", "va", "type", "veth", "peer", "name", "vb"])
+    ns_run(ns, ["ip", "addr", "add", f"{src}/24", "dev", "va"])
+    ns_run(ns, ["ip", "link", "set", "va", "up"])
+    ns_run(ns, ["ip", "link", "set", "vb", "up"])
+    ns_run(ns, ["ip", "link", "set", "lo", "up"])
+    ns_run(
+        ns,
+        [
+            "ip", "xfrm", "policy", "add", "src", f"{src}/32", "dst", f"{dst}/32", "dir", "out",
+            "tmpl", "src", src, "dst", dst, "proto", "esp", "mode", "tunnel", "reqid", "7",
+        ],
+    )
+
+    def send() -> None:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.sendto(b"x", (dst, 9))
+        except OSError:
+            pass  # EAGAIN while the ACQUIRE is pending is expected
+        finally:
+            s.close()
+
+    ns.run(send)
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+

@@ -15,7 +15,7 @@ from typing import Iterator
 
 from . import _wire as w
 from ._netns import Namespace
-from .errors import ClosedError, DecodeError, NetlinkError, from_errno
+from .errors import ClosedError, DecodeError, InsufficientPrivilege, NetlinkError, from_errno
 
 RECV_BUF = 1 << 16
 #: Receive buffer asked for with SO_RCVBUFFORCE: room for ~5,000 queued replies
@@ -38,7 +38,11 @@ class XfrmSocket:
             if rcvbuf:
                 self._force_buf(socket.SO_RCVBUF, 33, rcvbuf)  # 33 = SO_RCVBUFFORCE
                 self._force_buf(socket.SO_SNDBUF, 32, DEFAULT_SNDBUF)  # 32 = SO_SNDBUFFORCE
-            self.sock.bind((0, groups))
+            try:
+                self.sock.bind((0, groups))
+            except PermissionError:
+                # Joining XFRM multicast groups needs CAP_NET_ADMIN, like ALLOCSPI.
+                raise InsufficientPrivilege(errno.EPERM, None, "bind to XFRM events") from None
             self.portid: int = self.sock.getsockname()[0]
         except BaseException:
             self.sock.close()

@@ -356,6 +356,7 @@ class Allocator:
         assert guard is not None
         retries = 0
         misses = 0
+        refused: SpiExhausted | None = None  # the kernel's own words, kept
         directed = self._directed(req)
         size = req.spi_max - req.spi_min + 1
         while True:
@@ -363,9 +364,12 @@ class Allocator:
             if directed:
                 cand = guard.reserve_free(req.gdst, req.proto, req.spi_min, req.spi_max, self._rng)
                 if cand is None:
+                    if refused is not None:
+                        raise refused
                     raise SpiExhausted(
                         errno.ENOENT,
-                        f"every SPI in {req.spi_min:#x}-{req.spi_max:#x} is outstanding",
+                        f"every SPI in {req.spi_min:#x}-{req.spi_max:#x} is outstanding "
+                        "(held by this process, or seen held by others)",
                         "allocspi",
                     )
                 lo = hi = cand
@@ -373,9 +377,10 @@ class Allocator:
                 lo, hi = req.spi_min, req.spi_max
             try:
                 spi = yield AllocOp(req, lo, hi)
-            except SpiExhausted:
+            except SpiExhausted as exc:
                 if cand is None:
                     raise
+                refused = exc
                 # Someone outside this guard holds it: remember, pick another.
                 guard.release(req.gdst, req.proto, cand)
                 guard.mark_foreign(req.gdst, req.proto, cand)
@@ -625,14 +630,8 @@ class Allocator:
         installed) is not an error.  Returns how many states were deleted.
         """
         self._check_open()
-        if isinstance(reservations, Reservation):
-            items = [reservations]
-        else:
-            items = list(reservations)
-            for r in items:
-                if not isinstance(r, Reservation):
-                    raise InvalidRequest(f"release takes Reservations, got {r!r}")
-        keys = [(pack_address(r.dst), r.spi, r.family, int(r.proto), r.mark) for r in items]
+        items = [reservations] if isinstance(reservations, Reservation) else list(reservations)
+        keys = [_release_key(r) for r in items]  # all validated before any syscall
         return self._release_keys(keys)
 
     def _release_keys(self, keys: list[tuple[bytes, int, int, int, tuple[int, int] | None]]) -> int:
@@ -857,6 +856,17 @@ class Allocator:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<Allocator {self.ns.description} backend={self.backend} guard={'off' if self.guard is None else 'on'} {state}>"
+
+
+def _release_key(r: object) -> tuple[bytes, int, int, int, tuple[int, int] | None]:
+    if not isinstance(r, Reservation):
+        raise InvalidRequest(f"release takes Reservations, got {r!r}")
+    dst = parse_address("dst", r.dst)
+    proto = parse_proto(r.proto)
+    if isinstance(r.spi, bool) or not isinstance(r.spi, int) or not 0 <= r.spi <= 0xFFFFFFFF:
+        raise InvalidRequest(f"spi={r.spi!r} must be an integer 0..0xffffffff")
+    family = w.AF_INET if dst.version == 4 else w.AF_INET6
+    return (pack_address(dst), r.spi, family, int(proto), parse_mark(r.mark))
 
 
 def _no_interrupt() -> None:

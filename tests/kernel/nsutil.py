@@ -8,7 +8,7 @@ import subprocess
 import time
 from typing import Callable, Sequence
 
-from spialloc import Namespace
+from spialloc import Acquire, Monitor, Namespace
 
 
 def ns_run(ns: Namespace, argv: Sequence[str], check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -40,9 +40,13 @@ def sad_spis(ns: Namespace) -> set[int]:
     return spis
 
 
-def make_acquire(ns: Namespace, dst: str = "10.99.0.2", src: str = "10.99.0.1") -> None:
+def make_acquire(ns: Namespace, dst: str = "10.99.0.2", src: str = "10.99.0.1") -> Acquire:
     """veth pair + outbound trap policy with an ESP template + one datagram:
-    the kernel makes an ACQ state and multicasts XFRM_MSG_ACQUIRE."""
+    the kernel makes an ACQ state and multicasts XFRM_MSG_ACQUIRE.
+
+    The kernel only makes the ACQ state when some socket listens on the
+    ACQUIRE group (no key manager, no state), so a Monitor listens while the
+    datagram goes out; the event it reads is returned (``.seq`` binds)."""
     ns_run(ns, ["ip", "link", "add", "va", "type", "veth", "peer", "name", "vb"])
     ns_run(ns, ["ip", "addr", "add", f"{src}/24", "dev", "va"])
     ns_run(ns, ["ip", "link", "set", "va", "up"])
@@ -65,7 +69,11 @@ def make_acquire(ns: Namespace, dst: str = "10.99.0.2", src: str = "10.99.0.1") 
         finally:
             s.close()
 
-    ns.run(send)
+    with Monitor(ns, expire=False) as mon:
+        ns.run(send)
+        ev = mon.get(timeout=10)
+    assert isinstance(ev, Acquire), f"no ACQUIRE from the kernel (got {ev!r})"
+    return ev
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.05) -> bool:

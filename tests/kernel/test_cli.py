@@ -1,0 +1,167 @@
+"""The command line against the real kernel (``python -m spialloc.cli``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return subprocess.run(
+        [sys.executable, "-W", "ignore", "-m", "spialloc.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        cwd="/",
+    )
+
+
+def ok(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    return proc.stdout
+
+
+def assert_user_error(proc: subprocess.CompletedProcess[str], *needles: str) -> str:
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("spialloc: error: "), lines[0]
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+@pytest.fixture
+def named_netns() -> Iterator[str]:
+    name = f"spialloc-t-{secrets.token_hex(4)}"
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=30)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+
+
+def ip_spis(name: str) -> set[int]:
+    out = subprocess.run(["ip", "-n", name, "xfrm", "state", "list"], check=True, capture_output=True, text=True,
+                         timeout=30).stdout
+    spis = set()
+    for line in out.splitlines():
+        parts = line.split()
+        if "spi" in parts:
+            spis.add(int(parts[parts.index("spi") + 1], 16))
+    return spis
+
+
+def test_alloc_isolated_json_count_3() -> None:
+    out = ok(run_cli("alloc", "--dst", "10.0.0.1", "--count", "3", "--json", "--isolated"))
+    entries = json.loads(out)
+    assert isinstance(entries, list) and len(entries) == 3
+    spis = [e["spi"] for e in entries]
+    assert len(set(spis)) == 3
+    for e in entries:
+        assert 0xC0000000 <= e["spi"] <= 0xCFFFFFFF
+        assert e["spi_hex"] == f"0x{e['spi']:08x}"
+        assert e["dst"] == "10.0.0.1"
+        assert e["proto"] == "esp"
+
+
+def test_alloc_isolated_single_text_output() -> None:
+    out = ok(run_cli("alloc", "--dst", "2001:db8::1", "--proto", "comp", "--isolated"))
+    lines = out.strip().splitlines()
+    assert len(lines) == 1
+    words = lines[0].split()
+    assert words[0] == "comp" and words[1] == "spi"
+    assert 0x100 <= int(words[2], 16) <= 0xEFFF
+    assert "dst 2001:db8::1" in lines[0]
+
+
+def test_alloc_list_release_on_named_netns(named_netns: str) -> None:
+    out = ok(run_cli("alloc", "--dst", "10.0.0.1", "--count", "2", "--json", "--netns", named_netns,
+                     "--mode", "tunnel", "--reqid", "5", "--mark", "0x10/0xff"))
+    entries = json.loads(out)
+    spis = {e["spi"] for e in entries}
+    assert len(spis) == 2
+    assert all(e["mode"] == "tunnel" and e["reqid"] == 5 and e["mark"] == [0x10, 0xFF] for e in entries)
+    assert ip_spis(named_netns) == spis  # the states outlive the command
+
+    listed = json.loads(ok(run_cli("list", "--netns", named_netns, "--json")))
+    assert {e["spi"] for e in listed} == spis
+    assert all(e["larval"] is True and e["mark"] == [0x10, 0xFF] for e in listed)
+    larval = json.loads(ok(run_cli("list", "--netns", named_netns, "--larval", "--json")))
+    assert {e["spi"] for e in larval} == spis
+
+    text = ok(run_cli("list", "--netns", named_netns))
+    assert len(text.strip().splitlines()) == 2
+    for s in spis:
+        assert f"0x{s:08x}" in text
+
+    args = ["release", "--netns", named_netns, "--dst", "10.0.0.1", "--mark", "0x10/0xff"]
+    for s in sorted(spis):
+        args += ["--spi", hex(s)]
+    assert json.loads(ok(run_cli(*args, "--json"))) == {"released": 2, "requested": 2}
+    assert ip_spis(named_netns) == set()
+    assert json.loads(ok(run_cli("list", "--netns", named_netns, "--json"))) == []
+    # releasing again is not an error
+    assert ok(run_cli(*args)).strip() == "released 0 of 2"
+
+
+def test_list_shows_states_made_by_ip(named_netns: str) -> None:
+    out = subprocess.run(["ip", "-n", named_netns, "xfrm", "state", "allocspi", "src", "0.0.0.0", "dst", "10.0.0.9",
+                          "proto", "ah"], check=True, capture_output=True, text=True, timeout=30).stdout
+    words = out.split()
+    spi = int(words[words.index("spi") + 1], 16)
+    listed = json.loads(ok(run_cli("list", "--netns", named_netns, "--json")))
+    assert [(e["spi"], e["proto"], e["dst"]) for e in listed] == [(spi, "ah", "10.0.0.9")]
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["alloc", "--dst", "10.0.0.1", "--min", "5", "--isolated"], ["0x5", "reserved"]),
+        (["alloc", "--dst", "10.0.0.1", "--proto", "comp", "--max", "0x1ffff", "--isolated"], ["0x1ffff"]),
+        (["alloc", "--dst", "10.0.0.1", "--min", "0x2000", "--max", "0x1000", "--isolated"], ["0x2000", "0x1000"]),
+        (["alloc", "--dst", "10.0.0.256", "--isolated"], ["10.0.0.256"]),
+        (["alloc", "--dst", "10.0.0.1", "--src", "2001:db8::1", "--isolated"], ["2001:db8::1"]),
+        (["alloc", "--dst", "10.0.0.1", "--count", "-1", "--isolated"], ["-1"]),
+        (["alloc", "--dst", "10.0.0.1", "--reqid", "0x100000000", "--isolated"], ["4294967296"]),
+        (["alloc", "--dst", "10.0.0.1", "--count", "2", "--seq", "5", "--isolated"], ["--seq"]),
+        (["release", "--dst", "nowhere", "--spi", "0x100", "--isolated"], ["nowhere"]),
+        (["list", "--netns", "spialloc-missing-zz9"], ["spialloc-missing-zz9"]),
+    ],
+)
+def test_user_errors_exit_1_with_one_line(args: list[str], needles: list[str]) -> None:
+    assert_user_error(run_cli(*args), *needles)
+
+
+@pytest.mark.parametrize("spi", ["0x100000000", "-1"])
+def test_release_spi_out_of_u32_is_user_error(spi: str) -> None:
+    assert_user_error(run_cli("release", "--dst", "10.0.0.1", "--spi", spi, "--isolated"), str(int(spi, 0)))
+
+
+def test_release_mark_out_of_u32_is_user_error() -> None:
+    assert_user_error(
+        run_cli("release", "--dst", "10.0.0.1", "--spi", "0xc0000001", "--mark", "1/0x100000000", "--isolated"),
+        "4294967296",
+    )
+
+
+def test_exhausted_range_is_user_error_with_kernel_text(named_netns: str) -> None:
+    ok(run_cli("alloc", "--dst", "10.0.0.1", "--min", "0x4242", "--max", "0x4242", "--netns", named_netns))
+    line = assert_user_error(
+        run_cli("alloc", "--dst", "10.0.0.1", "--min", "0x4242", "--max", "0x4242", "--netns", named_netns)
+    )
+    assert "No SPI available in the requested range" in line

@@ -1,10 +1,10 @@
 """spialloc: IPsec SPIs from the Linux kernel (XFRM_MSG_ALLOCSPI), without the traps.
 
-    >>> import spialloc
-    >>> with spialloc.Allocator() as alloc:            # needs CAP_NET_ADMIN
-    ...     r = alloc.allocate("192.0.2.1", "esp")
-    ...     print(hex(r.spi))
-    ...     alloc.release(r)
+>>> import spialloc
+>>> with spialloc.Allocator() as alloc:            # needs CAP_NET_ADMIN
+...     r = alloc.allocate("192.0.2.1", "esp")
+...     print(hex(r.spi))
+...     alloc.release(r)
 """
 
 from __future__ import annotations

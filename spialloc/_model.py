@@ -213,7 +213,7 @@ class Request:
         )
         return w.allocspi(nl_seq, info, self.attrs)
 
-    def with_seq(self, seq: int) -> "Request":
+    def with_seq(self, seq: int) -> Request:
         return dataclasses.replace(self, seq=seq, template=b"")
 
 
@@ -365,7 +365,7 @@ class KernelState:
     added: int  # seconds since the epoch
 
     @classmethod
-    def from_wire(cls, sa: w.SaInfo) -> "KernelState":
+    def from_wire(cls, sa: w.SaInfo) -> KernelState:
         proto: int = sa.proto
         try:
             proto = Proto(sa.proto)

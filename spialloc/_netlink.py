@@ -187,8 +187,8 @@ class XfrmSocket:
                             raise from_errno(code, text, operation)
                         continue
                     entries.append((kind, bytes(payload)))
-        for kind, payload in entries:
-            yield kind, memoryview(payload)
+        for kind, raw in entries:
+            yield kind, memoryview(raw)
 
 
 __all__ = ["XfrmSocket", "DecodeError"]

@@ -14,9 +14,11 @@ import os
 import socket
 import struct
 import threading
-from typing import Union
+from typing import Callable, TypeVar, Union
 
 from .errors import NamespaceError
+
+T = TypeVar("T")
 
 NetnsSpec = Union[None, str, "os.PathLike[str]", int, "Namespace"]
 
@@ -34,8 +36,8 @@ def _setns_thread(fd: int) -> None:
     _pyroute2_netns.setns(fd, flags=0)
 
 
-def _run_in_thread(fn, *args):  # type: ignore[no-untyped-def]
-    result: list[object] = []
+def _run_in_thread(fn: Callable[..., T], *args: object) -> T:
+    result: list[T] = []
     error: list[BaseException] = []
 
     def body() -> None:
@@ -62,17 +64,17 @@ class Namespace:
     disappears with the last socket and handle.
     """
 
-    def __init__(self, fd: int | None, description: str, helper: "_UserNsHelper | None" = None) -> None:
+    def __init__(self, fd: int | None, description: str, helper: _UserNsHelper | None = None) -> None:
         self.fd = fd
         self.description = description
         self._helper = helper
 
     @classmethod
-    def current(cls) -> "Namespace":
+    def current(cls) -> Namespace:
         return cls(None, "current network namespace")
 
     @classmethod
-    def open(cls, spec: NetnsSpec) -> "Namespace":
+    def open(cls, spec: NetnsSpec) -> Namespace:
         if spec is None:
             return cls.current()
         if isinstance(spec, Namespace):
@@ -96,7 +98,7 @@ class Namespace:
         return cls(fd, f"network namespace {spec!r}")
 
     @classmethod
-    def isolated(cls) -> "Namespace":
+    def isolated(cls) -> Namespace:
         """A fresh, empty network namespace owned by this process.
 
         As root (CAP_SYS_ADMIN) it is made with unshare(CLONE_NEWNET) in a
@@ -127,7 +129,7 @@ class Namespace:
             ) from None
         return cls(None, "isolated network namespace (user namespace)", helper)
 
-    def dup(self) -> "Namespace":
+    def dup(self) -> Namespace:
         if self._helper is not None:
             self._helper.refs += 1
             return Namespace(None, self.description, self._helper)
@@ -150,7 +152,7 @@ class Namespace:
             raise NamespaceError(exc.errno, f"cannot enter {self.description}: {exc.strerror}") from None
         return sock
 
-    def run(self, fn, *args):  # type: ignore[no-untyped-def]
+    def run(self, fn: Callable[..., T], *args: object) -> T:
         """Call fn(*args) in a thread that is inside this namespace (e.g. to
         read its sysctls under /proc/sys/net, which follow the caller's netns)."""
         if self.fd is None:
@@ -159,7 +161,7 @@ class Namespace:
             return fn(*args)
         fd = self.fd
 
-        def body():  # type: ignore[no-untyped-def]
+        def body() -> T:
             _setns_thread(fd)
             return fn(*args)
 
@@ -175,7 +177,7 @@ class Namespace:
                 self._helper.close()
             self._helper = None
 
-    def __enter__(self) -> "Namespace":
+    def __enter__(self) -> Namespace:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -85,7 +85,7 @@ def alloc_batch(
     template: bytes,
     count: int,
     seq0: int,
-    ranges: tuple[array.array, array.array] | None,
+    ranges: tuple[array.array[int], array.array[int]] | None,
     chunk: int,
     check_interrupt: Callable[[], None],
 ) -> tuple[list[int], list[int], str | None, int]:

@@ -422,7 +422,5 @@ def decode_acquire(payload: memoryview) -> AcquireInfo:
 def decode_expire(payload: memoryview) -> tuple[SaInfo, bool]:
     if len(payload) < XFRM_USER_EXPIRE_LEN:
         raise DecodeError(f"expire payload of {len(payload)} bytes, need {XFRM_USER_EXPIRE_LEN}")
-    sa = decode_sa(
-        memoryview(bytes(payload[:XFRM_USERSA_INFO_LEN]) + bytes(payload[XFRM_USER_EXPIRE_LEN:]))
-    )
+    sa = decode_sa(memoryview(bytes(payload[:XFRM_USERSA_INFO_LEN]) + bytes(payload[XFRM_USER_EXPIRE_LEN:])))
     return sa, bool(payload[EXPIRE_HARD])

@@ -22,7 +22,7 @@ from . import _wire as w
 from ._model import Address, KernelState, MarkSpec, Proto, Request, Reservation, reservation_from
 from ._netlink import XfrmSocket
 from ._netns import NetnsSpec
-from .allocator import AllocatorStats, AllocOp, BatchResult, DeleteOp, Plan, Allocator
+from .allocator import Allocator, AllocatorStats, AllocOp, BatchResult, DeleteOp, Plan
 from .errors import BatchError, ClosedError, NetlinkError, SpiallocError, from_errno
 
 
@@ -81,9 +81,9 @@ class AsyncAllocator:
             try:
                 data = self._sock.recv_nowait()
             except SpiallocError as exc:
-                for fut in self._pending.values():
-                    if not fut.done():
-                        fut.set_exception(exc)
+                for waiting in self._pending.values():
+                    if not waiting.done():
+                        waiting.set_exception(exc)
                 self._pending.clear()
                 return
             if data is None:
@@ -94,7 +94,7 @@ class AsyncAllocator:
             for kind, flags, seq, pid, payload in w.iter_messages(data):
                 if pid != self._sock.portid:
                     continue
-                fut = self._pending.pop(seq, None)
+                fut: asyncio.Future[int] | None = self._pending.pop(seq, None)
                 if kind == w.XFRM_MSG_NEWSA:
                     spi = w.decode_alloc_reply(payload)
                     if fut is None or fut.done():
@@ -253,7 +253,7 @@ class AsyncAllocator:
         self._sock.close()
         self._sync.close()
 
-    async def __aenter__(self) -> "AsyncAllocator":
+    async def __aenter__(self) -> AsyncAllocator:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

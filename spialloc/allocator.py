@@ -46,7 +46,6 @@ from .errors import (
     DuplicateSpi,
     InvalidRequest,
     NetlinkError,
-    ReservationLost,
     SpiallocError,
     SpiExhausted,
     from_errno,
@@ -199,7 +198,7 @@ class Allocator:
         self._sock.close()
         self.ns.close()
 
-    def __enter__(self) -> "Allocator":
+    def __enter__(self) -> Allocator:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -429,12 +428,40 @@ class Allocator:
 
     @overload
     def allocate_many(
-        self, count: int, dst: Address, proto: str | int | Proto = ..., *, strict: Literal[True] = ..., **options: object
+        self,
+        count: int,
+        dst: Address,
+        proto: str | int | Proto = ...,
+        *,
+        strict: Literal[True] = ...,
+        src: Address | None = ...,
+        spi_range: tuple[int, int] | None = ...,
+        mode: str | int = ...,
+        reqid: int = ...,
+        mark: MarkSpec = ...,
+        if_id: int | None = ...,
+        direction: str | int | None = ...,
+        pcpu: int | None = ...,
+        **unknown: object,
     ) -> list[Reservation]: ...
 
     @overload
     def allocate_many(
-        self, count: int, dst: Address, proto: str | int | Proto = ..., *, strict: Literal[False], **options: object
+        self,
+        count: int,
+        dst: Address,
+        proto: str | int | Proto = ...,
+        *,
+        strict: Literal[False],
+        src: Address | None = ...,
+        spi_range: tuple[int, int] | None = ...,
+        mode: str | int = ...,
+        reqid: int = ...,
+        mark: MarkSpec = ...,
+        if_id: int | None = ...,
+        direction: str | int | None = ...,
+        pcpu: int | None = ...,
+        **unknown: object,
     ) -> BatchResult: ...
 
     def allocate_many(
@@ -474,7 +501,7 @@ class Allocator:
         spis, errors = self._batch(req, count)
         good = [i for i in range(count) if i not in errors]
         if errors and strict:
-            released = self._release_keys([(req.daddr, spis[i], req.family, req.proto, req.mark) for i in good])
+            released = self._release_keys([(req.daddr, spis[i], req.family, int(req.proto), req.mark) for i in good])
             raise BatchError(count, errors, released)
         reservations = [reservation_from(req, spis[i]) for i in good]
         self._stats.allocated += len(reservations)
@@ -517,7 +544,7 @@ class Allocator:
         errors: dict[int, SpiallocError] = {}
         lost = [i for i in range(n) if errs[i] == LOST]
         if lost:
-            self._recover_lost(req, len(lost), start, known=set(s for s, e in zip(spis, errs) if e == 0))
+            self._recover_lost(req, len(lost), start, known=set(s for s, e in zip(spis, errs, strict=True) if e == 0))
         for i in range(count):
             e = errs[i]
             if i < n and ranges is not None and e != 0:
@@ -570,7 +597,7 @@ class Allocator:
         the rest go through the single-request retry path."""
         present = {s.spi for s in self._dump_states() if s.proto == req.proto and pack_address(s.dst) == req.daddr}
         seen: set[int] = set()
-        for i, (spi, e) in enumerate(zip(spis, errs)):
+        for i, (spi, e) in enumerate(zip(spis, errs, strict=True)):
             if e != 0:
                 continue
             if spi not in present or spi in seen:
@@ -588,7 +615,7 @@ class Allocator:
         if partial is None:
             return
         spis, errs = partial
-        keys = [(req.daddr, s, req.family, req.proto, req.mark) for s, e in zip(spis, errs) if e == 0]
+        keys = [(req.daddr, s, req.family, int(req.proto), req.mark) for s, e in zip(spis, errs, strict=True) if e == 0]
         self._release_keys(keys)
         lost = sum(1 for e in errs if e == LOST)
         if lost:
@@ -764,7 +791,7 @@ class Allocator:
         assert self._events is not None
         while True:
             try:
-                ready, _, _ = select.select([self._events.sock, self._wake_r], [], [])
+                ready, _, _ = select.select([self._events.fileno(), self._wake_r], [], [])
             except (OSError, ValueError):
                 return
             if self._wake_r in ready:
@@ -788,7 +815,9 @@ class Allocator:
         if isinstance(spi, bool) or not isinstance(spi, int) or not 0 <= spi <= 0xFFFFFFFF:
             raise InvalidRequest(f"spi={spi!r} must be an integer 0..0xffffffff")
         family = w.AF_INET if d.version == 4 else w.AF_INET6
-        msg = bytearray(w.getsa(0, w.usersa_id(pack_address(d), spi, family, p), w.sa_attrs(parse_mark(mark), None, None, None)))
+        msg = bytearray(
+            w.getsa(0, w.usersa_id(pack_address(d), spi, family, p), w.sa_attrs(parse_mark(mark), None, None, None))
+        )
         with self._sock.lock:
             seq = self._sock.next_seq()
             w.patch_seq(msg, 0, seq)
@@ -855,7 +884,8 @@ class Allocator:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
-        return f"<Allocator {self.ns.description} backend={self.backend} guard={'off' if self.guard is None else 'on'} {state}>"
+        guard = "off" if self.guard is None else "on"
+        return f"<Allocator {self.ns.description} backend={self.backend} guard={guard} {state}>"
 
 
 def _release_key(r: object) -> tuple[bytes, int, int, int, tuple[int, int] | None]:

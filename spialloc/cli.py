@@ -84,7 +84,13 @@ def _netns(args: argparse.Namespace) -> object:
 
 def _state_dict(s: KernelState | Reservation) -> dict[str, object]:
     proto = s.proto.name.lower() if hasattr(s.proto, "name") else int(s.proto)
-    out: dict[str, object] = {"spi": s.spi, "spi_hex": f"0x{s.spi:08x}", "dst": str(s.dst), "src": str(s.src), "proto": proto}
+    out: dict[str, object] = {
+        "spi": s.spi,
+        "spi_hex": f"0x{s.spi:08x}",
+        "dst": str(s.dst),
+        "src": str(s.src),
+        "proto": proto,
+    }
     out["mode"] = s.mode.name.lower() if hasattr(s.mode, "name") else s.mode
     out["reqid"] = s.reqid
     if s.mark is not None:
@@ -117,7 +123,10 @@ def run(argv: Sequence[str] | None = None) -> int:
                     from ._model import default_range, parse_proto
 
                     lo, hi = default_range(parse_proto(args.proto))
-                    spi_range = (lo if args.spi_min is None else args.spi_min, hi if args.spi_max is None else args.spi_max)
+                    spi_range = (
+                        lo if args.spi_min is None else args.spi_min,
+                        hi if args.spi_max is None else args.spi_max,
+                    )
                 opts = dict(
                     src=args.src,
                     spi_range=spi_range,
@@ -130,9 +139,9 @@ def run(argv: Sequence[str] | None = None) -> int:
                 if args.count == 1 or args.seq:
                     if args.count != 1:
                         raise SystemExit("spialloc: error: --seq binds one SPI to one ACQUIRE; use --count 1")
-                    items = [alloc.allocate(args.dst, args.proto, seq=args.seq, **opts)]  # type: ignore[arg-type]
+                    items = [alloc.allocate(args.dst, args.proto, seq=args.seq, **opts)]
                 else:
-                    items = alloc.allocate_many(args.count, args.dst, args.proto, **opts)  # type: ignore[arg-type]
+                    items = alloc.allocate_many(args.count, args.dst, args.proto, **opts)
                 _print(args, items)
             elif args.command == "release":
                 from ._model import Proto, parse_address, parse_proto

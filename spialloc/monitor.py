@@ -73,6 +73,11 @@ class EventsLost:
 Event = Union[Acquire, Expire, EventsLost]
 
 
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 def _proto(p: int) -> Proto | int:
     try:
         return Proto(p)
@@ -134,9 +139,7 @@ class Monitor:
         expire: bool = True,
         rcvbuf: int = 1 << 20,
     ) -> None:
-        groups = (1 << (w.XFRMNLGRP_ACQUIRE - 1) if acquire else 0) | (
-            1 << (w.XFRMNLGRP_EXPIRE - 1) if expire else 0
-        )
+        groups = (1 << (w.XFRMNLGRP_ACQUIRE - 1) if acquire else 0) | (1 << (w.XFRMNLGRP_EXPIRE - 1) if expire else 0)
         self.ns = Namespace.open(netns)
         try:
             self._events = XfrmSocket(self.ns, groups=groups, rcvbuf=rcvbuf)
@@ -158,7 +161,7 @@ class Monitor:
             self._requests.close()
             self.ns.close()
 
-    def __enter__(self) -> "Monitor":
+    def __enter__(self) -> Monitor:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -225,7 +228,7 @@ class Monitor:
                 return self._queue.popleft()
             ready: asyncio.Future[None] = loop.create_future()
             fd = self._events.fileno()
-            loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+            loop.add_reader(fd, _wake, ready)
             try:
                 await ready
             finally:

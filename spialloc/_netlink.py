@@ -142,7 +142,28 @@ class XfrmSocket:
             if not ready:
                 return None
 
-    def transact(self, msg: bytes, seq: int, operation: str) -> tuple[int, memoryview | None]:
+    def allocspi(self, msg: bytearray, seq: int) -> int:
+        """Send one ALLOCSPI and return the SPI from its NEWSA reply.
+
+        The per-SPI hot path: reads the SPI straight out of the receive
+        buffer when the first datagram is our reply, as it nearly always is;
+        anything else goes through ``transact``'s general loop."""
+        with self.lock:
+            self.send(msg)
+            try:
+                n, addr = self.sock.recvfrom_into(self._buf, RECV_BUF, socket.MSG_DONTWAIT)
+            except OSError:
+                n, addr = -1, (None,)
+            if n >= w.MSG_REPLY_SPI + 4 and addr[0] == 0:
+                length, kind, _, rseq, pid = w.NLMSGHDR.unpack_from(self._buf, 0)
+                if kind == w.XFRM_MSG_NEWSA and rseq == seq and pid == self.portid and length == n:
+                    return int(w.BE32.unpack_from(self._buf, w.MSG_REPLY_SPI)[0])
+            kind, payload = self._reply(seq, "allocspi", self._view[:n] if n >= 0 and addr[0] == 0 else None)
+        if kind != w.XFRM_MSG_NEWSA or payload is None:
+            raise NetlinkError(errno.EPROTO, f"unexpected reply type {kind} to ALLOCSPI", "allocspi")
+        return w.decode_alloc_reply(payload)
+
+    def transact(self, msg: bytes | bytearray, seq: int, operation: str) -> tuple[int, memoryview | None]:
         """Send one request and return (type, payload) of its reply.
 
         The kernel handles a request inside sendmsg, so its reply is queued
@@ -151,19 +172,23 @@ class XfrmSocket:
         """
         with self.lock:
             self.send(msg)
-            while True:
-                data = self.recv_nowait()
-                if data is None:
-                    raise NetlinkError(errno.ENOBUFS, "reply dropped: receive buffer full", operation)
-                for kind, flags, rseq, pid, payload in w.iter_messages(data):
-                    if rseq != seq or pid != self.portid:
-                        continue  # stale reply of an abandoned request
-                    if kind == w.NLMSG_ERROR:
-                        code, text, _ = w.decode_error(payload, flags)
-                        if code:
-                            raise from_errno(code, text, operation)
-                        return kind, None
-                    return kind, memoryview(bytes(payload))
+            return self._reply(seq, operation, None)
+
+    def _reply(self, seq: int, operation: str, first: memoryview | None) -> tuple[int, memoryview | None]:
+        """Read until the reply to ``seq``; ``first`` is a datagram already read."""
+        while True:
+            data, first = (first, None) if first is not None else (self.recv_nowait(), None)
+            if data is None:
+                raise NetlinkError(errno.ENOBUFS, "reply dropped: receive buffer full", operation)
+            for kind, flags, rseq, pid, payload in w.iter_messages(data):
+                if rseq != seq or pid != self.portid:
+                    continue  # stale reply of an abandoned request
+                if kind == w.NLMSG_ERROR:
+                    code, text, _ = w.decode_error(payload, flags)
+                    if code:
+                        raise from_errno(code, text, operation)
+                    return kind, None
+                return kind, memoryview(bytes(payload))
 
     def dump(self, msg: bytes, seq: int, operation: str) -> Iterator[tuple[int, memoryview]]:
         """Run a dump request; yields (type, payload) of each entry."""

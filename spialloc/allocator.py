@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import array
 import errno
+import ipaddress
 import random
 import select
 import threading
@@ -22,8 +23,10 @@ from . import _backend
 from . import _wire as w
 from ._model import (
     Address,
+    Direction,
     KernelState,
     MarkSpec,
+    Mode,
     Proto,
     Request,
     Reservation,
@@ -54,6 +57,7 @@ from .guard import Guard, State
 from .ha import Partition
 
 LOST = -2
+_CACHEABLE = frozenset({str, int, type(None), ipaddress.IPv4Address, ipaddress.IPv6Address, Proto, Mode, Direction})
 #: Ranges at most this wide are filled by directed allocation: the guard picks
 #: a free value and asks for exactly it, instead of the kernel's random picks
 #: with replacement that fail spuriously while free values remain.
@@ -160,6 +164,7 @@ class Allocator:
         self.max_retries = max_retries
         self._stats = AllocatorStats()
         self._acq_expires: float | None = None
+        self._req_cache: dict[tuple[object, ...], Request] = {}
         self._rng = random.Random()
         self._closed = False
         self.ns = Namespace.open(netns)
@@ -239,6 +244,40 @@ class Allocator:
         seq: int,
         pcpu: int | None,
     ) -> Request:
+        # Validating and encoding costs more than the kernel round trip, and a
+        # daemon asks with the same arguments again and again: cache by the
+        # arguments as given, but only for exact simple types, so that no
+        # invalid value (a bool, a float) can ever hit a valid entry.
+        args = (dst, proto, src, spi_range, mode, reqid, mark, if_id, direction, seq, pcpu)
+        cacheable = all(
+            type(a) in _CACHEABLE or (type(a) is tuple and all(type(x) is int for x in a))  # noqa: E721
+            for a in args
+        )
+        if cacheable:
+            req = self._req_cache.get(args)
+            if req is not None:
+                return req
+        req = self._build_request(*args)
+        if cacheable:
+            if len(self._req_cache) >= 1024:
+                self._req_cache.clear()
+            self._req_cache[args] = req
+        return req
+
+    def _build_request(
+        self,
+        dst: Address,
+        proto: str | int | Proto,
+        src: Address | None,
+        spi_range: tuple[int, int] | None,
+        mode: str | int,
+        reqid: int,
+        mark: MarkSpec,
+        if_id: int | None,
+        direction: str | int | None,
+        seq: int,
+        pcpu: int | None,
+    ) -> Request:
         p = parse_proto(proto)
         if spi_range is None:
             lo, hi = self._ranges[p]
@@ -280,15 +319,12 @@ class Allocator:
             seq = sock.next_seq()
             w.patch_seq(msg, 0, seq)
             try:
-                kind, payload = sock.transact(bytes(msg), seq, "allocspi")
+                return sock.allocspi(msg, seq)
             except NetlinkError as exc:
                 if exc.errno == errno.ENOBUFS and "reply dropped" in str(exc):
                     self._stats.overruns += 1
                     self._recover_lost(req, 1, time.time() - 1.0)
                 raise
-        if kind != w.XFRM_MSG_NEWSA or payload is None:
-            raise NetlinkError(errno.EPROTO, f"unexpected reply type {kind} to ALLOCSPI", "allocspi")
-        return w.decode_alloc_reply(payload)
 
     def allocate(
         self,

@@ -62,6 +62,8 @@ class _NoSyscallSocket:
             raise _Captured(bytes(msg))
         raise AssertionError("a request reached the socket although it should have been rejected")
 
+    allocspi = transact
+
     def dump(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("unexpected dump")
 

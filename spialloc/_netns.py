@@ -205,14 +205,23 @@ class _UserNsHelper:
                     os._exit(1)
                 os.write(ready_w, struct.pack("=i", 0))
                 while True:
-                    req = child.recv(12)
-                    if len(req) != 12:
+                    req = child.recv(4096)
+                    if not req:
                         break
-                    fam, kind, proto = struct.unpack("=iii", req)
                     try:
-                        s = socket.socket(fam, kind, proto)
-                        socket.send_fds(child, [struct.pack("=i", 0)], [s.fileno()])
-                        s.close()
+                        if req[:1] == b"S":
+                            fam, kind, proto = struct.unpack("=iii", req[1:13])
+                            s = socket.socket(fam, kind, proto)
+                            socket.send_fds(child, [struct.pack("=i", 0)], [s.fileno()])
+                            s.close()
+                        elif req[:1] == b"R":
+                            with open(req[1:].decode()) as f:
+                                child.send(struct.pack("=i", 0) + f.read().encode())
+                        else:  # b"W": path NUL value
+                            path, _, value = req[1:].partition(b"\0")
+                            with open(path.decode(), "w") as f:
+                                f.write(value.decode())
+                            child.send(struct.pack("=i", 0))
                     except OSError as exc:
                         child.send(struct.pack("=i", exc.errno or 1))
             except BaseException:
@@ -231,9 +240,22 @@ class _UserNsHelper:
             self.close()
             raise OSError(err, os.strerror(err))
 
+    def sysctl(self, path: str, value: str | None) -> str:
+        """Read (value None) or write a file under /proc/sys as the child sees it."""
+        with self.lock:
+            if value is None:
+                self.chan.send(b"R" + path.encode())
+            else:
+                self.chan.send(b"W" + path.encode() + b"\0" + value.encode())
+            reply = self.chan.recv(4096)
+        err = struct.unpack("=i", reply[:4])[0] if len(reply) >= 4 else 1
+        if err:
+            raise NamespaceError(err, f"{path} in isolated namespace: {os.strerror(err)}")
+        return reply[4:].decode()
+
     def socket(self, family: int, kind: int, proto: int) -> socket.socket:
         with self.lock:
-            self.chan.send(struct.pack("=iii", family, kind | socket.SOCK_CLOEXEC, proto))
+            self.chan.send(b"S" + struct.pack("=iii", family, kind | socket.SOCK_CLOEXEC, proto))
             msg, fds, _, _ = socket.recv_fds(self.chan, 4, 1)
         err = struct.unpack("=i", msg)[0] if len(msg) == 4 else 1
         if err or not fds:
@@ -250,6 +272,8 @@ class _UserNsHelper:
 
 def read_sysctl(ns: Namespace, name: str) -> str:
     path = "/proc/sys/" + name.replace(".", "/")
+    if ns._helper is not None:
+        return ns._helper.sysctl(path, None).strip()
 
     def read() -> str:
         with open(path) as f:
@@ -260,6 +284,9 @@ def read_sysctl(ns: Namespace, name: str) -> str:
 
 def write_sysctl(ns: Namespace, name: str, value: object) -> None:
     path = "/proc/sys/" + name.replace(".", "/")
+    if ns._helper is not None:
+        ns._helper.sysctl(path, str(value))
+        return
 
     def write() -> None:
         with open(path, "w") as f:

@@ -48,6 +48,7 @@ from .errors import (
     ClosedError,
     DuplicateSpi,
     InvalidRequest,
+    NamespaceError,
     NetlinkError,
     SpiallocError,
     SpiExhausted,
@@ -910,18 +911,35 @@ class Allocator:
     @property
     def acq_expires(self) -> int:
         """``net.core.xfrm_acq_expires`` of the namespace: larval lifetime, seconds."""
-        return int(read_sysctl(self.ns, "net.core.xfrm_acq_expires"))
+        try:
+            return int(read_sysctl(self.ns, "net.core.xfrm_acq_expires"))
+        except (OSError, NamespaceError) as exc:
+            raise _no_acq_sysctl(exc) from None
 
     @acq_expires.setter
     def acq_expires(self, seconds: int) -> None:
         if isinstance(seconds, bool) or not isinstance(seconds, int) or seconds < 1:
             raise InvalidRequest(f"acq_expires={seconds!r} must be a positive integer (seconds)")
-        write_sysctl(self.ns, "net.core.xfrm_acq_expires", seconds)
+        try:
+            write_sysctl(self.ns, "net.core.xfrm_acq_expires", seconds)
+        except (OSError, NamespaceError) as exc:
+            raise _no_acq_sysctl(exc) from None
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         guard = "off" if self.guard is None else "on"
         return f"<Allocator {self.ns.description} backend={self.backend} guard={guard} {state}>"
+
+
+def _no_acq_sysctl(exc: OSError | NamespaceError) -> NamespaceError:
+    code = exc.errno or errno.EIO
+    if code == errno.ENOENT:
+        return NamespaceError(
+            code,
+            "net.core.xfrm_acq_expires is not available here: the kernel hides XFRM sysctls "
+            "in network namespaces owned by a user namespace (run as root to change it)",
+        )
+    return NamespaceError(code, f"net.core.xfrm_acq_expires: {exc.strerror or exc}")
 
 
 def _release_key(r: object) -> tuple[bytes, int, int, int, tuple[int, int] | None]:

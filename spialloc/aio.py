@@ -22,7 +22,7 @@ from . import _wire as w
 from ._model import Address, KernelState, MarkSpec, Proto, Request, Reservation, reservation_from
 from ._netlink import XfrmSocket
 from ._netns import NetnsSpec
-from .allocator import Allocator, AllocatorStats, AllocOp, BatchResult, DeleteOp, Plan
+from .allocator import Allocator, AllocatorStats, AllocOp, BatchResult, DeleteOp, Plan, SyncOp
 from .errors import BatchError, ClosedError, NetlinkError, SpiallocError, from_errno
 
 
@@ -157,6 +157,8 @@ class AsyncAllocator:
                     value = await self._alloc_one(op.req, op.lo, op.hi)
                 elif isinstance(op, DeleteOp):
                     value = self._sync._delete(op.daddr, op.spi, op.family, op.proto, op.mark)
+                elif isinstance(op, SyncOp):
+                    value = self._sync.sync()
                 else:
                     value = self._sync.poll_events()
             except BaseException as exc:

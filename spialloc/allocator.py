@@ -83,7 +83,11 @@ class PollOp(NamedTuple):
     pass
 
 
-Plan = Generator[Union[AllocOp, DeleteOp, PollOp], object, Reservation]
+class SyncOp(NamedTuple):
+    pass
+
+
+Plan = Generator[Union[AllocOp, DeleteOp, PollOp, SyncOp], object, Reservation]
 
 
 @dataclass
@@ -376,6 +380,8 @@ class Allocator:
                     value = self._alloc_one(op.req, op.lo, op.hi)
                 elif isinstance(op, DeleteOp):
                     value = self._delete(op.daddr, op.spi, op.family, op.proto, op.mark)
+                elif isinstance(op, SyncOp):
+                    value = self.sync()
                 else:
                     value = self.poll_events()
             except BaseException as exc:  # handed to the plan, which cleans up and re-raises
@@ -393,6 +399,7 @@ class Allocator:
         retries = 0
         misses = 0
         refused: SpiExhausted | None = None  # the kernel's own words, kept
+        resynced = False
         directed = self._directed(req)
         size = req.spi_max - req.spi_min + 1
         while True:
@@ -400,6 +407,11 @@ class Allocator:
             if directed:
                 cand = guard.reserve_free(req.gdst, req.proto, req.spi_min, req.spi_max, self._rng)
                 if cand is None:
+                    if not resynced and guard.stats.foreign:
+                        # Values marked foreign may have been freed since: look again.
+                        resynced = True
+                        yield SyncOp()
+                        continue
                     if refused is not None:
                         raise refused
                     raise SpiExhausted(

@@ -205,6 +205,10 @@ def alloc_batch(
     """
     if count <= 0:
         return [], [], None, 0
+    mins = maxs = None
+    if ranges is not None:  # checked before the template, as _cbatch does
+        mins = _u32_array("ranges[0]", ranges[0], count)
+        maxs = _u32_array("ranges[1]", ranges[1], count)
     tlen = len(template)
     if tlen < _ALLOCSPI_MIN_LEN:
         raise _invalid("alloc_batch")
@@ -216,10 +220,6 @@ def alloc_batch(
         or nlflags & w.NLM_F_ACK
     ):
         raise _invalid("alloc_batch")
-    mins = maxs = None
-    if ranges is not None:
-        mins = _u32_array("ranges[0]", ranges[0], count)
-        maxs = _u32_array("ranges[1]", ranges[1], count)
     seq0 &= 0xFFFFFFFF
     spis = [0] * count
     errs = [PENDING] * count

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import time
 from typing import Any, Iterable
 
 from . import _wire as w
 from ._model import Address, KernelState, MarkSpec, Proto, Request, Reservation, reservation_from
 from ._netlink import XfrmSocket
 from ._netns import NetnsSpec
-from .allocator import Allocator, AllocatorStats, AllocOp, BatchResult, DeleteOp, Plan, SyncOp
+from .allocator import Allocator, AllocatorStats, AllocOp, BatchResult, DeleteOp, Plan, SyncOp, _check_hold
 from .errors import BatchError, ClosedError, NetlinkError, SpiallocError, from_errno
 
 
@@ -180,15 +181,22 @@ class AsyncAllocator:
         direction: str | int | None = None,
         seq: int = 0,
         pcpu: int | None = None,
+        hold: float | None = None,
     ) -> Reservation:
         """``Allocator.allocate`` as a coroutine."""
-        self._sync._check_open()
-        req = self._sync._request(dst, proto, src, spi_range, mode, reqid, mark, if_id, direction, seq, pcpu)
-        if self._sync.guard is None:
+        sync = self._sync
+        sync._check_open()
+        if hold is not None:
+            _check_hold(hold, sync._events is not None)
+        req = sync._request(dst, proto, src, spi_range, mode, reqid, mark, if_id, direction, seq, pcpu)
+        if sync.guard is None:
             spi = await self._alloc_one(req, req.spi_min, req.spi_max)
-            self._sync._stats.allocated += 1
+            sync._stats.allocated += 1
             return reservation_from(req, spi)
-        return await self._drive(self._sync._guarded_plan(req))
+        r = await self._drive(sync._guarded_plan(req))
+        if hold is not None:
+            sync._held[(req.gdst, int(req.proto), r.spi)] = (req.with_seq(0), time.monotonic() + hold)
+        return r
 
     async def allocate_many(
         self, count: int, dst: Address, proto: str | int | Proto = "esp", *, strict: bool = True, **options: Any

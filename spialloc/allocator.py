@@ -103,6 +103,7 @@ class AllocatorStats:
     lost: int = 0  # reservations whose larval state expired before commit
     overruns: int = 0  # ENOBUFS seen on the request socket
     recovered: int = 0  # larval states of dropped replies found and deleted
+    renewed: int = 0  # held reservations whose expired larval state was made again
 
 
 @dataclass
@@ -170,6 +171,7 @@ class Allocator:
         self._stats = AllocatorStats()
         self._acq_expires: float | None = None
         self._req_cache: dict[tuple[object, ...], Request] = {}
+        self._held: dict[tuple[bytes, int, int], tuple[Request, float]] = {}
         self._rng = random.Random()
         self._closed = False
         self.ns = Namespace.open(netns)
@@ -345,6 +347,7 @@ class Allocator:
         direction: str | int | None = None,
         seq: int = 0,
         pcpu: int | None = None,
+        hold: float | None = None,
     ) -> Reservation:
         """Allocate one SPI (``ip xfrm state allocspi``): a larval state in the kernel.
 
@@ -352,14 +355,24 @@ class Allocator:
         ACQ state gets the SPI.  With the guard on, an SPI that is still
         outstanding is never returned: the request is changed (``seq`` dropped,
         then a known-free SPI asked for exactly) and retried.
+
+        ``hold`` (seconds): your negotiation may outlast the larval lifetime
+        (``acq_expires``); until ``hold`` runs out, commit or release, an
+        expired larval state is allocated again at once with the same SPI, so
+        the reservation is not lost (unless someone takes the SPI in between).
         """
         self._check_open()
+        if hold is not None:
+            _check_hold(hold, self._events is not None)
         req = self._request(dst, proto, src, spi_range, mode, reqid, mark, if_id, direction, seq, pcpu)
         if self.guard is None:
             spi = self._alloc_one(req, req.spi_min, req.spi_max)
             self._stats.allocated += 1
             return reservation_from(req, spi)
-        return self._allocate_guarded(req)
+        r = self._allocate_guarded(req)
+        if hold is not None:
+            self._held[(req.gdst, int(req.proto), r.spi)] = (req.with_seq(0), time.monotonic() + hold)
+        return r
 
     def _allocate_guarded(self, req: Request) -> Reservation:
         return self._drive(self._guarded_plan(req))
@@ -719,7 +732,10 @@ class Allocator:
             deleted = self._delete_many(keys)
         if self.guard is not None:
             for daddr, spi, family, proto, _ in keys:
-                self.guard.release(guard_dst(family, daddr), proto, spi)
+                gkey = (guard_dst(family, daddr), proto, spi)
+                self.guard.release(*gkey)
+                if self._held:
+                    self._held.pop(gkey, None)
         self._stats.released += deleted
         return deleted
 
@@ -773,6 +789,7 @@ class Allocator:
             return
         self.poll_events()
         self.guard.commit(*reservation.key)
+        self._held.pop(reservation.key, None)
 
     def poll_events(self) -> int:
         """Process queued EXPIRE events now (the watcher thread does it too)."""
@@ -799,11 +816,31 @@ class Allocator:
             if not hard or self.guard is None:
                 continue
             handled += 1
+            key = (guard_dst(sa.family, sa.daddr), sa.proto, sa.spi)
+            if self._held and self._renew(key):
+                continue
             st = KernelState.from_wire(sa)
-            old = self.guard.expire(guard_dst(sa.family, sa.daddr), sa.proto, sa.spi)
+            old = self.guard.expire(*key)
             if old is State.RESERVED:
                 self._lost(st)
         return handled
+
+    def _renew(self, key: tuple[bytes, int, int]) -> bool:
+        """A held reservation's larval state expired: allocate its SPI again.
+        The guard keeps the tuple reserved meanwhile, so no thread of ours
+        can take it; another process could, and then it is lost after all."""
+        held = self._held.pop(key, None)
+        if held is None or time.monotonic() >= held[1] or self.guard is None:
+            return False
+        if self.guard.state(*key) is not State.RESERVED:
+            return False
+        try:
+            self._alloc_one(held[0], key[2], key[2])
+        except SpiallocError:
+            return False
+        self._held[key] = held
+        self._stats.renewed += 1
+        return True
 
     def _lost(self, st: KernelState) -> None:
         self._stats.lost += 1
@@ -941,6 +978,13 @@ class Allocator:
         state = "closed" if self._closed else "open"
         guard = "off" if self.guard is None else "on"
         return f"<Allocator {self.ns.description} backend={self.backend} guard={guard} {state}>"
+
+
+def _check_hold(hold: object, watching: bool) -> None:
+    if isinstance(hold, bool) or not isinstance(hold, (int, float)) or not hold > 0:
+        raise InvalidRequest(f"hold={hold!r} must be a positive number of seconds")
+    if not watching:
+        raise InvalidRequest("hold needs the guard's expiry watcher (guard on, watch_expiry=True)")
 
 
 def _no_acq_sysctl(exc: OSError | NamespaceError) -> NamespaceError:

@@ -21,7 +21,7 @@ from typing import Any, Iterable
 
 from . import _wire as w
 from ._model import Address, KernelState, MarkSpec, Proto, Request, Reservation, reservation_from
-from ._netlink import XfrmSocket
+from ._netlink import DEFAULT_RCVBUF, XfrmSocket
 from ._netns import NetnsSpec
 from .allocator import Allocator, AllocatorStats, AllocOp, BatchResult, DeleteOp, Plan, SyncOp, _check_hold
 from .errors import BatchError, ClosedError, NetlinkError, SpiallocError, from_errno
@@ -38,13 +38,14 @@ class AsyncAllocator:
     def __init__(self, netns: NetnsSpec = None, **options: Any) -> None:
         self._sync = Allocator(netns, **options)
         try:
-            self._sock = XfrmSocket(self._sync.ns)
+            self._sock = XfrmSocket(self._sync.ns, rcvbuf=options.get("rcvbuf", DEFAULT_RCVBUF))
             self._sock.sock.setblocking(False)
         except BaseException:
             self._sync.close()
             raise
         self._pending: dict[int, asyncio.Future[int]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._window = asyncio.Semaphore(1)  # replaced per loop in _attach
         self._closed = False
 
     # --- plumbing ----------------------------------------------------------------
@@ -75,6 +76,7 @@ class AsyncAllocator:
         if self._loop is not None:
             self._loop.remove_reader(self._sock.fileno())
         self._loop = loop
+        self._window = asyncio.Semaphore(self._sock.window())
         loop.add_reader(self._sock.fileno(), self._on_readable)
 
     def _on_readable(self) -> None:
@@ -125,6 +127,11 @@ class AsyncAllocator:
     async def _alloc_one(self, req: Request, lo: int, hi: int) -> int:
         self._attach()
         assert self._loop is not None
+        async with self._window:  # never more replies in flight than the buffer holds
+            return await self._alloc_one_now(req, lo, hi)
+
+    async def _alloc_one_now(self, req: Request, lo: int, hi: int) -> int:
+        assert self._loop is not None
         msg = bytearray(req.template)
         w.patch_range(msg, 0, lo, hi)
         seq = self._sock.next_seq()
@@ -139,7 +146,12 @@ class AsyncAllocator:
         try:
             return await fut
         except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
+            if fut.cancelled():
+                # The kernel answered inside sendmsg: the reply is queued now.
+                # Read it at once so the reader deletes the state (closing
+                # before the loop runs the reader again would orphan it).
+                self._on_readable()
+            elif fut.exception() is None:
                 # The reply arrived but our caller was cancelled: undo it.
                 self._sync._delete(req.daddr, fut.result(), req.family, req.proto, req.mark)
             raise
@@ -208,7 +220,8 @@ class AsyncAllocator:
             from .errors import InvalidRequest
 
             raise InvalidRequest(f"count={count!r} must be a non-negative integer")
-        chunk = max(1, self._sync._sock.window())
+        # Each chunk runs without yielding: keep it short enough for the loop.
+        chunk = max(1, min(1024, self._sync._sock.window()))
         done: list[Reservation] = []
         errors: dict[int, SpiallocError] = {}
         try:
@@ -254,11 +267,14 @@ class AsyncAllocator:
         if self._closed:
             return
         self._closed = True
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.remove_reader(self._sock.fileno())
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(ClosedError(errno.EBADF, "allocator closed"))
+        # Their replies are queued already: read them, so that the reader
+        # deletes the states nobody will get a Reservation for.
+        self._on_readable()
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._sock.fileno())
         self._pending.clear()
         self._sock.close()
         self._sync.close()

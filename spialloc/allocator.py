@@ -973,6 +973,7 @@ class Allocator:
             write_sysctl(self.ns, "net.core.xfrm_acq_expires", seconds)
         except (OSError, NamespaceError) as exc:
             raise _no_acq_sysctl(exc) from None
+        self._acq_expires = float(seconds)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"

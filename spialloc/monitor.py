@@ -150,6 +150,11 @@ class Monitor:
         self._queue: deque[Event] = deque()
         self._closed = False
         self.lost = 0  # how many times events were dropped
+        # aget(): one waiter on the fd at a time (add_reader replaces readers),
+        # and close() must be able to wake it.
+        self._alock: asyncio.Lock | None = None
+        self._alock_loop: asyncio.AbstractEventLoop | None = None
+        self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None], int] | None = None
 
     def fileno(self) -> int:
         return self._events.fileno()
@@ -157,6 +162,11 @@ class Monitor:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            waiter = self._waiter
+            if waiter is not None:  # wake an aget() waiting on the fd
+                loop, ready, fd = waiter
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(_wake, ready)
             self._events.close()
             self._requests.close()
             self.ns.close()
@@ -222,6 +232,12 @@ class Monitor:
     async def aget(self) -> Event:
         """The next event, awaiting the socket on the running loop."""
         loop = asyncio.get_running_loop()
+        if self._alock is None or self._alock_loop is not loop:
+            self._alock, self._alock_loop = asyncio.Lock(), loop
+        async with self._alock:  # one waiter on the fd at a time
+            return await self._aget(loop)
+
+    async def _aget(self, loop: asyncio.AbstractEventLoop) -> Event:
         while True:
             self._pump()
             if self._queue:
@@ -229,11 +245,17 @@ class Monitor:
             ready: asyncio.Future[None] = loop.create_future()
             fd = self._events.fileno()
             loop.add_reader(fd, _wake, ready)
+            self._waiter = (loop, ready, fd)
             try:
                 await ready
             finally:
+                self._waiter = None
                 loop.remove_reader(fd)
 
     async def __aiter__(self) -> AsyncIterator[Event]:
         while not self._closed:
-            yield await self.aget()
+            try:
+                ev = await self.aget()
+            except ClosedError:
+                return
+            yield ev

@@ -241,7 +241,10 @@ static void save_text(struct spialloc_batch *b, uint16_t flags,
 		return;
 	off = flags & NLM_F_CAPPED ? sizeof(struct nlmsgerr)
 				   : sizeof(int) + (uint64_t)orig.nlmsg_len;
-	for (off = ALIGN4(off); plen >= NLA_HDRLEN && off <= plen - NLA_HDRLEN;
+	/* not ALIGN4(): its ~3u mask is 32 bits wide and would clear the high
+	 * half of a 64-bit offset (a forged nlmsg_len near 4 GiB wraps to 0) */
+	for (off = (off + 3) & ~(uint64_t)3;
+	     plen >= NLA_HDRLEN && off <= plen - NLA_HDRLEN;
 	     off += NLA_ALIGN(a.nla_len)) {
 		memcpy(&a, p + off, sizeof(a));
 		if (a.nla_len < NLA_HDRLEN || a.nla_len > plen - off)

@@ -15,6 +15,7 @@ import socket
 from typing import Any, Callable
 
 from ._native import ffi, lib
+from ._pybatch import ERESTARTSYS, restart_interrupted  # noqa: F401  (shared with the Python engine)
 
 PENDING = lib.SPIALLOC_PENDING  # not sent (only in partial results)
 LOST = lib.SPIALLOC_LOST  # reply dropped: a larval state may exist
@@ -105,7 +106,22 @@ def alloc_batch(
     (``check_interrupt``, KeyboardInterrupt, a socket error), the requests
     sent are settled first and ``exc.spialloc_partial = (spis, errs)`` is
     attached; there ``errs[i] == PENDING`` (-1) means request i was never sent.
+    Requests the kernel answered with ERESTARTSYS (a signal was pending while
+    it searched) are sent again, as _pybatch does (``restart_interrupted``).
     """
+    return restart_interrupted(_alloc_once, sock, portid, template, count, seq0, ranges, chunk, check_interrupt)
+
+
+def _alloc_once(
+    sock: socket.socket,
+    portid: int,
+    template: bytes,
+    count: int,
+    seq0: int,
+    ranges: tuple[array.array[int], array.array[int]] | None,
+    chunk: int,
+    check_interrupt: Callable[[], None],
+) -> tuple[list[int], list[int], str | None, int]:
     if count <= 0:
         return [], [], None, 0
     b, keep = _new_batch(sock, portid, template, 0, count, seq0, chunk)

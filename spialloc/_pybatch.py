@@ -25,6 +25,17 @@ from . import _wire as w
 
 PENDING = -1
 LOST = -2
+#: Kernel-internal "restart the syscall" (include/linux/errno.h).  Since Linux
+#: 6.17 ("xfrm: Duplicate SPI Handling") xfrm_alloc_spi() checks
+#: signal_pending() after every pick that hit a used SPI and returns
+#: -ERESTARTSYS, which netlink hands to userspace in that request's
+#: NLMSG_ERROR: an EINTR for one request.  No SPI was assigned (the larval
+#: state keeps SPI 0 and is reused by the same request sent again).
+ERESTARTSYS = 512
+#: Rounds in a row that may re-send requests answered ERESTARTSYS without
+#: settling any of them; then it is reported as it came (a signal storm
+#: faster than one kernel table scan).  Rounds that settle some are free.
+MAX_RESTARTS = 8
 
 #: One datagram per receive buffer of this size, as the C engine's slots
 #: (SPIALLOC_RECV_SLOT): a longer datagram arrives truncated (MSG_TRUNC) and is
@@ -185,6 +196,57 @@ def _settle(
                 errs[i] = LOST
 
 
+AllocOnce = Callable[
+    [socket.socket, int, bytes, int, int, "tuple[array.array[int], array.array[int]] | None", int, Callable[[], None]],
+    "tuple[list[int], list[int], str | None, int]",
+]
+
+
+def restart_interrupted(
+    once: AllocOnce,
+    sock: socket.socket,
+    portid: int,
+    template: bytes,
+    count: int,
+    seq0: int,
+    ranges: tuple[array.array[int], array.array[int]] | None,
+    chunk: int,
+    check_interrupt: Callable[[], None],
+) -> tuple[list[int], list[int], str | None, int]:
+    """Run ``once`` (one engine's whole batch), then send the requests the
+    kernel answered with ERESTARTSYS again, round after round while rounds
+    settle some of them, and at most MAX_RESTARTS rounds in a row that settle
+    none; both engines use this, so they re-send alike.  A round reuses the
+    sequence numbers from ``seq0`` on: every reply of the previous round was
+    read or dropped inside its sendmsg, none can arrive late."""
+    spis, errs, text, overruns = once(sock, portid, template, count, seq0, ranges, chunk, check_interrupt)
+    again = [i for i, e in enumerate(errs) if e == ERESTARTSYS]
+    stalled = 0
+    while again and stalled < MAX_RESTARTS:
+        sub = None
+        if ranges is not None:
+            sub = (array.array("I", [ranges[0][i] for i in again]), array.array("I", [ranges[1][i] for i in again]))
+        try:
+            s2, e2, t2, o2 = once(sock, portid, template, len(again), seq0, sub, chunk, check_interrupt)
+        except BaseException as exc:
+            partial = getattr(exc, "spialloc_partial", None)
+            if partial is not None:
+                for j, i in enumerate(again):
+                    if partial[1][j] != PENDING:  # PENDING: not re-sent, ERESTARTSYS stands
+                        spis[i], errs[i] = partial[0][j], partial[1][j]
+                exc.spialloc_partial = (spis, errs)  # type: ignore[attr-defined]
+            raise
+        for j, i in enumerate(again):
+            spis[i], errs[i] = s2[j], e2[j]
+        overruns += o2
+        if text is None:
+            text = t2
+        left = [i for i in again if errs[i] == ERESTARTSYS]
+        stalled = stalled + 1 if len(left) == len(again) else 0
+        again = left
+    return spis, errs, text, overruns
+
+
 def alloc_batch(
     sock: socket.socket,
     portid: int,
@@ -201,8 +263,22 @@ def alloc_batch(
     ``check_interrupt`` (or a signal) raises between chunks, the replies
     already queued are collected first and attached to the exception as
     ``spialloc_partial = (spis, errs)`` so the caller can release them; there
-    ``errs[i] == PENDING`` means request i was never sent.
+    ``errs[i] == PENDING`` means request i was never sent.  Requests answered
+    with ERESTARTSYS are sent again (``restart_interrupted``).
     """
+    return restart_interrupted(_alloc_once, sock, portid, template, count, seq0, ranges, chunk, check_interrupt)
+
+
+def _alloc_once(
+    sock: socket.socket,
+    portid: int,
+    template: bytes,
+    count: int,
+    seq0: int,
+    ranges: tuple[array.array[int], array.array[int]] | None,
+    chunk: int,
+    check_interrupt: Callable[[], None],
+) -> tuple[list[int], list[int], str | None, int]:
     if count <= 0:
         return [], [], None, 0
     mins = maxs = None
@@ -213,12 +289,7 @@ def alloc_batch(
     if tlen < _ALLOCSPI_MIN_LEN:
         raise _invalid("alloc_batch")
     length, kind, nlflags, _, _ = _HDR.unpack_from(template, 0)
-    if (
-        length != tlen
-        or kind != w.XFRM_MSG_ALLOCSPI
-        or not nlflags & w.NLM_F_REQUEST
-        or nlflags & w.NLM_F_ACK
-    ):
+    if length != tlen or kind != w.XFRM_MSG_ALLOCSPI or not nlflags & w.NLM_F_REQUEST or nlflags & w.NLM_F_ACK:
         raise _invalid("alloc_batch")
     seq0 &= 0xFFFFFFFF
     spis = [0] * count

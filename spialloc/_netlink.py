@@ -142,19 +142,22 @@ class XfrmSocket:
             if not ready:
                 return None
 
-    def allocspi(self, msg: bytearray, seq: int) -> int:
-        """Send one ALLOCSPI and return the SPI from its NEWSA reply.
+    def allocspi(self, msg: bytearray) -> int:
+        """Send one ALLOCSPI (its sequence number is set here) and return the
+        SPI from its NEWSA reply.
 
         The per-SPI hot path: reads the SPI straight out of the receive
         buffer when the first datagram is our reply, as it nearly always is;
         anything else goes through ``transact``'s general loop."""
         with self.lock:
+            seq = next(self._seq) & 0xFFFFFFFF
+            w.U32.pack_into(msg, w.MSG_SEQ, seq)
             self.send(msg)
             try:
                 n, addr = self.sock.recvfrom_into(self._buf, RECV_BUF, socket.MSG_DONTWAIT)
             except OSError:
                 n, addr = -1, (None,)
-            if n >= w.MSG_REPLY_SPI + 4 and addr[0] == 0:
+            if n >= w.NLMSGHDR_LEN + w.XFRM_USERSA_INFO_LEN and addr[0] == 0:
                 length, kind, _, rseq, pid = w.NLMSGHDR.unpack_from(self._buf, 0)
                 if kind == w.XFRM_MSG_NEWSA and rseq == seq and pid == self.portid and length == n:
                     return int(w.BE32.unpack_from(self._buf, w.MSG_REPLY_SPI)[0])

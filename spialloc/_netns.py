@@ -79,9 +79,11 @@ class Namespace:
             return cls.current()
         if isinstance(spec, Namespace):
             return spec.dup()
-        if isinstance(spec, bool):
+        if isinstance(spec, bool) or not isinstance(spec, (int, str, os.PathLike)):
             raise NamespaceError(f"netns={spec!r}: give a name, a path or an open fd")
         if isinstance(spec, int):
+            if not 0 <= spec < 1 << 31:
+                raise NamespaceError(f"netns={spec!r} is not a file descriptor")
             try:
                 return cls(os.dup(spec), f"netns fd {spec}")
             except OSError as exc:

@@ -282,6 +282,8 @@ def decode_error(payload: memoryview, flags: int) -> tuple[int, str | None, int 
     if len(payload) < NLMSGERR_LEN:
         raise DecodeError(f"NLMSG_ERROR payload of {len(payload)} bytes, need {NLMSGERR_LEN}")
     (err,) = I32.unpack_from(payload, 0)
+    if err > 0 or err == -(2**31):
+        raise DecodeError(f"NLMSG_ERROR error field {err} is not 0 or a negative errno")
     orig_len, _, _, orig_seq, _ = NLMSGHDR.unpack_from(payload, 4)
     text = None
     if flags & NLM_F_ACK_TLVS:
@@ -289,7 +291,7 @@ def decode_error(payload: memoryview, flags: int) -> tuple[int, str | None, int 
         if skip > len(payload):
             raise DecodeError("extended ack offset beyond NLMSG_ERROR payload")
         for kind, value in iter_attrs(payload[align4(skip) :]):
-            if kind == NLMSGERR_ATTR_MSG:
+            if kind == NLMSGERR_ATTR_MSG and text is None:  # the first, as the C parser
                 text = bytes(value).split(b"\0", 1)[0].decode("utf-8", "replace")
     return -err, text, orig_seq
 
@@ -374,6 +376,8 @@ class Selector:
 
 
 def decode_selector(buf: memoryview) -> Selector:
+    if len(buf) < XFRM_SELECTOR_LEN:
+        raise DecodeError(f"selector of {len(buf)} bytes, need {XFRM_SELECTOR_LEN}")
     (daddr, saddr, dport, _, sport, _, family, plen_d, plen_s, proto, ifindex, _) = _SELECTOR.unpack_from(buf, 0)
     return Selector(
         family=family,

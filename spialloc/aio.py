@@ -23,7 +23,17 @@ from . import _wire as w
 from ._model import Address, KernelState, MarkSpec, Proto, Request, Reservation, reservation_from
 from ._netlink import DEFAULT_RCVBUF, XfrmSocket
 from ._netns import NetnsSpec
-from .allocator import Allocator, AllocatorStats, AllocOp, BatchResult, DeleteOp, Plan, SyncOp, _check_hold
+from .allocator import (
+    Allocator,
+    AllocatorStats,
+    AllocOp,
+    BatchResult,
+    ClaimOp,
+    DeleteOp,
+    Plan,
+    SyncOp,
+    _check_hold,
+)
 from .errors import BatchError, ClosedError, NetlinkError, SpiallocError, from_errno
 
 
@@ -172,6 +182,8 @@ class AsyncAllocator:
                     value = self._sync._delete(op.daddr, op.spi, op.family, op.proto, op.mark)
                 elif isinstance(op, SyncOp):
                     value = self._sync.sync()
+                elif isinstance(op, ClaimOp):
+                    self._sync._claim_stray(op.req)
                 else:
                     value = self._sync.poll_events()
             except BaseException as exc:
@@ -206,6 +218,8 @@ class AsyncAllocator:
             sync._stats.allocated += 1
             return reservation_from(req, spi)
         r = await self._drive(sync._guarded_plan(req))
+        if sync.on_lost is not None:
+            sync._origin[(req.gdst, int(req.proto), r.spi)] = req
         if hold is not None:
             sync._held[(req.gdst, int(req.proto), r.spi)] = (req.with_seq(0), time.monotonic() + hold)
         return r

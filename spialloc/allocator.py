@@ -50,6 +50,7 @@ from .errors import (
     InvalidRequest,
     NamespaceError,
     NetlinkError,
+    ReservationLost,
     SpiallocError,
     SpiExhausted,
     from_errno,
@@ -58,6 +59,11 @@ from .guard import Guard, State
 from .ha import Partition
 
 LOST = -2
+#: At most this many engine rounds per batch (each round asks again, batched,
+#: for what the previous one lost); a round that gains nothing ends it sooner.
+BATCH_ROUNDS = 16
+#: Kernel errnos meaning "interrupted before doing anything": ask again.
+_RESTART = frozenset({errno.EINTR, 512, 513, 514, 516})  # ERESTARTSYS, ..NOINTR, ..NOHAND, ..RESTARTBLOCK
 _CACHEABLE = frozenset({str, int, type(None), ipaddress.IPv4Address, ipaddress.IPv6Address, Proto, Mode, Direction})
 #: Ranges at most this wide are filled by directed allocation: the guard picks
 #: a free value and asks for exactly it, instead of the kernel's random picks
@@ -87,7 +93,11 @@ class SyncOp(NamedTuple):
     pass
 
 
-Plan = Generator[Union[AllocOp, DeleteOp, PollOp, SyncOp], object, Reservation]
+class ClaimOp(NamedTuple):
+    req: Request
+
+
+Plan = Generator[Union[AllocOp, DeleteOp, PollOp, SyncOp, ClaimOp], object, Reservation]
 
 
 @dataclass
@@ -104,6 +114,7 @@ class AllocatorStats:
     overruns: int = 0  # ENOBUFS seen on the request socket
     recovered: int = 0  # larval states of dropped replies found and deleted
     renewed: int = 0  # held reservations whose expired larval state was made again
+    expired_in_batch: int = 0  # states that died before their batch ended (asked again)
 
 
 @dataclass
@@ -147,6 +158,8 @@ class Allocator:
     ) -> None:
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise InvalidRequest(f"max_retries={max_retries!r} must be a non-negative integer")
+        if isinstance(rcvbuf, bool) or not isinstance(rcvbuf, int) or not 0 <= rcvbuf <= 1 << 30:
+            raise InvalidRequest(f"rcvbuf={rcvbuf!r} must be a byte count from 0 to 1 GiB (0: kernel default)")
         self.backend, self._engine = _backend.select(backend)
         self._allow_reserved = allow_reserved
         self._ranges = {
@@ -154,6 +167,8 @@ class Allocator:
             Proto.AH: parse_range(Proto.AH, spi_range, allow_reserved),
             Proto.COMP: parse_range(Proto.COMP, cpi_range, allow_reserved),
         }
+        if partition is not None and not isinstance(partition, Partition):
+            raise InvalidRequest(f"partition={partition!r} must be a spialloc.Partition")
         self.partition = partition
         if partition is not None:
             for lo, hi in self._ranges.values():
@@ -172,6 +187,15 @@ class Allocator:
         self._acq_expires: float | None = None
         self._req_cache: dict[tuple[object, ...], Request] = {}
         self._held: dict[tuple[bytes, int, int], tuple[Request, float]] = {}
+        # Keys of a running batch, not yet seen by the caller; the watcher
+        # records their deaths in _died instead of calling on_lost.
+        self._inflight: set[tuple[bytes, int, int]] = set()
+        # With on_lost set: the request of each reserved tuple, so a loss found
+        # by a resync (events dropped) reports the reservation as allocated.
+        self._origin: dict[tuple[bytes, int, int], Request] = {}
+        self._idle = threading.Condition()
+        self._running = 0  # batches under way; close() waits for them
+        self._died: set[tuple[bytes, int, int]] = set()
         self._rng = random.Random()
         self._closed = False
         self.ns = Namespace.open(netns)
@@ -195,9 +219,14 @@ class Allocator:
     # --- lifecycle -------------------------------------------------------------
 
     def close(self) -> None:
+        """Close the sockets.  A batch running in another thread stops at its
+        next round and releases what it had (it raises ClosedError); close
+        waits for that, so the release can still reach the kernel."""
         if self._closed:
             return
         self._closed = True
+        with self._idle:
+            self._idle.wait_for(lambda: self._running == 0, timeout=60)
         if self._watcher is not None:
             import os
 
@@ -207,7 +236,8 @@ class Allocator:
             os.close(self._wake_w)
         if self._events is not None:
             self._events.close()
-        self._sock.close()
+        with self._sock.lock:  # never between a request and its reply
+            self._sock.close()
         self.ns.close()
 
     def __enter__(self) -> Allocator:
@@ -319,19 +349,36 @@ class Allocator:
 
     def _alloc_one(self, req: Request, spi_min: int, spi_max: int) -> int:
         """One ALLOCSPI round trip; returns the SPI (host order)."""
-        sock = self._sock
         msg = bytearray(req.template)
         w.patch_range(msg, 0, spi_min, spi_max)
-        with sock.lock:
-            seq = sock.next_seq()
-            w.patch_seq(msg, 0, seq)
+        for _ in range(64):
             try:
-                return sock.allocspi(msg, seq)
+                return self._sock.allocspi(msg)
             except NetlinkError as exc:
+                if exc.errno in _RESTART:
+                    if spi_min == spi_max:
+                        # The kernel checks for signals only after a pick that
+                        # hit a used SPI: with one value, that value is taken.
+                        raise SpiExhausted(errno.ENOENT, "the requested SPI is in use", "allocspi") from None
+                    continue  # interrupted between random picks: ask again
                 if exc.errno == errno.ENOBUFS and "reply dropped" in str(exc):
                     self._stats.overruns += 1
                     self._recover_lost(req, 1, time.time() - 1.0)
                 raise
+        raise NetlinkError(errno.EINTR, "interrupted by signals 64 times in a row", "allocspi")
+
+    def _claim_stray(self, req: Request) -> None:
+        """A refused ALLOCSPI leaves its larval state behind with SPI 0 until it
+        expires, and DELSA cannot name SPI 0.  A request with the same
+        parameters reuses that state, so ask for any SPI, then delete it."""
+        if req.seq:
+            return  # the kernel's own ACQ state: not ours to remove
+        lo, hi = (0x100, 0xFFFF) if req.proto is Proto.COMP else (0x100, 0xFFFFFFFF)
+        try:
+            spi = self._alloc_one(req, lo, hi)
+            self._delete(req.daddr, spi, req.family, req.proto, req.mark)
+        except SpiallocError:
+            pass  # nothing free at all: it expires on its own
 
     def allocate(
         self,
@@ -366,10 +413,16 @@ class Allocator:
             _check_hold(hold, self._events is not None)
         req = self._request(dst, proto, src, spi_range, mode, reqid, mark, if_id, direction, seq, pcpu)
         if self.guard is None:
-            spi = self._alloc_one(req, req.spi_min, req.spi_max)
+            try:
+                spi = self._alloc_one(req, req.spi_min, req.spi_max)
+            except SpiExhausted:
+                self._claim_stray(req)
+                raise
             self._stats.allocated += 1
             return reservation_from(req, spi)
         r = self._allocate_guarded(req)
+        if self.on_lost is not None:
+            self._origin[(req.gdst, int(req.proto), r.spi)] = req
         if hold is not None:
             self._held[(req.gdst, int(req.proto), r.spi)] = (req.with_seq(0), time.monotonic() + hold)
         return r
@@ -395,6 +448,8 @@ class Allocator:
                     value = self._delete(op.daddr, op.spi, op.family, op.proto, op.mark)
                 elif isinstance(op, SyncOp):
                     value = self.sync()
+                elif isinstance(op, ClaimOp):
+                    self._claim_stray(op.req)
                 else:
                     value = self.poll_events()
             except BaseException as exc:  # handed to the plan, which cleans up and re-raises
@@ -426,6 +481,7 @@ class Allocator:
                         yield SyncOp()
                         continue
                     if refused is not None:
+                        yield ClaimOp(req)
                         raise refused
                     raise SpiExhausted(
                         errno.ENOENT,
@@ -448,6 +504,7 @@ class Allocator:
                 self._stats.directed_misses += 1
                 misses += 1
                 if misses > min(size, 4096):
+                    yield ClaimOp(req)
                     raise
                 continue
             except BaseException:
@@ -469,11 +526,11 @@ class Allocator:
             if guard.reserve(req.gdst, req.proto, spi):
                 self._stats.allocated += 1
                 return reservation_from(req, spi)
-            owner = guard.owner_dst(req.proto, spi, req.gdst)
-            if owner != req.gdst:
-                # A second state with the same SPI for another destination (kernels
-                # before 6.17): ours to delete.  Same destination means the very
-                # state the holder has (a reused ACQUIRE seq): leave it alone.
+            if not req.seq or guard.owner_dst(req.proto, spi, req.gdst) != req.gdst:
+                # A state of ours that must not be handed out: another destination's
+                # SPI (kernels before 6.17), or, without a seq, a fresh state whose
+                # SPI the guard still holds (the holder died unseen).  With a seq and
+                # the same destination it is the holder's own ACQ state: leave it.
                 yield DeleteOp(req.daddr, spi, req.family, req.proto, req.mark)
             retries += 1
             self._stats.retries += 1
@@ -560,89 +617,256 @@ class Allocator:
         req = self._request(dst, proto, src, spi_range, mode, reqid, mark, if_id, direction, 0, pcpu)
         if count == 0:
             return [] if strict else BatchResult([])
-        spis, errors = self._batch(req, count)
+        with self._idle:
+            self._running += 1
+        try:
+            spis, errors = self._batch(req, count)
+        finally:
+            with self._idle:
+                self._running -= 1
+                self._idle.notify_all()
         good = [i for i in range(count) if i not in errors]
         if errors and strict:
             released = self._release_keys([(req.daddr, spis[i], req.family, int(req.proto), req.mark) for i in good])
             raise BatchError(count, errors, released)
         reservations = [reservation_from(req, spis[i]) for i in good]
         self._stats.allocated += len(reservations)
+        if self.on_lost is not None and self.guard is not None:
+            gdst, proto = req.gdst, int(req.proto)
+            self._origin.update(((gdst, proto, r.spi), req) for r in reservations)
         return reservations if strict else BatchResult(reservations, errors)
 
     def _batch(self, req: Request, count: int) -> tuple[list[int], dict[int, SpiallocError]]:
-        """Run a batch through the engine; returns (spis, errors by index).
-        Guarded: every returned SPI is reserved in the guard; collisions and
-        dropped replies are retried one at a time."""
+        """Run a batch through the engine in rounds; returns (spis, errors by index).
+
+        Round one asks for everything; each later round asks again, batched,
+        for what was lost: dropped replies, collisions, directed misses, and
+        states that expired before the batch ended (a batch in a large table
+        can outlive the larval lifetime).  With the guard, every success is
+        reserved as soon as the engine returns and its key is marked in
+        flight, so an EXPIRE for it is neither missed nor reported to on_lost
+        (the caller never saw it): the index is asked again instead.
+        """
         guard = self.guard
-        ranges = None
-        cands: list[int] = []
-        if guard is not None and self._directed(req):
-            for _ in range(count):
-                c = guard.reserve_free(req.gdst, req.proto, req.spi_min, req.spi_max, self._rng)
-                if c is None:
-                    break
-                cands.append(c)
-            ranges = (array.array("I", cands), array.array("I", cands))
-        n = len(cands) if ranges is not None else count
-        sock = self._sock
-        start = time.time() - 1.0
+        spis = [0] * count
+        errors: dict[int, SpiallocError] = {}
+        owned: dict[int, tuple[bytes, int, int]] = {}  # index -> guard key
+        holder: dict[tuple[bytes, int, int], int] = {}  # guard key -> index
+        keys: set[tuple[bytes, int, int]] = set()  # every key this batch put in flight
+        pending = list(range(count))
+        directed = guard is not None and self._directed(req)
+        resynced = False
+        proto = int(req.proto)
         began = time.monotonic()
+        since = time.time() - 1.0
+        why: dict[int, SpiallocError] = {}  # why an index is being asked again
+        chunk = self._sock.window()
+        in_round: tuple[list[int], list[int], list[int], list[int]] | None = None
+        refused = False
+        try:
+            for _ in range(BATCH_ROUNDS):
+                if not pending:
+                    break
+                if self._closed:
+                    raise ClosedError(errno.EBADF, "allocator closed during the batch")
+                before = len(owned)
+                cands: list[int] = []
+                if directed:
+                    assert guard is not None
+                    for _i in pending:
+                        c = guard.reserve_free(req.gdst, proto, req.spi_min, req.spi_max, self._rng)
+                        if c is None:
+                            break
+                        cands.append(c)
+                        key = (req.gdst, proto, c)
+                        keys.add(key)
+                        self._inflight.add(key)
+                        self._died.discard(key)  # an earlier death of this value is not this state's
+                    if len(cands) < len(pending) and not resynced and guard.stats.foreign:
+                        resynced = True  # foreign marks may be stale: look again once
+                        for c in cands:
+                            guard.release(req.gdst, proto, c)
+                        self.sync()
+                        continue
+                    for i in pending[len(cands) :]:
+                        errors[i] = SpiExhausted(
+                            errno.ENOENT,
+                            f"every SPI in {req.spi_min:#x}-{req.spi_max:#x} is outstanding "
+                            "(held by this process, or seen held by others)",
+                            "allocspi",
+                        )
+                    pending = asked = pending[: len(cands)]
+                else:
+                    asked = pending
+                if not asked:
+                    break
+                got, errs, text, overran = self._engine_round(
+                    req, len(asked), cands if directed else None, since, chunk
+                )
+                refused = errno.ENOENT in errs  # leaves an SPI-0 larval state, unless reused later
+                if overran:
+                    # The window overflowed the receive buffer: step down to what came back.
+                    chunk = max(1, min(chunk, sum(1 for e in errs if e != LOST)) // 2)
+                in_round = (asked, got, errs, cands if directed else [])
+                retry: list[int] = []
+                lost = misses = 0
+                for j, i in enumerate(asked):
+                    e, spi = errs[j], got[j]
+                    if directed:
+                        assert guard is not None
+                        c = cands[j]
+                        if e == 0 and spi == c:
+                            owned[i] = (req.gdst, proto, c)
+                            holder[owned[i]] = i
+                            spis[i] = c
+                            continue
+                        guard.release(req.gdst, proto, c)
+                        if e == errno.ENOENT or e in _RESTART:  # restart: only after hitting a used SPI
+                            guard.mark_foreign(req.gdst, proto, c)  # someone else holds it
+                            self._stats.directed_misses += 1
+                            misses += 1
+                            retry.append(i)
+                            continue
+                    if e == 0:
+                        key = (req.gdst, proto, spi)
+                        if guard is not None and not guard.reserve(*key):
+                            # Held: maybe its holder just died (the EXPIRE is queued
+                            # before the kernel could hand the SPI out again).
+                            self._stats.collisions += 1
+                            self.poll_events()
+                            retry.extend(self._reap(owned, holder, spis))
+                            if not guard.reserve(*key):
+                                self._delete(req.daddr, spi, req.family, proto, req.mark)
+                                why[i] = DuplicateSpi(f"the kernel kept returning outstanding SPIs (last {spi:#010x})")
+                                retry.append(i)
+                                continue
+                        owned[i] = key
+                        holder[key] = i
+                        spis[i] = spi
+                        if guard is not None:
+                            keys.add(key)
+                            self._inflight.add(key)
+                            self._died.discard(key)
+                    elif e == LOST:
+                        lost += 1
+                        why[i] = NetlinkError(errno.ENOBUFS, "reply dropped: receive buffer full", "allocspi")
+                        retry.append(i)
+                    elif e in _RESTART:
+                        why[i] = NetlinkError(errno.EINTR, "interrupted by a signal", "allocspi")
+                        retry.append(i)  # the kernel gave up on it before allocating
+                    elif e == errno.ENOENT and guard is not None and not directed:
+                        retry.append(i)  # asked again below, directed
+                    else:
+                        errors[i] = from_errno(e, text, "allocspi")
+                if lost:
+                    known = {spi for spi in spis if spi}
+                    self._recover_lost(req, lost, since, known=known)
+                in_round = None
+                dead = self._reap(owned, holder, spis) + self._drop_dead(req, owned, holder, spis, began)
+                for i in dead:
+                    why[i] = ReservationLost(
+                        "the larval state expired before the batch ended: raise acq_expires, "
+                        "or allocate in smaller batches"
+                    )
+                retry.extend(dead)
+                if retry:
+                    self._stats.retries += len(retry)
+                    directed = guard is not None
+                pending = sorted(set(retry))
+                if len(owned) <= before and not misses:
+                    break  # a round that gained nothing: asking again will not either
+            for i in pending:
+                errors[i] = why.get(i) or NetlinkError(errno.EAGAIN, "no SPI after repeated tries", "allocspi")
+            if refused:
+                self._claim_stray(req)
+        except BaseException:
+            # Interrupted (Ctrl-C, close, a bug): every state this batch made goes.
+            doomed = {spis[i] for i in owned}
+            if in_round is not None:
+                r_asked, r_got, r_errs, r_cands = in_round
+                doomed.update(g for g, e in zip(r_got, r_errs, strict=True) if e == 0)
+                if guard is not None:
+                    for c in r_cands:
+                        if (req.gdst, proto, c) not in holder:
+                            guard.release(req.gdst, proto, c)
+            self._release_keys([(req.daddr, spi, req.family, proto, req.mark) for spi in doomed])
+            raise
+        finally:
+            self._inflight.difference_update(keys)
+        late = keys & self._died
+        if late:
+            # Died between the last check and now: the caller gets them, and
+            # hears of their loss as for any other reservation.
+            self._died.difference_update(keys)
+            for i, key in owned.items():
+                if key in late:
+                    self._lost(reservation_from(req, spis[i]))
+        return spis, errors
+
+    def _engine_round(
+        self, req: Request, n: int, cands: list[int] | None, since: float, chunk: int
+    ) -> tuple[list[int], list[int], str | None, bool]:
+        """One engine call for ``n`` requests (exact SPIs when ``cands``)."""
+        ranges = None if cands is None else (array.array("I", cands), array.array("I", cands))
+        sock = self._sock
         with sock.lock:
             seq0 = sock.next_seq(n)
             try:
-                spis, errs, text, overruns = self._engine.alloc_batch(
-                    sock.sock, sock.portid, req.template, n, seq0, ranges, sock.window(), _no_interrupt
+                got, errs, text, overruns = self._engine.alloc_batch(
+                    sock.sock, sock.portid, req.template, n, seq0, ranges, min(chunk, sock.window()), _no_interrupt
                 )
             except BaseException as exc:
-                partial = getattr(exc, "spialloc_partial", None)
-                self._abandon_batch(req, partial, cands, start)
+                self._abandon_round(req, getattr(exc, "spialloc_partial", None), cands or [], since)
                 raise
         self._stats.batches += 1
         self._stats.overruns += overruns
-        spis = list(spis) + [0] * (count - n)
-        errs = list(errs) + [errno.ENOENT] * (count - n)
+        return list(got), list(errs), text, bool(overruns) or LOST in errs
+
+    def _reap(
+        self, owned: dict[int, tuple[bytes, int, int]], holder: dict[tuple[bytes, int, int], int], spis: list[int]
+    ) -> list[int]:
+        """Indices of this batch whose state the watcher saw die (in flight,
+        so kept from on_lost): free them to be asked again."""
+        dead = []
+        for key in self._died.intersection(holder):
+            i = holder.pop(key)
+            owned.pop(i, None)
+            self._died.discard(key)
+            if self.guard is not None:
+                self.guard.release(*key)  # expired by the watcher already; make sure
+            spis[i] = 0
+            dead.append(i)
+        self._stats.expired_in_batch += len(dead)
+        return dead
+
+    def _drop_dead(
+        self,
+        req: Request,
+        owned: dict[int, tuple[bytes, int, int]],
+        holder: dict[tuple[bytes, int, int], int],
+        spis: list[int],
+        began: float,
+    ) -> list[int]:
+        """Once a batch has run for a good part of the larval lifetime, check
+        with a dump: indices whose SPI is missing, or held twice, died."""
+        dead: list[int] = []
         if time.monotonic() - began > self._larval_lifetime() / 2:
-            self._drop_expired(req, spis, errs)
-        errors: dict[int, SpiallocError] = {}
-        lost = [i for i in range(n) if errs[i] == LOST]
-        if lost:
-            self._recover_lost(req, len(lost), start, known=set(s for s, e in zip(spis, errs, strict=True) if e == 0))
-        for i in range(count):
-            e = errs[i]
-            if i < n and ranges is not None and e != 0:
-                assert guard is not None
-                guard.release(req.gdst, req.proto, cands[i])
-                if e == errno.ENOENT:
-                    guard.mark_foreign(req.gdst, req.proto, cands[i])
-                    self._stats.directed_misses += 1
-            if e == 0:
-                if guard is not None and ranges is None and not guard.reserve(req.gdst, req.proto, spis[i]):
-                    self._stats.collisions += 1
-                    if guard.owner_dst(req.proto, spis[i], req.gdst) != req.gdst:
-                        self._delete(req.daddr, spis[i], req.family, req.proto, req.mark)
-                    e = LOST  # retried below, one at a time
-                else:
-                    continue
-            if e in (LOST, errno.ENOENT) and guard is not None:
-                # Dropped reply, collision, or a directed miss: one guarded
-                # retry each; it raises SpiExhausted when the range is full.
-                try:
-                    spis[i] = self._allocate_guarded(req).spi
-                    self._stats.allocated -= 1  # counted by the caller
-                    self._stats.retries += 1
-                    continue
-                except SpiallocError as exc:
-                    errors[i] = exc
-                    continue
-            if e == LOST:
-                try:
-                    spis[i] = self._alloc_one(req, req.spi_min, req.spi_max)
-                    continue
-                except SpiallocError as exc:
-                    errors[i] = exc
-                    continue
-            errors[i] = from_errno(e, text if e == errno.ENOENT or text else None, "allocspi")
-        return spis, errors
+            present = {s.spi for s in self._dump_states() if s.proto == req.proto and pack_address(s.dst) == req.daddr}
+            seen: set[int] = set()
+            for i in sorted(owned):
+                spi = spis[i]
+                if spi not in present or spi in seen:
+                    dead.append(i)
+                seen.add(spi)
+        for i in set(dead):
+            key = owned.pop(i)
+            if holder.get(key) == i:
+                del holder[key]
+                if self.guard is not None:
+                    self.guard.release(*key)
+            spis[i] = 0
+            self._stats.expired_in_batch += 1
+        return sorted(set(dead))
 
     def _larval_lifetime(self) -> float:
         if self._acq_expires is None:
@@ -652,36 +876,21 @@ class Allocator:
                 self._acq_expires = 30.0  # the kernel's default
         return self._acq_expires
 
-    def _drop_expired(self, req: Request, spis: list[int], errs: list[int]) -> None:
-        """A batch that ran for a good part of the larval lifetime may have
-        seen its first states expire, and their SPIs handed out again later in
-        the same batch.  Keep only SPIs whose state still exists, once each;
-        the rest go through the single-request retry path."""
-        present = {s.spi for s in self._dump_states() if s.proto == req.proto and pack_address(s.dst) == req.daddr}
-        seen: set[int] = set()
-        for i, (spi, e) in enumerate(zip(spis, errs, strict=True)):
-            if e != 0:
-                continue
-            if spi not in present or spi in seen:
-                errs[i] = LOST
-                self._stats.lost += 1
-            seen.add(spi)
-
-    def _abandon_batch(
-        self, req: Request, partial: tuple[Sequence[int], Sequence[int]] | None, cands: list[int], start: float
+    def _abandon_round(
+        self, req: Request, partial: tuple[Sequence[int], Sequence[int]] | None, cands: list[int], since: float
     ) -> None:
-        """An interrupted batch: delete what the kernel allocated, free the guard."""
+        """An interrupted engine call: delete what the kernel allocated, free the guard."""
         if self.guard is not None:
             for c in cands:
                 self.guard.release(req.gdst, req.proto, c)
         if partial is None:
             return
-        spis, errs = partial
-        keys = [(req.daddr, s, req.family, int(req.proto), req.mark) for s, e in zip(spis, errs, strict=True) if e == 0]
+        got, errs = partial
+        keys = [(req.daddr, s, req.family, int(req.proto), req.mark) for s, e in zip(got, errs, strict=True) if e == 0]
         self._release_keys(keys)
         lost = sum(1 for e in errs if e == LOST)
         if lost:
-            self._recover_lost(req, lost, start, known=set())
+            self._recover_lost(req, lost, since, known=set())
 
     def _recover_lost(self, req: Request, lost: int, since: float, known: set[int] | None = None) -> None:
         """Replies were dropped (ENOBUFS): the kernel may hold larval states
@@ -698,8 +907,8 @@ class Allocator:
                 or pack_address(st.src) != req.saddr
                 or st.mode != req.mode
                 or st.reqid != req.reqid
-                or st.mark != req.mark
-                or st.if_id != req.if_id
+                or (st.mark or (0, 0)) != (req.mark or (0, 0))  # the kernel omits zero values
+                or (st.if_id or 0) != (req.if_id or 0)
                 or st.added < int(since)
                 or st.spi in known
             ):
@@ -719,7 +928,12 @@ class Allocator:
         installed) is not an error.  Returns how many states were deleted.
         """
         self._check_open()
-        items = [reservations] if isinstance(reservations, Reservation) else list(reservations)
+        if isinstance(reservations, Reservation):
+            items = [reservations]
+        elif isinstance(reservations, Iterable) and not isinstance(reservations, (str, bytes)):
+            items = list(reservations)
+        else:
+            raise InvalidRequest(f"release takes a Reservation or an iterable of them, got {reservations!r}")
         keys = [_release_key(r) for r in items]  # all validated before any syscall
         return self._release_keys(keys)
 
@@ -736,6 +950,8 @@ class Allocator:
                 self.guard.release(*gkey)
                 if self._held:
                     self._held.pop(gkey, None)
+                if self._origin:
+                    self._origin.pop(gkey, None)
         self._stats.released += deleted
         return deleted
 
@@ -773,7 +989,10 @@ class Allocator:
                 if e == 0:
                     deleted += 1
                 elif e == LOST:
+                    # Only the ack was dropped: the kernel handles a request
+                    # inside sendmsg, so the state is gone (counted as ours).
                     self._stats.overruns += 1
+                    deleted += 1
                 elif e not in (errno.ESRCH,):
                     raise from_errno(e, None, "delsa")
         return deleted
@@ -790,6 +1009,7 @@ class Allocator:
         self.poll_events()
         self.guard.commit(*reservation.key)
         self._held.pop(reservation.key, None)
+        self._origin.pop(reservation.key, None)
 
     def poll_events(self) -> int:
         """Process queued EXPIRE events now (the watcher thread does it too)."""
@@ -817,12 +1037,16 @@ class Allocator:
                 continue
             handled += 1
             key = (guard_dst(sa.family, sa.daddr), sa.proto, sa.spi)
+            if key in self._inflight:
+                self._died.add(key)
+                self.guard.expire(*key)
+                continue
             if self._held and self._renew(key):
                 continue
-            st = KernelState.from_wire(sa)
             old = self.guard.expire(*key)
+            origin = self._origin.pop(key, None)
             if old is State.RESERVED:
-                self._lost(st)
+                self._lost(reservation_from(origin, sa.spi) if origin else KernelState.from_wire(sa).reservation())
         return handled
 
     def _renew(self, key: tuple[bytes, int, int]) -> bool:
@@ -842,11 +1066,11 @@ class Allocator:
         self._stats.renewed += 1
         return True
 
-    def _lost(self, st: KernelState) -> None:
+    def _lost(self, reservation: Reservation) -> None:
         self._stats.lost += 1
         if self.on_lost is not None:
             try:
-                self.on_lost(st.reservation())
+                self.on_lost(reservation)
             except Exception as exc:  # a callback bug must not kill the watcher
                 warnings.warn(f"spialloc on_lost callback raised {exc!r}", RuntimeWarning, stacklevel=2)
 
@@ -857,13 +1081,29 @@ class Allocator:
         if guard is None:
             return
         present = {(address_key(s.dst), int(s.proto), s.spi) for s in self._dump_states()}
-        for daddr, proto, spi in guard.reserved():
-            if (daddr, proto, spi) not in present:
-                if guard.expire(daddr, proto, spi) is State.RESERVED:
-                    self._stats.lost += 1
-                    if self.on_lost is not None:
-                        dst = guard_dst_address(daddr)
-                        self.on_lost(Reservation(spi=spi, dst=dst, src=dst, proto=Proto(proto)))
+        self._expire_missing(present)
+
+    def _expire_missing(self, present: set[tuple[bytes, int, int]]) -> None:
+        """Reserved tuples whose state is not in the SAD died unseen.  on_lost
+        gets the reservation as allocated when on_lost was set at allocation
+        time; otherwise only spi, dst and proto are known (the event with the
+        state's details was dropped)."""
+        guard = self.guard
+        assert guard is not None
+        for key in guard.reserved():
+            if key in present:
+                continue
+            if key in self._inflight:
+                self._died.add(key)
+                guard.expire(*key)
+            elif guard.expire(*key) is State.RESERVED:
+                origin = self._origin.pop(key, None)
+                if origin is not None:
+                    self._lost(reservation_from(origin, key[2]))
+                    continue
+                dst = guard_dst_address(key[0])
+                src = ipaddress.ip_address(0) if dst.version == 4 else ipaddress.IPv6Address(0)
+                self._lost(Reservation(spi=key[2], dst=dst, src=src, proto=Proto(key[1])))
 
     def _start_watcher(self) -> None:
         import os
@@ -884,10 +1124,10 @@ class Allocator:
                 return
             try:
                 self.poll_events()
-            except SpiallocError as exc:
+            except Exception as exc:  # the watcher must outlive any one bad event
                 if self._closed:
                     return
-                warnings.warn(f"spialloc expiry watcher: {exc}", RuntimeWarning, stacklevel=1)
+                warnings.warn(f"spialloc expiry watcher: {exc!r}", RuntimeWarning, stacklevel=1)
 
     # --- reading the SAD --------------------------------------------------------
 
@@ -949,10 +1189,7 @@ class Allocator:
             if not guard.is_outstanding(gkey, s.proto, s.spi):
                 guard.mark_foreign(gkey, s.proto, s.spi)
                 foreign += 1
-        present = {(address_key(s.dst), int(s.proto), s.spi) for s in states}
-        for daddr, proto, spi in guard.reserved():
-            if (daddr, proto, spi) not in present and guard.expire(daddr, proto, spi) is State.RESERVED:
-                self._stats.lost += 1
+        self._expire_missing({(address_key(s.dst), int(s.proto), s.spi) for s in states})
         return foreign
 
     # --- namespace settings -----------------------------------------------------

@@ -156,8 +156,8 @@ def run(argv: Sequence[str] | None = None) -> int:
                     print(f"released {n} of {len(res)}")
             else:
                 _print(args, alloc.states(larval=True if args.larval else None))
-    except SpiallocError as exc:
-        print(f"spialloc: error: {exc}", file=sys.stderr)
+    except (SpiallocError, ImportError) as exc:  # ImportError: SPIALLOC_BACKEND=c, no extension
+        print(f"spialloc: error: {exc}".replace("allow_reserved=True", "--allow-reserved"), file=sys.stderr)
         return 1
     finally:
         if isinstance(ns, Namespace):

@@ -98,6 +98,10 @@ class ClosedError(SpiallocError, OSError):
 
 def from_errno(code: int, kernel_text: str | None, operation: str) -> NetlinkError:
     """Map a kernel errno (+ extack text) from ``operation`` to the typed error."""
+    if code in (512, 513, 514, 516):
+        # ERESTART*: kernel-internal "interrupted, restart", leaked by netlink
+        # when a signal is pending (6.17+ xfrm_alloc_spi checks between picks).
+        return NetlinkError(_errno.EINTR, kernel_text or "interrupted by a signal", operation)
     if code == _errno.EPERM:
         return InsufficientPrivilege(code, kernel_text, operation)
     if code == _errno.ENOENT and operation == "allocspi":

@@ -134,6 +134,8 @@ class Partition:
 
 def check_disjoint(partitions: Iterable[tuple[int, int]]) -> None:
     """Raise InvalidRequest naming two overlapping (min, max) ranges, if any."""
+    if isinstance(partitions, (str, bytes)) or not isinstance(partitions, Iterable):
+        raise InvalidRequest(f"check_disjoint takes an iterable of (min, max) pairs, got {partitions!r}")
     ranges = []
     for item in partitions:
         if not isinstance(item, tuple) or len(item) != 2:

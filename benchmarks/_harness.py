@@ -1,0 +1,844 @@
+"""Shared benchmark machinery for ``run.py`` and the pytest-benchmark tests.
+
+Everything runs in network namespaces made here (``Namespace.isolated()``),
+each closed at the end; the host's SAD is never touched.  A case is a
+function ``n -> (wall ns, CPU ns)`` that allocates ``n`` SPIs, times only
+that, and then releases them (untimed), so the table stays at its pre-filled
+size.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import dataclasses
+import hashlib
+import ipaddress
+import json
+import os
+import pstats
+import random
+import re
+import resource
+import shutil
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+try:
+    import spialloc
+except ImportError:  # running from a checkout that is not installed
+    sys.path.insert(0, str(REPO))
+    import spialloc
+
+from spialloc import DEFAULT_SPI_RANGE, Allocator, Namespace, Proto, Reservation, SpiExhausted  # noqa: E402
+
+DST = "10.0.0.1"  # every measured case asks for this destination
+FILL_DST = "10.99.0.1"  # pre-filled states: another destination, never released
+SPI_LO, SPI_HI = DEFAULT_SPI_RANGE
+FLOOR_BATCH = 64  # requests per send() for the "floor batched" case
+FILL_BATCH = 512
+CAP_NET_ADMIN, CAP_SYS_ADMIN = 12, 21
+
+
+# --- plan ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    key: str
+    label: str
+    mode: str  # "single", "batch" or "process": which floor it is compared with
+
+
+CASES: dict[str, Case] = {
+    c.key: c
+    for c in (
+        Case("floor_single", "floor: C, 1 request per send + 1 recv", "single"),
+        Case("floor_batch", f"floor: C, {FLOOR_BATCH} requests per send + {FLOOR_BATCH} recv", "batch"),
+        Case("floor_batch_round", "floor: C, the whole round in one send", "batch"),
+        Case("c_batch", 'spialloc allocate_many, backend="c", guard off', "batch"),
+        Case("c_batch_guard", 'spialloc allocate_many, backend="c", guard on', "batch"),
+        Case("py_batch", 'spialloc allocate_many, backend="python", guard off', "batch"),
+        Case("single_c", 'spialloc allocate (one at a time), backend="c", guard off', "single"),
+        Case("single_py", 'spialloc allocate (one at a time), backend="python", guard off', "single"),
+        Case("single_c_guard", 'spialloc allocate (one at a time), backend="c", guard on', "single"),
+        Case("single_py_guard", 'spialloc allocate (one at a time), backend="python", guard on', "single"),
+        Case("ip_process", "`ip xfrm state allocspi`, one process per SPI", "process"),
+    )
+}
+TABLE_CASES = tuple(CASES)
+SCALING_CASES = ("floor_single", "floor_batch", "c_batch", "single_c", "single_c_guard")
+FLOOR_OF = {"single": "floor_single", "batch": "floor_batch", "process": "floor_single"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    quick: bool
+    levels: tuple[int, ...]  # outstanding (pre-filled) states, ascending
+    table_levels: tuple[int, ...]  # levels where every case runs (the others: SCALING_CASES)
+    n: int  # SPIs per round
+    rounds: dict[int, int]  # rounds per level
+    ip_n: int
+    ip_rounds: int
+    dense_range: tuple[int, int]
+    dense_trials: int
+    memory_n: int
+    profile_n: int
+
+    @classmethod
+    def full(cls) -> Plan:
+        return cls(
+            quick=False,
+            levels=(0, 1000, 10000, 50000),
+            table_levels=(0, 10000),
+            n=256,
+            rounds={0: 40, 1000: 20, 10000: 30, 50000: 16},
+            ip_n=50,
+            ip_rounds=4,
+            dense_range=(0x10000, 0x10FFF),
+            dense_trials=6,
+            memory_n=1_000_000,
+            profile_n=20000,
+        )
+
+    @classmethod
+    def quick_plan(cls) -> Plan:
+        return cls(
+            quick=True,
+            levels=(0, 200, 1000),
+            table_levels=(0, 1000),
+            n=32,
+            rounds={0: 3, 200: 2, 1000: 2},
+            ip_n=5,
+            ip_rounds=1,
+            dense_range=(0x10000, 0x100FF),
+            dense_trials=1,
+            memory_n=20000,
+            profile_n=300,
+        )
+
+    def cases_at(self, level: int) -> tuple[str, ...]:
+        return TABLE_CASES if level in self.table_levels else SCALING_CASES
+
+    def round_size(self, key: str) -> int:
+        return self.ip_n if key == "ip_process" else self.n
+
+    def rounds_for(self, key: str, level: int) -> int:
+        return self.ip_rounds if key == "ip_process" else self.rounds[level]
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["rounds"] = {str(k): v for k, v in self.rounds.items()}
+        return d
+
+
+# --- environment ---------------------------------------------------------------
+
+
+def have_privileges() -> bool:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                caps = int(line.split()[1], 16)
+                return bool(caps >> CAP_NET_ADMIN & 1) and bool(caps >> CAP_SYS_ADMIN & 1)
+    return False
+
+
+def compile_floor(outdir: Path) -> Path:
+    cc = os.environ.get("CC", "cc")
+    binary = outdir / "floor"
+    proc = subprocess.run(
+        [cc, "-O2", "-Wall", "-o", str(binary), str(HERE / "floor.c")], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"compiling benchmarks/floor.c failed:\n{proc.stderr}")
+    return binary
+
+
+def floor_template_matches(binary: Path) -> bool:
+    """The floor sends the same request bytes as spialloc (seq aside)."""
+    from spialloc._model import build_request
+
+    out = subprocess.run(
+        [str(binary), "template", DST, hex(SPI_LO), hex(SPI_HI)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    return bytes.fromhex(out) == build_request(DST).template
+
+
+def host_sad_count() -> int:
+    out = subprocess.run(["ip", "xfrm", "state", "count"], capture_output=True, text=True, check=True).stdout
+    return int(out.split()[-1])
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    commit = dirty = None
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+        )
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    digest = hashlib.sha256()
+    pkg = Path(spialloc.__file__).resolve().parent
+    for f in sorted([*pkg.glob("*.py"), *pkg.glob("_native*.so"), *(REPO / "csrc").glob("*.[ch]")]):
+        digest.update(f.name.encode() + b"\0" + f.read_bytes())
+    return {
+        "spialloc_path": str(pkg),
+        "spialloc_sources_sha256": digest.hexdigest(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "kernel": os.uname().release,
+        "python": sys.version.split()[0],
+        "python_impl": sys.implementation.name,
+        "spialloc_backend_default": spialloc.backend,
+        "spialloc_version": spialloc.__version__,
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "cc": shutil.which(os.environ.get("CC", "cc")),
+    }
+
+
+# --- the floor program ---------------------------------------------------------
+
+
+@dataclass
+class FloorResult:
+    ns: int
+    cpu: int
+    ok: int
+    err: int
+    lost: int
+    deleted: int
+    errno: int
+
+
+class Floor:
+    """The floor program in ``serve`` mode, started inside ``ns``."""
+
+    def __init__(self, ns: Namespace, binary: Path) -> None:
+        def start() -> subprocess.Popen[str]:
+            # A child forked by a thread that entered the namespace is in it.
+            return subprocess.Popen(
+                [str(binary), "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+            )
+
+        self.proc = ns.run(start)
+        assert ns.fd is not None
+        mine = os.fstat(ns.fd).st_ino
+        theirs = os.stat(f"/proc/{self.proc.pid}/ns/net").st_ino
+        if mine != theirs:
+            self.close()
+            raise RuntimeError("floor program is not in the benchmark namespace")
+
+    def run(
+        self,
+        mode: str,
+        count: int,
+        batch: int = 1,
+        daddr: str = DST,
+        lo: int = SPI_LO,
+        hi: int = SPI_HI,
+        keep: bool = False,
+    ) -> FloorResult:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{mode} {count} {batch} {daddr} {lo} {hi} {int(keep)}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        m = re.fullmatch(r"ns=(\d+) cpu=(\d+) ok=(\d+) err=(\d+) lost=(\d+) deleted=(\d+) errno=(\d+)\s*", line)
+        if not m:
+            raise RuntimeError(f"floor program: unexpected output {line!r}")
+        r = FloorResult(*(int(g) for g in m.groups()))
+        if r.ok != count or r.lost or r.err:
+            raise RuntimeError(f"floor {mode} {count}: {r}")
+        if not keep and r.deleted != r.ok:
+            raise RuntimeError(f"floor {mode} {count}: deleted {r.deleted} of {r.ok}")
+        return r
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.close()
+                self.proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+# --- one benchmark namespace ---------------------------------------------------
+
+
+class BenchNS:
+    """An isolated namespace, larval lifetime raised to an hour, an optional
+    floor program inside, and allocators made on demand."""
+
+    def __init__(self, floor_binary: Path | None, acq_expires: int = 3600) -> None:
+        self.ns = Namespace.isolated()
+        self._allocs: dict[tuple[str, bool], Allocator] = {}
+        self.floor: Floor | None = None
+        self.prefilled = 0
+        try:
+            self.admin = Allocator(self.ns, guard=False)
+            self.admin.acq_expires = acq_expires
+            if floor_binary is not None:
+                self.floor = Floor(self.ns, floor_binary)
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> BenchNS:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def allocator(self, backend: str, guard: bool) -> Allocator:
+        key = (backend, guard)
+        if key not in self._allocs:
+            self._allocs[key] = Allocator(self.ns, backend=backend, guard=guard)
+        return self._allocs[key]
+
+    @property
+    def admin_dst(self) -> Any:
+        return ipaddress.ip_address(DST)
+
+    def ip(self, *args: str) -> str:
+        def body() -> str:
+            return subprocess.run(["ip", *args], capture_output=True, text=True, check=True).stdout
+
+        return str(self.ns.run(body))
+
+    def sad_count(self) -> int:
+        return int(self.ip("xfrm", "state", "count").split()[-1])
+
+    def fill_to(self, level: int) -> float:
+        """Pre-fill to ``level`` larval states (kept); returns seconds taken."""
+        assert self.floor is not None
+        t0 = time.perf_counter()
+        while self.prefilled < level:
+            n = min(FILL_BATCH * 16, level - self.prefilled)
+            self.floor.run("fill", n, FILL_BATCH, daddr=FILL_DST, keep=True)
+            self.prefilled += n
+        took = time.perf_counter() - t0
+        count = self.sad_count()
+        if count != self.prefilled:
+            raise RuntimeError(f"namespace holds {count} states, expected {self.prefilled}")
+        return took
+
+    def close(self) -> None:
+        for a in self._allocs.values():
+            a.close()
+        self._allocs.clear()
+        if self.floor is not None:
+            self.floor.close()
+            self.floor = None
+        admin = getattr(self, "admin", None)
+        if admin is not None:
+            admin.close()
+        self.ns.close()
+
+
+# --- cases ---------------------------------------------------------------------
+
+_SPI_RE = re.compile(r"\bspi (0x[0-9a-fA-F]+)")
+
+
+Timing = tuple[int, int]  # (wall ns, CPU ns) of one round
+
+
+def _thread_clocks() -> Timing:
+    return time.perf_counter_ns(), time.thread_time_ns()
+
+
+def case_function(bns: BenchNS, key: str) -> Callable[[int], Timing]:
+    """``n -> (wall ns, CPU ns)`` for one case: allocate n SPIs (timed), then
+    release them (untimed).  CPU is the measuring thread's user + system time
+    (the kernel runs ALLOCSPI inside send(), in that thread): unlike wall
+    time it leaves out the time other processes had the core."""
+    floor = bns.floor
+
+    def floor_case(mode: str, batch: Callable[[int], int]) -> Callable[[int], Timing]:
+        assert floor is not None
+
+        def run(n: int) -> Timing:
+            r = floor.run(mode, n, batch(n))
+            return r.ns, r.cpu
+
+        return run
+
+    if key == "floor_single":
+        return floor_case("single", lambda n: 1)
+    if key == "floor_batch":
+        return floor_case("batch", lambda n: FLOOR_BATCH)
+    if key == "floor_batch_round":
+        return floor_case("batch", lambda n: n)
+    if key in ("c_batch", "c_batch_guard", "py_batch"):
+        alloc = bns.allocator("python" if key == "py_batch" else "c", key.endswith("_guard"))
+
+        def batch(n: int) -> Timing:
+            w0, c0 = _thread_clocks()
+            rs = alloc.allocate_many(n, DST)
+            w1, c1 = _thread_clocks()
+            alloc.release(rs)
+            assert len(rs) == n
+            return w1 - w0, c1 - c0
+
+        return batch
+    if key.startswith("single_"):
+        alloc = bns.allocator("python" if "_py" in key else "c", key.endswith("_guard"))
+        allocate = alloc.allocate
+
+        def single(n: int) -> Timing:
+            w0, c0 = _thread_clocks()
+            rs = [allocate(DST) for _ in range(n)]
+            w1, c1 = _thread_clocks()
+            alloc.release(rs)
+            return w1 - w0, c1 - c0
+
+        return single
+    if key == "ip_process":
+        cmd = ["ip", "xfrm", "state", "allocspi", "src", "0.0.0.0", "dst", DST, "proto", "esp"]
+        cmd += ["mode", "transport", "min", hex(SPI_LO), "max", hex(SPI_HI)]
+
+        def children_cpu_ns() -> int:
+            ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+            return int((ru.ru_utime + ru.ru_stime) * 1e9)
+
+        def processes(n: int) -> tuple[int, int, list[str]]:
+            # CPU: this thread (fork, exec, wait) plus the reaped children.
+            outs = []
+            w0, c0 = _thread_clocks()
+            k0 = children_cpu_ns()
+            for _ in range(n):
+                outs.append(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+            w1, c1 = _thread_clocks()
+            return w1 - w0, c1 - c0 + children_cpu_ns() - k0, outs
+
+        def ip_round(n: int) -> Timing:
+            wall, cpu, outs = bns.ns.run(processes, n)
+            spis = [int(m.group(1), 16) for m in map(_SPI_RE.search, outs) if m]
+            if len(spis) != n:
+                raise RuntimeError(f"ip xfrm state allocspi: {n - len(spis)} outputs without an SPI")
+            dst = bns.admin_dst
+            bns.admin.release([Reservation(spi=s, dst=dst, src=dst, proto=Proto.ESP) for s in spis])
+            return wall, cpu
+
+        return ip_round
+    raise KeyError(key)
+
+
+def summarize(samples: list[float]) -> dict[str, Any]:
+    """Per-SPI nanosecond samples (one per round) -> microsecond statistics."""
+    us = [s / 1000 for s in samples]
+    return {
+        "median_us": statistics.median(us),
+        "mean_us": statistics.fmean(us),
+        "min_us": min(us),
+        "max_us": max(us),
+        "stdev_us": statistics.stdev(us) if len(us) > 1 else 0.0,
+        "rounds": len(us),
+        "samples_us": us,
+    }
+
+
+def measure_level(
+    bns: BenchNS, plan: Plan, level: int, keys: tuple[str, ...], rng: random.Random, log: Callable[[str], None]
+) -> dict[str, dict[str, Any]]:
+    """Run every case in rounds, interleaved in a shuffled order each round, so
+    drift and background load fall on all cases alike; per-SPI statistics
+    for both clocks."""
+    fns = {k: case_function(bns, k) for k in keys}
+    for k, fn in fns.items():  # warm-up (a full round; the ip case: 2): first calls, caches, the fresh pre-fill
+        fn(2 if k == "ip_process" else plan.round_size(k))
+    wall: dict[str, list[float]] = {k: [] for k in keys}
+    cpu: dict[str, list[float]] = {k: [] for k in keys}
+    max_rounds = max(plan.rounds_for(k, level) for k in keys)
+    for r in range(max_rounds):
+        order = [k for k in keys if r < plan.rounds_for(k, level)]
+        rng.shuffle(order)
+        for k in order:
+            n = plan.round_size(k)
+            w, c = fns[k](n)
+            wall[k].append(w / n)
+            cpu[k].append(c / n)
+    out = {}
+    for k in keys:
+        out[k] = {"spis_per_round": plan.round_size(k), "cpu": summarize(cpu[k]), "wall": summarize(wall[k])}
+        c, w = out[k]["cpu"], out[k]["wall"]
+        log(
+            f"    {k:18s} {c['median_us']:10.2f} us/SPI CPU, {w['median_us']:10.2f} wall "
+            f"(medians of {c['rounds']} x {plan.round_size(k)})"
+        )
+    return out
+
+
+# --- dense ranges ----------------------------------------------------------------
+
+
+def dense_fill(method: str, lo: int, hi: int, max_spurious: int = 10000) -> dict[str, Any]:
+    """Fill [lo, hi] one SPI at a time in a fresh namespace.
+
+    ``kernel``: guard off, the kernel's random picks with replacement; a
+    SpiExhausted while values remain free is spurious: counted, retried.
+    ``directed``: guard on; the guard picks a free value, the kernel is asked
+    for exactly it.  Ends when every value is held; then one more call must
+    raise SpiExhausted (timed separately)."""
+    size = hi - lo + 1
+    with BenchNS(None) as bns:
+        alloc = bns.allocator("c", method == "directed")
+        allocate = alloc.allocate
+        held: set[int] = set()
+        spurious = 0
+        calls = 0
+        marks: dict[str, float] = {}
+        checkpoints = {int(size * f): f"{int(f * 100)}%" for f in (0.5, 0.9, 0.99)}
+        cpu = time.thread_time  # CPU of this thread, the kernel's work in send() included
+        w0, c0 = time.perf_counter(), cpu()
+        while len(held) < size:
+            calls += 1
+            try:
+                r = allocate(DST, spi_range=(lo, hi))
+            except SpiExhausted:
+                spurious += 1
+                if spurious > max_spurious:
+                    raise RuntimeError(
+                        f"{method}: {spurious} spurious SpiExhausted, {size - len(held)} still free"
+                    ) from None
+                continue
+            if r.spi in held or not lo <= r.spi <= hi:
+                raise RuntimeError(f"{method}: SPI {r.spi:#x} duplicate or out of range")
+            held.add(r.spi)
+            label = checkpoints.get(len(held))
+            if label:
+                marks[label] = cpu() - c0
+        fill_cpu, fill_wall = cpu() - c0, time.perf_counter() - w0
+        c1 = cpu()
+        try:
+            allocate(DST, spi_range=(lo, hi))
+            exhausted = False
+        except SpiExhausted:
+            exhausted = True
+        confirm = cpu() - c1
+        stats = alloc.stats
+        states = bns.sad_count()
+    return {
+        "method": method,
+        "range": [lo, hi],
+        "size": size,
+        "fill_s": fill_cpu,  # CPU seconds; every *_s below is CPU too, except fill_wall_s
+        "fill_wall_s": fill_wall,
+        "us_per_spi": fill_cpu / size * 1e6,
+        "at_fraction_s": marks,
+        "last_1pct_s": fill_cpu - marks.get("99%", fill_cpu),
+        "calls": calls,
+        "spurious_exhausted": spurious,
+        "directed_misses": stats.directed_misses,
+        "collisions": stats.collisions,
+        "confirm_exhausted": exhausted,
+        "confirm_s": confirm,
+        "states_after": states,
+    }
+
+
+# --- memory ----------------------------------------------------------------------
+
+_MEMORY_CHILD = r"""
+import json, random, sys, time, tracemalloc
+sys.path[:0] = [sys.argv[2]]
+from spialloc import Guard
+from spialloc._model import build_request, reservation_from
+n = int(sys.argv[1])
+req = build_request("10.0.0.1")
+spis = random.Random(1).sample(range(0xC0000000, 0xD0000000), n)
+dst, proto = req.gdst, int(req.proto)
+
+# timing (CPU), without tracemalloc
+g = Guard()
+t0 = time.thread_time()
+for s in spis:
+    g.reserve(dst, proto, s)
+t1 = time.thread_time()
+rs = [reservation_from(req, s) for s in spis]
+t2 = time.thread_time()
+del g, rs
+
+tracemalloc.start()
+base = tracemalloc.get_traced_memory()[0]
+g = Guard()
+for s in spis:
+    g.reserve(dst, proto, s)
+guard_bytes = tracemalloc.get_traced_memory()[0] - base
+assert len(g) == n
+base = tracemalloc.get_traced_memory()[0]
+rs = [reservation_from(req, s) for s in spis]
+res_bytes = tracemalloc.get_traced_memory()[0] - base
+tracemalloc.stop()
+print(json.dumps({
+    "n": n,
+    "guard_bytes_per_tuple": guard_bytes / n,
+    "reservation_bytes_each_incl_list_slot": res_bytes / n,
+    "list_slot_bytes": 8,
+    "guard_reserve_us": (t1 - t0) / n * 1e6,
+    "reservation_build_us": (t2 - t1) / n * 1e6,
+}))
+"""
+
+
+def memory(n: int) -> dict[str, Any]:
+    """Bytes per outstanding reservation (Guard tuple + Reservation object),
+    traced with tracemalloc in a child process (pure Python, no kernel)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY_CHILD, str(n), str(REPO)], capture_output=True, text=True, check=True
+    ).stdout
+    d: dict[str, Any] = json.loads(out)
+    d["bytes_per_reservation"] = d["guard_bytes_per_tuple"] + d["reservation_bytes_each_incl_list_slot"]
+    return d
+
+
+# --- where the time goes --------------------------------------------------------
+
+
+Piece = Callable[[int], tuple["int | None", list[Any]]]
+
+
+def _profile_round(prof: cProfile.Profile) -> dict[str, tuple[float, float, float]]:
+    """function -> (calls, own s, cumulative s) of one profiled round."""
+    st = pstats.Stats(prof)
+    out = {}
+    for (filename, line, func), (_cc, ncalls, tottime, cumtime, _callers) in st.stats.items():  # type: ignore[attr-defined]
+        if filename == __file__:  # the benchmark's own loop
+            continue
+        out[f"{_short(filename)}:{line}({func})"] = (float(ncalls), tottime, cumtime)
+    return out
+
+
+def _profile_rows(rounds: list[dict[str, tuple[float, float, float]]], per_round: int) -> list[dict[str, Any]]:
+    """Per function, the median over rounds (a round the scheduler took the
+    core from counts once, not in every row's mean), per SPI."""
+    names = {name for r in rounds for name in r}
+    rows = []
+    for name in names:
+        vals = [r.get(name, (0.0, 0.0, 0.0)) for r in rounds]
+        rows.append(
+            {
+                "function": name,
+                "calls_per_op": statistics.median(v[0] for v in vals) / per_round,
+                "own_us_per_op": statistics.median(v[1] for v in vals) / per_round * 1e6,
+                "cum_us_per_op": statistics.median(v[2] for v in vals) / per_round * 1e6,
+            }
+        )
+    rows.sort(key=lambda r: -r["own_us_per_op"])
+    return rows[:20]
+
+
+def breakdown(bns: BenchNS, total: int, round_n: int) -> dict[str, Any]:
+    """The single ``allocate`` path and the C batch path, piece by piece: CPU
+    microseconds per SPI, median over rounds of ``round_n`` in which all
+    pieces run interleaved in a shuffled order (so load falls on all alike),
+    SPIs released between rounds (untimed); then cProfile's top functions by
+    own time, per round, median over rounds.
+
+    Uses a few private names of the library; a piece whose names changed
+    says so instead of failing the run."""
+    from spialloc._model import build_request, reservation_from
+
+    alloc = bns.allocator("c", False)
+    guarded = bns.allocator("c", True)
+    dst = bns.admin_dst
+    args = (DST, "esp", None, None, "transport", 0, None, None, None, 0, None)
+    pieces: dict[str, tuple[Piece, Allocator]] = {}
+    out: dict[str, Any] = {}
+    cleanup: list[Callable[[], None]] = []
+
+    def add(name: str, make: Callable[[], Piece], owner: Allocator | None = None) -> None:
+        try:
+            pieces[name] = (make(), owner or bns.admin)
+        except Exception as exc:  # a private name changed: say so, go on
+            out[name] = f"unavailable: {type(exc).__name__}: {exc}"
+
+    def floor_piece(batch: int) -> Piece:
+        assert bns.floor is not None
+        floor = bns.floor
+        return lambda n: (floor.run("batch" if batch > 1 else "single", n, batch).cpu, [])
+
+    def raw_round_trip() -> Piece:
+        # The same round trip from Python with nothing but socket + struct.
+        sock = bns.ns.socket(socket.AF_NETLINK, socket.SOCK_RAW, 6)
+        cleanup.append(sock.close)
+        sock.setsockopt(socket.SOL_SOCKET, 33, 4 << 20)
+        sock.bind((0, 0))
+        tmpl = bytearray(build_request(DST).template)
+        seq_s, spi_s = struct.Struct("=I"), struct.Struct("!I")
+        buf = bytearray(1 << 16)
+        seq = [1000]
+
+        def body(n: int) -> tuple[None, list[Any]]:
+            spis = []
+            for _ in range(n):
+                seq[0] += 1
+                seq_s.pack_into(tmpl, 8, seq[0])
+                sock.send(tmpl)
+                sock.recv_into(buf)
+                spis.append(spi_s.unpack_from(buf, 16 + 72)[0])
+            return None, spis
+
+        return body
+
+    def alloc_one() -> Piece:
+        req = alloc._request(*args)
+        one = alloc._alloc_one
+        return lambda n: (None, [one(req, req.spi_min, req.spi_max) for _ in range(n)])
+
+    def request_build() -> Piece:
+        rq = alloc._request
+
+        def body(n: int) -> tuple[None, list[Any]]:
+            for _ in range(n):
+                rq(*args)
+            return None, []
+
+        return body
+
+    def reservation_build() -> Piece:
+        req = build_request(DST)
+
+        def body(n: int) -> tuple[None, list[Any]]:
+            for _ in range(n):
+                reservation_from(req, 0xC0000001)
+            return None, []
+
+        return body
+
+    def engine_only() -> Piece:
+        # The C engine alone (what allocate_many runs), without the Python around it.
+        sock = alloc._sock
+        req = alloc._request(*args)
+
+        def body(n: int) -> tuple[None, list[Any]]:
+            with sock.lock:
+                seq0 = sock.next_seq(n)
+                spis, errs, _, _ = alloc._engine.alloc_batch(
+                    sock.sock, sock.portid, req.template, n, seq0, None, sock.window(), lambda: None
+                )
+            assert not any(errs)
+            return None, list(spis)
+
+        return body
+
+    add("floor_single_us", lambda: floor_piece(1))
+    add("floor_batch_us", lambda: floor_piece(FLOOR_BATCH))
+    add("python_raw_round_trip_us", raw_round_trip)
+    add("alloc_one_round_trip_us", alloc_one)
+    add("request_build_us", request_build)
+    add("reservation_build_us", reservation_build)
+    add("allocate_guard_off_us", lambda: lambda n: (None, [alloc.allocate(DST) for _ in range(n)]), alloc)
+    add("allocate_guard_on_us", lambda: lambda n: (None, [guarded.allocate(DST) for _ in range(n)]), guarded)
+    add("c_engine_alloc_batch_us", engine_only)
+    add("allocate_many_c_us", lambda: lambda n: (None, alloc.allocate_many(n, DST)), alloc)
+
+    rng = random.Random(2)
+    rounds = max(3, total // round_n)
+    samples: dict[str, list[float]] = {name: [] for name in pieces}
+    try:
+        for _ in range(rounds):
+            order = list(pieces)
+            rng.shuffle(order)
+            for name in order:
+                body, owner = pieces[name]
+                t0 = time.thread_time_ns()
+                try:
+                    measured, got = body(round_n)
+                except Exception as exc:
+                    out[name] = f"unavailable: {type(exc).__name__}: {exc}"
+                    del pieces[name]
+                    continue
+                took = measured if measured is not None else time.thread_time_ns() - t0
+                samples[name].append(took / round_n / 1000)
+                if got:
+                    owner.release(
+                        [
+                            r if isinstance(r, Reservation) else Reservation(spi=r, dst=dst, src=dst, proto=Proto.ESP)
+                            for r in got
+                        ]
+                    )
+    finally:
+        for fn in cleanup:
+            fn()
+    for name in pieces:
+        out[name] = statistics.median(samples[name])
+
+    # cProfile: a fresh profile per round (off while releasing), median per function.
+    def profiled(a: Allocator, fn: Callable[[int], list[Reservation]]) -> list[dict[str, Any]]:
+        per_round = []
+        for _ in range(rounds):
+            prof = cProfile.Profile()
+            prof.enable()
+            rs = fn(round_n)
+            prof.disable()
+            a.release(rs)  # the allocator whose guard holds them
+            per_round.append(_profile_round(prof))
+        return _profile_rows(per_round, round_n)
+
+    out["profile_allocate_guard_off"] = profiled(alloc, lambda n: [alloc.allocate(DST) for _ in range(n)])
+    out["profile_allocate_guard_on"] = profiled(guarded, lambda n: [guarded.allocate(DST) for _ in range(n)])
+    out["profile_allocate_many_c_guard_off"] = profiled(alloc, lambda n: alloc.allocate_many(n, DST))
+    return out
+
+
+def _short(filename: str) -> str:
+    for marker in ("/spialloc/", "/lib/python"):
+        i = filename.find(marker)
+        if i >= 0:
+            return filename[i + 1 :]
+    return filename
+
+
+def make_tempdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="spialloc-bench-"))
+
+
+__all__ = [
+    "CASES",
+    "FLOOR_OF",
+    "SCALING_CASES",
+    "TABLE_CASES",
+    "BenchNS",
+    "Plan",
+    "compile_floor",
+    "dense_fill",
+    "have_privileges",
+    "machine_info",
+    "measure_level",
+    "memory",
+    "breakdown",
+]

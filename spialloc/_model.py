@@ -332,19 +332,30 @@ class Reservation:
         return f"{self.proto.name.lower()} spi {self.spi:#010x} dst {self.dst}"
 
 
-def reservation_from(req: Request, spi: int) -> Reservation:
-    return Reservation(
-        spi=spi,
-        dst=req.dst,
-        src=req.src,
-        proto=req.proto,
-        mode=req.mode,
-        reqid=req.reqid,
-        mark=req.mark,
-        if_id=req.if_id,
-        direction=req.direction,
-        seq=req.seq,
-    )
+# A frozen dataclass's __init__ sets each field through object.__setattr__
+# (~1.2 us for eleven fields); the slot descriptors' own setters do the same
+# in a third of the time.  Used for the objects the library itself makes from
+# validated requests; user code still goes through __init__.
+_new = object.__new__
+(_s_spi, _s_dst, _s_src, _s_proto, _s_mode, _s_reqid, _s_mark, _s_if_id, _s_dir, _s_seq, _s_at) = (
+    Reservation.__dict__[f.name].__set__ for f in dataclasses.fields(Reservation)
+)
+
+
+def reservation_from(req: Request, spi: int, now: float | None = None) -> Reservation:
+    r = _new(Reservation)
+    _s_spi(r, spi)
+    _s_dst(r, req.dst)
+    _s_src(r, req.src)
+    _s_proto(r, req.proto)
+    _s_mode(r, req.mode)
+    _s_reqid(r, req.reqid)
+    _s_mark(r, req.mark)
+    _s_if_id(r, req.if_id)
+    _s_dir(r, req.direction)
+    _s_seq(r, req.seq)
+    _s_at(r, time.time() if now is None else now)
+    return r
 
 
 @dataclass(frozen=True, slots=True)

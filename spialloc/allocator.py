@@ -65,6 +65,7 @@ BATCH_ROUNDS = 16
 #: Kernel errnos meaning "interrupted before doing anything": ask again.
 _RESTART = frozenset({errno.EINTR, 512, 513, 514, 516})  # ERESTARTSYS, ..NOINTR, ..NOHAND, ..RESTARTBLOCK
 _CACHEABLE = frozenset({str, int, type(None), ipaddress.IPv4Address, ipaddress.IPv6Address, Proto, Mode, Direction})
+_CACHEABLE_T = _CACHEABLE | {tuple}
 #: Ranges at most this wide are filled by directed allocation: the guard picks
 #: a free value and asks for exactly it, instead of the kernel's random picks
 #: with replacement that fail spuriously while free values remain.
@@ -286,9 +287,9 @@ class Allocator:
         # arguments as given, but only for exact simple types, so that no
         # invalid value (a bool, a float) can ever hit a valid entry.
         args = (dst, proto, src, spi_range, mode, reqid, mark, if_id, direction, seq, pcpu)
-        cacheable = all(
-            type(a) in _CACHEABLE or (type(a) is tuple and all(type(x) is int for x in a))  # noqa: E721
-            for a in args
+        types = set(map(type, args))
+        cacheable = types <= _CACHEABLE or (
+            types <= _CACHEABLE_T and all(type(x) is int for a in args if type(a) is tuple for x in a)  # noqa: E721
         )
         if cacheable:
             req = self._req_cache.get(args)
@@ -420,7 +421,22 @@ class Allocator:
                 raise
             self._stats.allocated += 1
             return reservation_from(req, spi)
-        r = self._allocate_guarded(req)
+        if not req.seq and not self._directed(req):
+            # The common case, without the plan's generator: one round trip,
+            # one reservation in the guard; anything else continues in the plan.
+            try:
+                spi = self._alloc_one(req, req.spi_min, req.spi_max)
+            except SpiExhausted:
+                self._claim_stray(req)
+                raise
+            if self.guard.reserve_trusted(req.gdst, req.proto, spi):
+                self._stats.allocated += 1
+                r = reservation_from(req, spi)
+            else:
+                self._stats.collisions += 1
+                r = self._drive(self._guarded_plan(req, first=spi))
+        else:
+            r = self._allocate_guarded(req)
         if self.on_lost is not None:
             self._origin[(req.gdst, int(req.proto), r.spi)] = req
         if hold is not None:
@@ -455,7 +471,7 @@ class Allocator:
             except BaseException as exc:  # handed to the plan, which cleans up and re-raises
                 error = exc
 
-    def _guarded_plan(self, req: Request) -> Plan:
+    def _guarded_plan(self, req: Request, first: int | None = None) -> Plan:
         """The guarded allocation algorithm, as a generator of kernel operations.
 
         It yields AllocOp / DeleteOp / PollOp and receives their results (or
@@ -472,6 +488,18 @@ class Allocator:
         size = req.spi_max - req.spi_min + 1
         while True:
             cand = None
+            if first is not None:
+                # The caller asked once already and got an SPI the guard holds.
+                spi, first = first, None
+                yield PollOp()  # maybe its holder just died
+                if guard.reserve(req.gdst, req.proto, spi):
+                    self._stats.allocated += 1
+                    return reservation_from(req, spi)
+                yield DeleteOp(req.daddr, spi, req.family, req.proto, req.mark)
+                retries += 1
+                self._stats.retries += 1
+                directed = True
+                continue
             if directed:
                 cand = guard.reserve_free(req.gdst, req.proto, req.spi_min, req.spi_max, self._rng)
                 if cand is None:
@@ -493,9 +521,12 @@ class Allocator:
             else:
                 lo, hi = req.spi_min, req.spi_max
             try:
-                spi = yield AllocOp(req, lo, hi)
+                got = yield AllocOp(req, lo, hi)
+                assert isinstance(got, int)
+                spi = got
             except SpiExhausted as exc:
                 if cand is None:
+                    yield ClaimOp(req)
                     raise
                 refused = exc
                 # Someone outside this guard holds it: remember, pick another.
@@ -511,7 +542,6 @@ class Allocator:
                 if cand is not None:
                     guard.release(req.gdst, req.proto, cand)
                 raise
-            assert isinstance(spi, int)
             if cand is not None and spi == cand:
                 self._stats.allocated += 1
                 return reservation_from(req, spi)
@@ -625,11 +655,12 @@ class Allocator:
             with self._idle:
                 self._running -= 1
                 self._idle.notify_all()
-        good = [i for i in range(count) if i not in errors]
+        good = [i for i in range(count) if i not in errors] if errors else range(count)
         if errors and strict:
             released = self._release_keys([(req.daddr, spis[i], req.family, int(req.proto), req.mark) for i in good])
             raise BatchError(count, errors, released)
-        reservations = [reservation_from(req, spis[i]) for i in good]
+        now = time.time()
+        reservations = [reservation_from(req, spis[i], now) for i in good]
         self._stats.allocated += len(reservations)
         if self.on_lost is not None and self.guard is not None:
             gdst, proto = req.gdst, int(req.proto)
@@ -710,6 +741,14 @@ class Allocator:
                 in_round = (asked, got, errs, cands if directed else [])
                 retry: list[int] = []
                 lost = misses = 0
+                ok: list[bool] = []
+                if guard is not None and not directed:
+                    # The round's successes reserved under one lock.
+                    succ = [j for j, e in enumerate(errs) if e == 0]
+                    ok = [False] * len(errs)
+                    held = guard.reserve_many_trusted(req.gdst, proto, [got[j] for j in succ])
+                    for j, o in zip(succ, held, strict=True):
+                        ok[j] = o
                 for j, i in enumerate(asked):
                     e, spi = errs[j], got[j]
                     if directed:
@@ -729,7 +768,7 @@ class Allocator:
                             continue
                     if e == 0:
                         key = (req.gdst, proto, spi)
-                        if guard is not None and not guard.reserve(*key):
+                        if guard is not None and not ok[j]:
                             # Held: maybe its holder just died (the EXPIRE is queued
                             # before the kernel could hand the SPI out again).
                             self._stats.collisions += 1

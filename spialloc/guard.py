@@ -278,6 +278,18 @@ class Guard:
         with self._lock:
             return [self._reserve(d, p, s) for d, p, s in checked]
 
+    def reserve_trusted(self, dst: bytes, proto: int, spi: int) -> bool:
+        """``reserve`` without argument checks, for a caller that validated
+        dst, proto and spi already (the allocator's per-SPI hot path)."""
+        with self._lock:
+            return self._reserve(dst, proto, spi)
+
+    def reserve_many_trusted(self, dst: bytes, proto: int, spis: Sequence[int]) -> list[bool]:
+        """``reserve_many`` without argument checks (see ``reserve_trusted``)."""
+        with self._lock:
+            reserve = self._reserve
+            return [reserve(dst, proto, spi) for spi in spis]
+
     def owner_dst(self, proto: int, spi: int, dst: bytes) -> bytes | None:
         """The dst recorded for the tuple outstanding under the scope, or None:
         equal to ``dst`` means the same kernel state (ALLOCSPI returned it

@@ -423,20 +423,23 @@ def test_ctrl_c_during_a_large_batch_leaves_no_orphans(netns: Namespace, backend
 def test_interrupt_after_the_engine_returned_leaves_no_orphans(netns: Namespace, at: int) -> None:
     """Ctrl-C delivered while the allocator books a finished round (a signal
     handler raising in Python code between the engine call and the return):
-    simulated by the guard's reserve() raising KeyboardInterrupt on its
-    ``at``-th call.  Nothing of the batch may stay in the kernel."""
+    simulated by the guard raising KeyboardInterrupt while it reserves the
+    ``at``-th SPI of the round.  Nothing of the batch may stay in the kernel."""
     with Allocator(netns, backend="c") as alloc:
         assert alloc.guard is not None
-        real = alloc.guard.reserve
+        real = alloc.guard.reserve_trusted
         calls = [0]
 
-        def reserve(*args: Any) -> bool:
-            calls[0] += 1
-            if calls[0] == at:
-                raise KeyboardInterrupt
-            return real(*args)
+        def reserve_many(dst: bytes, proto: int, spis: list[int]) -> list[bool]:
+            out = []
+            for spi in spis:
+                calls[0] += 1
+                if calls[0] == at:
+                    raise KeyboardInterrupt
+                out.append(real(dst, proto, spi))
+            return out
 
-        alloc.guard.reserve = reserve  # type: ignore[method-assign]
+        alloc.guard.reserve_many_trusted = reserve_many  # type: ignore[method-assign]
         with pytest.raises(KeyboardInterrupt):
             alloc.allocate_many(1000, DST)
         assert calls[0] == at

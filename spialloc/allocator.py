@@ -351,7 +351,8 @@ class Allocator:
     def _alloc_one(self, req: Request, spi_min: int, spi_max: int) -> int:
         """One ALLOCSPI round trip; returns the SPI (host order)."""
         msg = bytearray(req.template)
-        w.patch_range(msg, 0, spi_min, spi_max)
+        if spi_min != req.spi_min or spi_max != req.spi_max:
+            w.patch_range(msg, 0, spi_min, spi_max)
         for _ in range(64):
             try:
                 return self._sock.allocspi(msg)
@@ -749,7 +750,19 @@ class Allocator:
                     held = guard.reserve_many_trusted(req.gdst, proto, [got[j] for j in succ])
                     for j, o in zip(succ, held, strict=True):
                         ok[j] = o
-                for j, i in enumerate(asked):
+                clean = errs.count(0) == len(errs) and (got == cands if directed else guard is None or all(ok))
+                if clean:
+                    # Every request of the round came back as asked: book them in bulk.
+                    ks = [(req.gdst, proto, spi) for spi in got]
+                    owned.update(zip(asked, ks, strict=True))
+                    holder.update(zip(ks, asked, strict=True))
+                    for i, spi in zip(asked, got, strict=True):
+                        spis[i] = spi
+                    if guard is not None:
+                        keys.update(ks)
+                        self._inflight.update(ks)
+                        self._died.difference_update(ks)
+                for j, i in enumerate(() if clean else asked):
                     e, spi = errs[j], got[j]
                     if directed:
                         assert guard is not None

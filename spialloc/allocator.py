@@ -17,7 +17,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Callable, Generator, Iterable, Literal, NamedTuple, Sequence, Union, overload
+from typing import Any, Callable, Generator, Iterable, Literal, NamedTuple, Sequence, Union, overload
 
 from . import _backend
 from . import _wire as w
@@ -295,27 +295,16 @@ class Allocator:
             req = self._req_cache.get(args)
             if req is not None:
                 return req
-        req = self._build_request(*args)
+        req = self._build_request(args)
         if cacheable:
             if len(self._req_cache) >= 1024:
                 self._req_cache.clear()
             self._req_cache[args] = req
         return req
 
-    def _build_request(
-        self,
-        dst: Address,
-        proto: str | int | Proto,
-        src: Address | None,
-        spi_range: tuple[int, int] | None,
-        mode: str | int,
-        reqid: int,
-        mark: MarkSpec,
-        if_id: int | None,
-        direction: str | int | None,
-        seq: int,
-        pcpu: int | None,
-    ) -> Request:
+    def _build_request(self, args: tuple[Any, ...]) -> Request:
+        """``_request`` without the cache; ``args`` in ``_request``'s order."""
+        dst, proto, src, spi_range, mode, reqid, mark, if_id, direction, seq, pcpu = args
         p = parse_proto(proto)
         if spi_range is None:
             lo, hi = self._ranges[p]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from typing import Iterator
 
 import pytest
@@ -38,7 +39,27 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function):  # type: ignore[no-untyped-
     of namespaces owned by a user namespace, so tests that shorten or extend
     the larval lifetime cannot run there: they are skipped with that reason.
     As real root (CI) the sysctl is always there, so nothing is skipped."""
-    outcome = yield
+    _root_only_to_skip((yield))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_fixture_setup(fixturedef, request):  # type: ignore[no-untyped-def]
+    _root_only_to_skip((yield))
+
+
+def _root_only_to_skip(outcome) -> None:  # type: ignore[no-untyped-def]
     excinfo = outcome.excinfo
-    if excinfo is not None and isinstance(excinfo[1], NamespaceError) and "xfrm_acq_expires" in str(excinfo[1]):
-        outcome.force_exception(pytest.skip.Exception(f"needs root: {excinfo[1]}", _use_item_location=True))
+    if excinfo is None or not _in_child_user_namespace():
+        return
+    exc = excinfo[1]
+    if isinstance(exc, NamespaceError) and "xfrm_acq_expires" in str(exc):
+        outcome.force_exception(pytest.skip.Exception(f"needs root: {exc}", _use_item_location=True))
+    elif isinstance(exc, subprocess.CalledProcessError) and list(exc.cmd)[:3] == ["ip", "netns", "add"]:
+        # Named namespaces are bind mounts under /run/netns: real root only.
+        outcome.force_exception(pytest.skip.Exception("needs root: ip netns add", _use_item_location=True))
+
+
+def _in_child_user_namespace() -> bool:
+    """True under `unshare -U`: the initial user namespace maps all 2^32 uids."""
+    with open("/proc/self/uid_map") as f:
+        return f.read().split() != ["0", "0", "4294967295"]

@@ -363,12 +363,15 @@ def test_mixed_batches_store_their_attributes(netns: Namespace, backend: str) ->
 
 CHILD = r"""
 import sys
-from spialloc import Allocator
+from spialloc import Allocator, NamespaceError
 
 backend, count, shape = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 options = {"spi_range": (0x10000, 0x10000 + 59999)} if shape == "directed" else {}
 with Allocator(None, backend=backend) as alloc:
-    alloc.acq_expires = 3600
+    try:
+        alloc.acq_expires = 3600
+    except NamespaceError:
+        pass  # hidden under `unshare -Urn`; the batch is far shorter than the default 30 s
     print("ready", flush=True)
     try:
         rs = alloc.allocate_many(count, "10.0.0.1", **options)

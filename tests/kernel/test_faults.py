@@ -315,7 +315,7 @@ def test_enobufs_on_expiry_watcher_resyncs_and_reports_lost(netns: Namespace, mo
     try:
         a.acq_expires = 1
         assert a._events is not None
-        a._events.sock.setsockopt(socket.SOL_SOCKET, 33, 1)  # SO_RCVBUFFORCE: the minimum
+        a._events.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # the minimum; no privilege needed
         with a._events.lock:  # the watcher blocks in poll_events meanwhile
             rs = a.allocate_many(500, DST)
             assert wait_for(lambda: sad_count(netns) == 0, timeout=30)
@@ -343,7 +343,7 @@ def test_on_lost_after_resync_names_the_lost_reservations(netns: Namespace) -> N
     try:
         a.acq_expires = 1
         assert a._events is not None
-        a._events.sock.setsockopt(socket.SOL_SOCKET, 33, 1)
+        a._events.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
         with a._events.lock:
             rs = a.allocate_many(50, DST, mode="tunnel", reqid=7, mark=(1, 0xFF))
             assert wait_for(lambda: sad_count(netns) == 0, timeout=30)
@@ -370,7 +370,7 @@ def test_on_lost_raising_in_resync_does_not_kill_the_watcher(netns: Namespace) -
     try:
         a.acq_expires = 1
         assert a._events is not None and a._watcher is not None
-        a._events.sock.setsockopt(socket.SOL_SOCKET, 33, 1)
+        a._events.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
         with a._events.lock:
             a.allocate_many(20, DST)
             assert wait_for(lambda: sad_count(netns) == 0, timeout=30)

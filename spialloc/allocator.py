@@ -966,7 +966,9 @@ class Allocator:
         """Delete the larval state(s) (DELSA) and free their tuples in the guard.
 
         A state already gone (expired, deleted by someone else, never
-        installed) is not an error.  Returns how many states were deleted.
+        installed) is not an error; a reservation the guard knows as lost is
+        not deleted at all (its SPI may belong to someone else by now).
+        Returns how many states were deleted.
         """
         self._check_open()
         if isinstance(reservations, Reservation):
@@ -976,6 +978,11 @@ class Allocator:
         else:
             raise InvalidRequest(f"release takes a Reservation or an iterable of them, got {reservations!r}")
         keys = [_release_key(r) for r in items]  # all validated before any syscall
+        guard = self.guard
+        if guard is not None:
+            # A lost reservation's state is gone, and its SPI may be someone
+            # else's by now: deleting by (dst, spi, proto) would hit theirs.
+            keys = [k for k in keys if not guard.is_lost(guard_dst(k[2], k[0]), k[3], k[1])]
         return self._release_keys(keys)
 
     def _release_keys(self, keys: list[tuple[bytes, int, int, int, tuple[int, int] | None]]) -> int:

@@ -46,3 +46,20 @@ def test_hold_needs_the_watcher(netns: Namespace) -> None:
             alloc.allocate("10.0.0.1", hold=5)
         with pytest.raises(spialloc.InvalidRequest, match="hold=-1"):
             alloc.allocate("10.0.0.1", hold=-1)
+
+
+def test_release_of_a_lost_reservation_never_deletes_the_new_holder(netns: Namespace) -> None:
+    """Once a reservation is lost its SPI may go to someone else; releasing
+    the stale Reservation must not delete the new holder's state."""
+    lost: list[spialloc.Reservation] = []
+    with Allocator(netns, on_lost=lost.append) as alloc, Allocator(netns, guard=False) as other:
+        alloc.acq_expires = 1
+        r = alloc.allocate("10.0.0.1", spi_range=(0x6000, 0x6000))
+        deadline = time.monotonic() + 10
+        while r not in lost and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert r in lost
+        theirs = other.allocate("10.0.0.1", spi_range=(0x6000, 0x6000))
+        assert alloc.release(r) == 0
+        assert alloc.lookup("10.0.0.1", theirs.spi) is not None
+        other.release(theirs)

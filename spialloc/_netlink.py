@@ -193,6 +193,13 @@ class XfrmSocket:
                     return kind, None
                 return kind, memoryview(bytes(payload))
 
+    def dump_sas(self) -> list[w.SaInfo]:
+        """Every state in the namespace (GETSA dump), larval ones included."""
+        with self.lock:
+            seq = self.next_seq()
+            entries = list(self.dump(w.getsa_dump(seq), seq, "getsa dump"))
+        return [w.decode_sa(p) for k, p in entries if k == w.XFRM_MSG_NEWSA]
+
     def dump(self, msg: bytes, seq: int, operation: str) -> Iterator[tuple[int, memoryview]]:
         """Run a dump request; yields (type, payload) of each entry."""
         with self.lock:

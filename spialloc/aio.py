@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import time
 from typing import Any, Iterable
 
 from . import _wire as w
@@ -217,12 +216,7 @@ class AsyncAllocator:
             spi = await self._alloc_one(req, req.spi_min, req.spi_max)
             sync._stats.allocated += 1
             return reservation_from(req, spi)
-        r = await self._drive(sync._guarded_plan(req))
-        if sync.on_lost is not None:
-            sync._origin[(req.gdst, int(req.proto), r.spi)] = req
-        if hold is not None:
-            sync._held[(req.gdst, int(req.proto), r.spi)] = (req.with_seq(0), time.monotonic() + hold)
-        return r
+        return sync._book(req, await self._drive(sync._guarded_plan(req)), hold)
 
     async def allocate_many(
         self, count: int, dst: Address, proto: str | int | Proto = "esp", *, strict: bool = True, **options: Any

@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 import errno
 import ipaddress
+import os
 import random
 import select
 import threading
@@ -44,6 +45,7 @@ from ._model import (
 from ._netlink import DEFAULT_RCVBUF, XfrmSocket
 from ._netns import Namespace, NetnsSpec, read_sysctl, write_sysctl
 from .errors import (
+    RESTART_ERRNOS,
     BatchError,
     ClosedError,
     DuplicateSpi,
@@ -62,8 +64,6 @@ LOST = -2
 #: At most this many engine rounds per batch (each round asks again, batched,
 #: for what the previous one lost); a round that gains nothing ends it sooner.
 BATCH_ROUNDS = 16
-#: Kernel errnos meaning "interrupted before doing anything": ask again.
-_RESTART = frozenset({errno.EINTR, 512, 513, 514, 516})  # ERESTARTSYS, ..NOINTR, ..NOHAND, ..RESTARTBLOCK
 _CACHEABLE = frozenset({str, int, type(None), ipaddress.IPv4Address, ipaddress.IPv6Address, Proto, Mode, Direction})
 _CACHEABLE_T = _CACHEABLE | {tuple}
 #: Ranges at most this wide are filled by directed allocation: the guard picks
@@ -229,8 +229,6 @@ class Allocator:
         with self._idle:
             self._idle.wait_for(lambda: self._running == 0, timeout=60)
         if self._watcher is not None:
-            import os
-
             os.write(self._wake_w, b"x")
             self._watcher.join()
             os.close(self._wake_r)
@@ -346,7 +344,7 @@ class Allocator:
             try:
                 return self._sock.allocspi(msg)
             except NetlinkError as exc:
-                if exc.errno in _RESTART:
+                if exc.errno in RESTART_ERRNOS:
                     if spi_min == spi_max:
                         # The kernel checks for signals only after a pick that
                         # hit a used SPI: with one value, that value is taken.
@@ -403,30 +401,28 @@ class Allocator:
         if hold is not None:
             _check_hold(hold, self._events is not None)
         req = self._request(dst, proto, src, spi_range, mode, reqid, mark, if_id, direction, seq, pcpu)
-        if self.guard is None:
-            try:
-                spi = self._alloc_one(req, req.spi_min, req.spi_max)
-            except SpiExhausted:
-                self._claim_stray(req)
-                raise
+        guard = self.guard
+        if guard is not None and (req.seq or self._directed(req)):
+            return self._book(req, self._allocate_guarded(req), hold)
+        # One round trip; with the guard, the common case skips the plan's
+        # generator unless the SPI collides.
+        try:
+            spi = self._alloc_one(req, req.spi_min, req.spi_max)
+        except SpiExhausted:
+            self._claim_stray(req)
+            raise
+        if guard is None:
             self._stats.allocated += 1
             return reservation_from(req, spi)
-        if not req.seq and not self._directed(req):
-            # The common case, without the plan's generator: one round trip,
-            # one reservation in the guard; anything else continues in the plan.
-            try:
-                spi = self._alloc_one(req, req.spi_min, req.spi_max)
-            except SpiExhausted:
-                self._claim_stray(req)
-                raise
-            if self.guard.reserve_trusted(req.gdst, req.proto, spi):
-                self._stats.allocated += 1
-                r = reservation_from(req, spi)
-            else:
-                self._stats.collisions += 1
-                r = self._drive(self._guarded_plan(req, first=spi))
-        else:
-            r = self._allocate_guarded(req)
+        if guard.reserve_trusted(req.gdst, req.proto, spi):
+            self._stats.allocated += 1
+            return self._book(req, reservation_from(req, spi), hold)
+        self._stats.collisions += 1
+        return self._book(req, self._drive(self._guarded_plan(req, first=spi)), hold)
+
+    def _book(self, req: Request, r: Reservation, hold: float | None) -> Reservation:
+        """Note a guarded single reservation for on_lost and hold (shared
+        with AsyncAllocator.allocate)."""
         if self.on_lost is not None:
             self._origin[(req.gdst, int(req.proto), r.spi)] = req
         if hold is not None:
@@ -501,12 +497,7 @@ class Allocator:
                     if refused is not None:
                         yield ClaimOp(req)
                         raise refused
-                    raise SpiExhausted(
-                        errno.ENOENT,
-                        f"every SPI in {req.spi_min:#x}-{req.spi_max:#x} is outstanding "
-                        "(held by this process, or seen held by others)",
-                        "allocspi",
-                    )
+                    raise _all_outstanding(req)
                 lo = hi = cand
             else:
                 lo, hi = req.spi_min, req.spi_max
@@ -710,12 +701,7 @@ class Allocator:
                         self.sync()
                         continue
                     for i in pending[len(cands) :]:
-                        errors[i] = SpiExhausted(
-                            errno.ENOENT,
-                            f"every SPI in {req.spi_min:#x}-{req.spi_max:#x} is outstanding "
-                            "(held by this process, or seen held by others)",
-                            "allocspi",
-                        )
+                        errors[i] = _all_outstanding(req)
                     pending = asked = pending[: len(cands)]
                 else:
                     asked = pending
@@ -762,7 +748,7 @@ class Allocator:
                             spis[i] = c
                             continue
                         guard.release(req.gdst, proto, c)
-                        if e == errno.ENOENT or e in _RESTART:  # restart: only after hitting a used SPI
+                        if e == errno.ENOENT or e in RESTART_ERRNOS:  # restart: only after hitting a used SPI
                             guard.mark_foreign(req.gdst, proto, c)  # someone else holds it
                             self._stats.directed_misses += 1
                             misses += 1
@@ -792,7 +778,7 @@ class Allocator:
                         lost += 1
                         why[i] = NetlinkError(errno.ENOBUFS, "reply dropped: receive buffer full", "allocspi")
                         retry.append(i)
-                    elif e in _RESTART:
+                    elif e in RESTART_ERRNOS:
                         why[i] = NetlinkError(errno.EINTR, "interrupted by a signal", "allocspi")
                         retry.append(i)  # the kernel gave up on it before allocating
                     elif e == errno.ENOENT and guard is not None and not directed:
@@ -1154,8 +1140,6 @@ class Allocator:
                 self._lost(Reservation(spi=key[2], dst=dst, src=src, proto=Proto(key[1])))
 
     def _start_watcher(self) -> None:
-        import os
-
         self._events = XfrmSocket(self.ns, groups=1 << (w.XFRMNLGRP_EXPIRE - 1), rcvbuf=1 << 20)
         self._wake_r, self._wake_w = os.pipe()
         self._watcher = threading.Thread(target=self._watch, name="spialloc-expiry", daemon=True)
@@ -1206,10 +1190,7 @@ class Allocator:
         return KernelState.from_wire(w.decode_sa(payload))
 
     def _dump_states(self) -> list[KernelState]:
-        with self._sock.lock:
-            seq = self._sock.next_seq()
-            entries = list(self._sock.dump(w.getsa_dump(seq), seq, "getsa dump"))
-        return [KernelState.from_wire(w.decode_sa(p)) for k, p in entries if k == w.XFRM_MSG_NEWSA]
+        return [KernelState.from_wire(sa) for sa in self._sock.dump_sas()]
 
     def states(self, *, larval: bool | None = None, proto: str | int | Proto | None = None) -> list[KernelState]:
         """Every state in the namespace (GETSA dump, ``ip xfrm state list``),
@@ -1264,6 +1245,15 @@ class Allocator:
         state = "closed" if self._closed else "open"
         guard = "off" if self.guard is None else "on"
         return f"<Allocator {self.ns.description} backend={self.backend} guard={guard} {state}>"
+
+
+def _all_outstanding(req: Request) -> SpiExhausted:
+    """The guard, not the kernel, found no free value in the range."""
+    return SpiExhausted(
+        errno.ENOENT,
+        f"every SPI in {req.spi_min:#x}-{req.spi_max:#x} is outstanding (held by this process, or seen held by others)",
+        "allocspi",
+    )
 
 
 def _check_hold(hold: object, watching: bool) -> None:

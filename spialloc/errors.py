@@ -96,11 +96,15 @@ class ClosedError(SpiallocError, OSError):
     """The allocator (or its socket) is closed."""
 
 
+#: Kernel-internal "interrupted, restart" codes (ERESTARTSYS, ERESTARTNOINTR,
+#: ERESTARTNOHAND, ERESTART_RESTARTBLOCK) that netlink leaks to userspace when
+#: a signal is pending (6.17+ xfrm_alloc_spi checks between picks), and EINTR.
+RESTART_ERRNOS = frozenset({_errno.EINTR, 512, 513, 514, 516})
+
+
 def from_errno(code: int, kernel_text: str | None, operation: str) -> NetlinkError:
     """Map a kernel errno (+ extack text) from ``operation`` to the typed error."""
-    if code in (512, 513, 514, 516):
-        # ERESTART*: kernel-internal "interrupted, restart", leaked by netlink
-        # when a signal is pending (6.17+ xfrm_alloc_spi checks between picks).
+    if code in RESTART_ERRNOS and code != _errno.EINTR:
         return NetlinkError(_errno.EINTR, kernel_text or "interrupted by a signal", operation)
     if code == _errno.EPERM:
         return InsufficientPrivilege(code, kernel_text, operation)

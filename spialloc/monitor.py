@@ -178,12 +178,7 @@ class Monitor:
         self.close()
 
     def _dump(self) -> tuple[KernelState, ...]:
-        seq = self._requests.next_seq()
-        return tuple(
-            KernelState.from_wire(w.decode_sa(p))
-            for k, p in self._requests.dump(w.getsa_dump(seq), seq, "getsa dump")
-            if k == w.XFRM_MSG_NEWSA
-        )
+        return tuple(KernelState.from_wire(sa) for sa in self._requests.dump_sas())
 
     def _pump(self) -> None:
         """Move whatever is queued on the socket into the event queue."""

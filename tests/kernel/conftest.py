@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import subprocess
 from typing import Iterator
 
@@ -17,6 +18,17 @@ def netns() -> Iterator[Namespace]:
         yield ns
     finally:
         ns.close()
+
+
+@pytest.fixture
+def named_netns() -> Iterator[str]:
+    """A namespace made with `ip netns add` (a bind mount under /run/netns), by name."""
+    name = f"spialloc-t-{secrets.token_hex(4)}"
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=30)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
 
 
 @pytest.fixture

@@ -464,22 +464,18 @@ def test_reused_acquire_seq_guarded_gets_a_fresh_spi(alloc: Allocator, netns: Na
 # --- namespaces ------------------------------------------------------------------------------
 
 
-def test_allocator_on_named_netns() -> None:
-    name = f"spialloc-t-{secrets.token_hex(4)}"
-    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=30)
-    try:
-        with Allocator(name) as a:
-            r = a.allocate("10.0.0.1")
-            out = subprocess.run(["ip", "-n", name, "xfrm", "state", "list"], check=True, capture_output=True,
-                                 text=True, timeout=30).stdout
-            assert f"spi {r.spi:#010x}" in out
-            assert a.states()[0].spi == r.spi
-            assert a.release(r) == 1
-            out = subprocess.run(["ip", "-n", name, "xfrm", "state", "list"], check=True, capture_output=True,
-                                 text=True, timeout=30).stdout
-            assert out.strip() == ""
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+def test_allocator_on_named_netns(named_netns: str) -> None:
+    name = named_netns
+    with Allocator(name) as a:
+        r = a.allocate("10.0.0.1")
+        out = subprocess.run(["ip", "-n", name, "xfrm", "state", "list"], check=True, capture_output=True,
+                             text=True, timeout=30).stdout
+        assert f"spi {r.spi:#010x}" in out
+        assert a.states()[0].spi == r.spi
+        assert a.release(r) == 1
+        out = subprocess.run(["ip", "-n", name, "xfrm", "state", "list"], check=True, capture_output=True,
+                             text=True, timeout=30).stdout
+        assert out.strip() == ""
 
 
 def test_allocator_on_path(netns: Namespace) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -26,7 +25,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from nsutil import ns_run, sad_count, sad_spis, wait_for
@@ -60,16 +59,6 @@ def larval_spis(ns: Namespace) -> set[int]:
 
 
 # --- the namespace goes away under us ------------------------------------------------
-
-
-@pytest.fixture
-def named_netns() -> Iterator[str]:
-    name = f"spialloc-f-{secrets.token_hex(4)}"
-    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=30)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
 
 
 def _netns_names() -> str:

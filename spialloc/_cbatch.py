@@ -15,7 +15,7 @@ import socket
 from typing import Any, Callable
 
 from ._native import ffi, lib
-from ._pybatch import ERESTARTSYS, restart_interrupted  # noqa: F401  (shared with the Python engine)
+from ._pybatch import ERESTARTSYS, BatchArgs, Result, engine_entry  # noqa: F401  (shared with the Python engine)
 
 PENDING = lib.SPIALLOC_PENDING  # not sent (only in partial results)
 LOST = lib.SPIALLOC_LOST  # reply dropped: a larval state may exist
@@ -86,42 +86,8 @@ def _run(b: Any, check_interrupt: Callable[[], None] | None) -> None:
         raise
 
 
-def alloc_batch(
-    sock: socket.socket,
-    portid: int,
-    template: bytes,
-    count: int,
-    seq0: int,
-    ranges: tuple[array.array[int], array.array[int]] | None,
-    chunk: int,
-    check_interrupt: Callable[[], None],
-) -> tuple[list[int], list[int], str | None, int]:
-    """Allocate ``count`` SPIs from one ALLOCSPI template (no NLM_F_ACK).
-
-    Request i gets nlmsg_seq ``seq0 + i`` (mod 2^32) and, with ``ranges``
-    (two ``array('I')`` of at least ``count`` entries), SPI range
-    ``ranges[0][i]..ranges[1][i]``.  Returns ``(spis, errs, first_error_text,
-    overruns)`` as lists of int: ``errs[i]`` is 0 (``spis[i]`` valid, host
-    order), a positive errno, or LOST.  If anything raises between chunks
-    (``check_interrupt``, KeyboardInterrupt, a socket error), the requests
-    sent are settled first and ``exc.spialloc_partial = (spis, errs)`` is
-    attached; there ``errs[i] == PENDING`` (-1) means request i was never sent.
-    Requests the kernel answered with ERESTARTSYS (a signal was pending while
-    it searched) are sent again, as _pybatch does (``restart_interrupted``).
-    """
-    return restart_interrupted(_alloc_once, sock, portid, template, count, seq0, ranges, chunk, check_interrupt)
-
-
-def _alloc_once(
-    sock: socket.socket,
-    portid: int,
-    template: bytes,
-    count: int,
-    seq0: int,
-    ranges: tuple[array.array[int], array.array[int]] | None,
-    chunk: int,
-    check_interrupt: Callable[[], None],
-) -> tuple[list[int], list[int], str | None, int]:
+def _alloc_once(args: BatchArgs) -> Result:
+    sock, portid, template, count, seq0, ranges, chunk, check_interrupt = args
     if count <= 0:
         return [], [], None, 0
     b, keep = _new_batch(sock, portid, template, 0, count, seq0, chunk)
@@ -140,6 +106,9 @@ def _alloc_once(
         raise
     text = ffi.string(b.errmsg).decode("utf-8", "replace") or None
     return spis.tolist(), errs.tolist(), text, b.overruns
+
+
+alloc_batch = engine_entry(_alloc_once)
 
 
 def delsa_batch(

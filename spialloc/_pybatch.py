@@ -19,7 +19,7 @@ import errno
 import os
 import socket
 import struct
-from typing import Any, Callable
+from typing import Any, Callable, List, NamedTuple, Optional, Tuple
 
 from . import _wire as w
 
@@ -196,30 +196,36 @@ def _settle(
                 errs[i] = LOST
 
 
-AllocOnce = Callable[
-    [socket.socket, int, bytes, int, int, "tuple[array.array[int], array.array[int]] | None", int, Callable[[], None]],
-    "tuple[list[int], list[int], str | None, int]",
-]
+class BatchArgs(NamedTuple):
+    """What one engine call takes: ``n`` requests made from one ALLOCSPI
+    ``template`` (no NLM_F_ACK), request i with nlmsg_seq ``seq0 + i`` (mod
+    2^32) and, with ``ranges`` (two ``array("I")`` of at least ``n``
+    entries), SPI range ``ranges[0][i]..ranges[1][i]``; at most ``chunk``
+    requests per sendmsg; ``check_interrupt`` runs after every chunk."""
+
+    sock: socket.socket
+    portid: int
+    template: bytes
+    n: int
+    seq0: int
+    ranges: tuple[array.array[int], array.array[int]] | None
+    chunk: int
+    check_interrupt: Callable[[], None]
 
 
-def restart_interrupted(
-    once: AllocOnce,
-    sock: socket.socket,
-    portid: int,
-    template: bytes,
-    count: int,
-    seq0: int,
-    ranges: tuple[array.array[int], array.array[int]] | None,
-    chunk: int,
-    check_interrupt: Callable[[], None],
-) -> tuple[list[int], list[int], str | None, int]:
+Result = Tuple[List[int], List[int], Optional[str], int]
+AllocOnce = Callable[[BatchArgs], Result]
+
+
+def restart_interrupted(once: AllocOnce, args: BatchArgs) -> Result:
     """Run ``once`` (one engine's whole batch), then send the requests the
     kernel answered with ERESTARTSYS again, round after round while rounds
     settle some of them, and at most MAX_RESTARTS rounds in a row that settle
     none; both engines use this, so they re-send alike.  A round reuses the
     sequence numbers from ``seq0`` on: every reply of the previous round was
     read or dropped inside its sendmsg, none can arrive late."""
-    spis, errs, text, overruns = once(sock, portid, template, count, seq0, ranges, chunk, check_interrupt)
+    spis, errs, text, overruns = once(args)
+    ranges = args.ranges
     again = [i for i, e in enumerate(errs) if e == ERESTARTSYS]
     stalled = 0
     while again and stalled < MAX_RESTARTS:
@@ -227,7 +233,7 @@ def restart_interrupted(
         if ranges is not None:
             sub = (array.array("I", [ranges[0][i] for i in again]), array.array("I", [ranges[1][i] for i in again]))
         try:
-            s2, e2, t2, o2 = once(sock, portid, template, len(again), seq0, sub, chunk, check_interrupt)
+            s2, e2, t2, o2 = once(args._replace(n=len(again), ranges=sub))
         except BaseException as exc:
             partial = getattr(exc, "spialloc_partial", None)
             if partial is not None:
@@ -247,38 +253,37 @@ def restart_interrupted(
     return spis, errs, text, overruns
 
 
-def alloc_batch(
-    sock: socket.socket,
-    portid: int,
-    template: bytes,
-    count: int,
-    seq0: int,
-    ranges: tuple[array.array[int], array.array[int]] | None,
-    chunk: int,
-    check_interrupt: Callable[[], None],
-) -> tuple[list[int], list[int], str | None, int]:
-    """Allocate ``count`` SPIs; returns (spis, errs, first error text, overruns).
+def engine_entry(once: AllocOnce) -> Callable[..., Result]:
+    """An engine's public ``alloc_batch``, the same for both engines."""
 
-    ``errs[i]`` is 0 (``spis[i]`` is valid), a positive errno, or LOST.  If
-    ``check_interrupt`` (or a signal) raises between chunks, the replies
-    already queued are collected first and attached to the exception as
-    ``spialloc_partial = (spis, errs)`` so the caller can release them; there
-    ``errs[i] == PENDING`` means request i was never sent.  Requests answered
-    with ERESTARTSYS are sent again (``restart_interrupted``).
-    """
-    return restart_interrupted(_alloc_once, sock, portid, template, count, seq0, ranges, chunk, check_interrupt)
+    def alloc_batch(
+        sock: socket.socket,
+        portid: int,
+        template: bytes,
+        count: int,
+        seq0: int,
+        ranges: tuple[array.array[int], array.array[int]] | None,
+        chunk: int,
+        check_interrupt: Callable[[], None],
+    ) -> Result:
+        """Allocate ``count`` SPIs (see ``BatchArgs``); returns (spis, errs,
+        first error text, overruns) as lists of int.
+
+        ``errs[i]`` is 0 (``spis[i]`` is valid, host order), a positive
+        errno, or LOST.  If anything raises between chunks
+        (``check_interrupt``, KeyboardInterrupt, a socket error), the
+        requests sent are settled first and the exception carries
+        ``spialloc_partial = (spis, errs)`` so the caller can release them;
+        there ``errs[i] == PENDING`` means request i was never sent.
+        Requests answered with ERESTARTSYS are sent again
+        (``restart_interrupted``)."""
+        return restart_interrupted(once, BatchArgs(sock, portid, template, count, seq0, ranges, chunk, check_interrupt))
+
+    return alloc_batch
 
 
-def _alloc_once(
-    sock: socket.socket,
-    portid: int,
-    template: bytes,
-    count: int,
-    seq0: int,
-    ranges: tuple[array.array[int], array.array[int]] | None,
-    chunk: int,
-    check_interrupt: Callable[[], None],
-) -> tuple[list[int], list[int], str | None, int]:
+def _alloc_once(args: BatchArgs) -> Result:
+    sock, portid, template, count, seq0, ranges, chunk, check_interrupt = args
     if count <= 0:
         return [], [], None, 0
     mins = maxs = None
@@ -338,6 +343,9 @@ def _alloc_once(
         exc.spialloc_partial = (spis, errs)  # type: ignore[attr-defined]
         raise
     return spis, errs, text[0], overruns
+
+
+alloc_batch = engine_entry(_alloc_once)
 
 
 def _send(sock: socket.socket, data: memoryview) -> None:

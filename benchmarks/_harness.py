@@ -715,12 +715,12 @@ def breakdown(bns: BenchNS, total: int, round_n: int) -> dict[str, Any]:
         return body
 
     def alloc_one() -> Piece:
-        req = alloc._request(*args)
-        one = alloc._alloc_one
+        req = alloc.core.request(*args)
+        one = alloc.core.kernel.alloc_one
         return lambda n: (None, [one(req, req.spi_min, req.spi_max) for _ in range(n)])
 
     def request_build() -> Piece:
-        rq = alloc._request
+        rq = alloc.core.request
 
         def body(n: int) -> tuple[None, list[Any]]:
             for _ in range(n):
@@ -741,13 +741,13 @@ def breakdown(bns: BenchNS, total: int, round_n: int) -> dict[str, Any]:
 
     def engine_only() -> Piece:
         # The C engine alone (what allocate_many runs), without the Python around it.
-        sock = alloc._sock
-        req = alloc._request(*args)
+        sock = alloc.core.kernel.sock
+        req = alloc.core.request(*args)
 
         def body(n: int) -> tuple[None, list[Any]]:
             with sock.lock:
                 seq0 = sock.next_seq(n)
-                spis, errs, _, _ = alloc._engine.alloc_batch(
+                spis, errs, _, _ = alloc.core.kernel.engine.alloc_batch(
                     sock.sock, sock.portid, req.template, n, seq0, None, sock.window(), lambda: None
                 )
             assert not any(errs)

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         levels: dict[str, Any] = {}
         with h.BenchNS(binary) as bns:
             try:
-                results["spialloc_batch_chunk"] = bns.allocator("c", False)._sock.window()
+                results["spialloc_batch_chunk"] = bns.allocator("c", False).core.kernel.sock.window()
             except Exception as exc:  # private; informative only
                 results["spialloc_batch_chunk"] = f"unknown ({exc})"
             for level in plan.levels:
@@ -419,10 +419,10 @@ def render_md(results: dict[str, Any], plan: h.Plan) -> str:
         ("floor single (C: send + recv)", bd.get("floor_single_us")),
         ("Python, raw socket + struct: send + recv_into, nothing else", bd.get("python_raw_round_trip_us")),
         (
-            "library round trip `_alloc_one` (copy template, patch, lock, transact, decode)",
+            "library round trip `Kernel.alloc_one` (copy template, patch, lock, transact, decode)",
             bd.get("alloc_one_round_trip_us"),
         ),
-        ("`_request` alone, same arguments each call (validation / request cache)", bd.get("request_build_us")),
+        ("`Core.request` alone, same arguments each call (validation / request cache)", bd.get("request_build_us")),
         ("`reservation_from` alone (the Reservation dataclass)", bd.get("reservation_build_us")),
         ("`allocate`, guard off", bd.get("allocate_guard_off_us")),
         ("`allocate`, guard on", bd.get("allocate_guard_on_us")),

@@ -64,11 +64,15 @@ DEFAULT_CPI_RANGE = (0x100, 0xEFFF)
 CPI_MAX = 0xFFFF
 
 
-def _int_field(name: str, value: object, maximum: int = U32_MAX) -> int:
+def check_int(name: str, value: object, lo: int = 0, hi: int = U32_MAX, what: str | None = None) -> int:
+    """The one integer validator: an int (not a bool) in ``lo..hi``, or
+    InvalidRequest naming the value (``what`` says what was expected)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequest(f"{name} must be an integer, got {value!r}")
-    if value < 0 or value > maximum:
-        raise InvalidRequest(f"{name}={value!r} is out of range 0..{maximum:#x}")
+    if not lo <= value <= hi:
+        if what is not None:
+            raise InvalidRequest(f"{name}={value!r} must be {what}")
+        raise InvalidRequest(f"{name}={value!r} is out of range {lo}..{hi:#x}")
     return int(value)
 
 
@@ -128,9 +132,9 @@ def parse_mark(mark: MarkSpec) -> tuple[int, int] | None:
     if mark is None:
         return None
     if isinstance(mark, tuple) and len(mark) == 2:
-        return (_int_field("mark value", mark[0]), _int_field("mark mask", mark[1]))
+        return (check_int("mark value", mark[0]), check_int("mark mask", mark[1]))
     if isinstance(mark, int) and not isinstance(mark, bool):
-        return (_int_field("mark", mark), U32_MAX)
+        return (check_int("mark", mark), U32_MAX)
     raise InvalidRequest(f"mark={mark!r} must be an int or a (value, mask) tuple")
 
 
@@ -151,8 +155,8 @@ def parse_range(proto: Proto, spi_range: object, allow_reserved: bool = False) -
         lo, hi = spi_range
     else:
         raise InvalidRequest(f"spi_range={spi_range!r} must be a (min, max) pair")
-    lo = _int_field("spi_range min", lo)
-    hi = _int_field("spi_range max", hi)
+    lo = check_int("spi_range min", lo)
+    hi = check_int("spi_range max", hi)
     if lo > hi:
         raise InvalidRequest(f"spi_range min {lo:#x} is greater than max {hi:#x}")
     if proto is Proto.COMP and hi > CPI_MAX:
@@ -200,6 +204,8 @@ class Request:
             object.__setattr__(self, "template", self.message(0))
 
     def message(self, nl_seq: int, spi_min: int | None = None, spi_max: int | None = None) -> bytes:
+        """The whole message; the range arguments make the slow reference
+        that tests compare the engines' in-place range patching against."""
         info = w.userspi_info(
             family=self.family,
             daddr=self.daddr,
@@ -221,13 +227,14 @@ def pack_address(addr: IPAddress) -> bytes:
     return addr.packed.ljust(16, b"\0")
 
 
-_V4MAPPED = b"\0" * 10 + b"\xff\xff"
+#: The first 12 bytes of an IPv4-mapped IPv6 address (the guard's key for IPv4).
+V4MAPPED = b"\0" * 10 + b"\xff\xff"
 
 
 def guard_dst(family: int, raw: bytes) -> bytes:
     """The guard's 16-byte key for a destination: IPv4 as IPv4-mapped IPv6,
     so that no IPv6 address with twelve trailing zero bytes can alias one."""
-    return _V4MAPPED + raw[:4] if family == w.AF_INET else bytes(raw[:16])
+    return V4MAPPED + raw[:4] if family == w.AF_INET else bytes(raw[:16])
 
 
 def address_key(addr: IPAddress) -> bytes:
@@ -235,7 +242,7 @@ def address_key(addr: IPAddress) -> bytes:
 
 
 def guard_dst_address(key: bytes) -> IPAddress:
-    if key[:12] == _V4MAPPED:
+    if key[:12] == V4MAPPED:
         return ipaddress.IPv4Address(key[12:16])
     return ipaddress.IPv6Address(key)
 
@@ -278,14 +285,14 @@ def build_request(
         family=w.AF_INET if dst_a.version == 4 else w.AF_INET6,
         proto=p,
         mode=parse_mode(mode),
-        reqid=_int_field("reqid", reqid),
+        reqid=check_int("reqid", reqid),
         spi_min=lo,
         spi_max=hi,
         mark=m,
-        if_id=None if if_id is None else _int_field("if_id", if_id),
+        if_id=None if if_id is None else check_int("if_id", if_id),
         direction=parse_direction(direction),
-        seq=_int_field("seq", seq),
-        pcpu=None if pcpu is None else _int_field("pcpu", pcpu),
+        seq=check_int("seq", seq),
+        pcpu=None if pcpu is None else check_int("pcpu", pcpu),
         daddr=pack_address(dst_a),
         gdst=guard_dst(w.AF_INET if dst_a.version == 4 else w.AF_INET6, pack_address(dst_a)),
         saddr=pack_address(src_a),

@@ -85,10 +85,6 @@ class XfrmSocket:
             self._seq = itertools.count(first + count)
         return first
 
-    def seq_block(self, count: int) -> int:
-        with self.lock:
-            return self.next_seq(count)
-
     def close(self) -> None:
         self.sock.close()
 

@@ -1,10 +1,14 @@
-"""AsyncAllocator: the asyncio face of Allocator.
+"""AsyncAllocator: the asyncio face of an allocator.
 
 Single allocations go over a non-blocking netlink socket registered with the
 running loop: each request is sent with its own sequence number and its
 future is resolved by the loop's reader callback, so many ``allocate``
 coroutines can be in flight at once.  The guarded retry rules are the very
-same generator ``Allocator`` runs (``_guarded_plan``), driven here with awaits.
+generators the blocking face runs (``_rules.single_plan``); here the
+ALLOCSPIs are awaited and every other operation (a DELSA, a poll of the
+EXPIRE socket, a SAD dump) runs in a worker thread, so nothing that can wait
+on the kernel's dump runs on the event loop.  Batches, release, commit,
+lookup and the SAD dumps run in the worker thread too.
 
 Cancellation never orphans a larval state: the kernel handles a request inside
 sendmsg, so once sent its state exists; if the caller is cancelled before the
@@ -16,24 +20,21 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from typing import Any, Iterable
+import functools
+from typing import Any, Callable, Iterable, TypeVar
 
+from . import _rules as rules
 from . import _wire as w
-from ._model import Address, KernelState, MarkSpec, Proto, Request, Reservation, reservation_from
+from ._core import BatchResult, Core
+from ._model import Address, KernelState, MarkSpec, Proto, Request, Reservation
 from ._netlink import DEFAULT_RCVBUF, XfrmSocket
 from ._netns import NetnsSpec
-from .allocator import (
-    Allocator,
-    AllocatorStats,
-    AllocOp,
-    BatchResult,
-    ClaimOp,
-    DeleteOp,
-    Plan,
-    SyncOp,
-    _check_hold,
-)
-from .errors import BatchError, ClosedError, NetlinkError, SpiallocError, from_errno
+from ._rules import AllocatorStats
+from .allocator import Allocator
+from .errors import ClosedError, NetlinkError, SpiallocError, from_errno
+from .guard import Guard
+
+T = TypeVar("T")
 
 
 class AsyncAllocator:
@@ -46,8 +47,9 @@ class AsyncAllocator:
 
     def __init__(self, netns: NetnsSpec = None, **options: Any) -> None:
         self._sync = Allocator(netns, **options)
+        self._core: Core = self._sync.core
         try:
-            self._sock = XfrmSocket(self._sync.ns, rcvbuf=options.get("rcvbuf", DEFAULT_RCVBUF))
+            self._sock = XfrmSocket(self._core.ns, rcvbuf=options.get("rcvbuf", DEFAULT_RCVBUF))
             self._sock.sock.setblocking(False)
         except BaseException:
             self._sync.close()
@@ -60,7 +62,7 @@ class AsyncAllocator:
     # --- plumbing ----------------------------------------------------------------
 
     @property
-    def guard(self):  # type: ignore[no-untyped-def]
+    def guard(self) -> Guard | None:
         return self._sync.guard
 
     @property
@@ -76,17 +78,23 @@ class AsyncAllocator:
         """The blocking Allocator underneath (same guard, namespace, stats)."""
         return self._sync
 
-    def _attach(self) -> None:
+    def _attach(self) -> asyncio.AbstractEventLoop:
         if self._closed:
             raise ClosedError(errno.EBADF, "allocator is closed")
         loop = asyncio.get_running_loop()
         if self._loop is loop:
-            return
+            return loop
         if self._loop is not None:
             self._loop.remove_reader(self._sock.fileno())
         self._loop = loop
         self._window = asyncio.Semaphore(self._sock.window())
         loop.add_reader(self._sock.fileno(), self._on_readable)
+        return loop
+
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking call in the loop's worker threads."""
+        loop = self._attach()
+        return await loop.run_in_executor(None, functools.partial(fn, *args))
 
     def _on_readable(self) -> None:
         while True:
@@ -127,15 +135,16 @@ class AsyncAllocator:
         self._pending.clear()
 
     def _delete_state(self, daddr: bytes, spi: int, payload: memoryview) -> None:
+        # One DELSA on the loop: the kernel answers inside sendmsg, so it
+        # never waits (unlike a dump, which is never run here).
         sa = w.decode_sa(payload)
         try:
-            self._sync._delete(daddr, spi, sa.family, sa.proto, sa.mark)
+            self._core.kernel.delete(daddr, spi, sa.family, sa.proto, sa.mark)
         except SpiallocError:
             pass
 
     async def _alloc_one(self, req: Request, lo: int, hi: int) -> int:
         self._attach()
-        assert self._loop is not None
         async with self._window:  # never more replies in flight than the buffer holds
             return await self._alloc_one_now(req, lo, hi)
 
@@ -162,31 +171,25 @@ class AsyncAllocator:
                 self._on_readable()
             elif fut.exception() is None:
                 # The reply arrived but our caller was cancelled: undo it.
-                self._sync._delete(req.daddr, fut.result(), req.family, req.proto, req.mark)
+                self._core.kernel.delete(req.daddr, fut.result(), req.family, req.proto, req.mark)
             raise
 
-    async def _drive(self, plan: Plan) -> Reservation:
-        value: object = None
-        error: BaseException | None = None
-        while True:
+    async def _drive(self, plan: rules.Plan) -> Reservation:
+        """``Core.drive`` with awaits: ALLOCSPIs on the loop, the rest in a thread."""
+        step = rules.Stepper(plan)
+        while not step.done:
+            op = step.op
+            result: object
             try:
-                op = plan.send(value) if error is None else plan.throw(error)
-            except StopIteration as done:
-                return done.value  # type: ignore[no-any-return]
-            value, error = None, None
-            try:
-                if isinstance(op, AllocOp):
-                    value = await self._alloc_one(op.req, op.lo, op.hi)
-                elif isinstance(op, DeleteOp):
-                    value = self._sync._delete(op.daddr, op.spi, op.family, op.proto, op.mark)
-                elif isinstance(op, SyncOp):
-                    value = self._sync.sync()
-                elif isinstance(op, ClaimOp):
-                    self._sync._claim_stray(op.req)
+                if isinstance(op, rules.AllocOp):
+                    result = await self._alloc_one(op.req, op.lo, op.hi)
                 else:
-                    value = self._sync.poll_events()
+                    result = await self._in_thread(self._core.execute, op)
             except BaseException as exc:
-                error = exc
+                step.throw(exc)
+            else:
+                step.send(result)
+        return step.value
 
     # --- API -----------------------------------------------------------------------
 
@@ -207,66 +210,70 @@ class AsyncAllocator:
         hold: float | None = None,
     ) -> Reservation:
         """``Allocator.allocate`` as a coroutine."""
-        sync = self._sync
-        sync._check_open()
-        if hold is not None:
-            _check_hold(hold, sync._events is not None)
-        req = sync._request(dst, proto, src, spi_range, mode, reqid, mark, if_id, direction, seq, pcpu)
-        if sync.guard is None:
-            spi = await self._alloc_one(req, req.spi_min, req.spi_max)
-            sync._stats.allocated += 1
-            return reservation_from(req, spi)
-        return sync._book(req, await self._drive(sync._guarded_plan(req)), hold)
+        core = self._core
+        core.check_open()
+        until = core.hold_until(hold)
+        req = core.request(dst, proto, src, spi_range, mode, reqid, mark, if_id, direction, seq, pcpu)
+        book = core.book
+        if book.guard is None:
+            return book.won(req, await self._alloc_one(req, req.spi_min, req.spi_max))
+        return book.note(req, await self._drive(rules.single_plan(book, req)), until)
 
     async def allocate_many(
         self, count: int, dst: Address, proto: str | int | Proto = "esp", *, strict: bool = True, **options: Any
     ) -> list[Reservation] | BatchResult:
         """``Allocator.allocate_many`` in chunks of what the receive buffer
-        holds, yielding to the loop between chunks.  All or nothing across the
-        whole batch when ``strict``; cancellation releases what was allocated."""
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            from .errors import InvalidRequest
-
-            raise InvalidRequest(f"count={count!r} must be a non-negative integer")
-        # Each chunk runs without yielding: keep it short enough for the loop.
-        chunk = max(1, min(1024, self._sync._sock.window()))
+        holds, each run in a worker thread.  All or nothing across the whole
+        batch when ``strict``; cancellation releases what was allocated,
+        including a chunk still running when the caller was cancelled."""
+        core = self._core
+        core.check_batch_args(count, {k: v for k, v in options.items() if k not in _BATCH_OPTIONS})
+        core.check_open()
+        req = core.request(
+            dst,
+            proto,
+            options.get("src"),
+            options.get("spi_range"),
+            options.get("mode", "transport"),
+            options.get("reqid", 0),
+            options.get("mark"),
+            options.get("if_id"),
+            options.get("direction"),
+            0,
+            options.get("pcpu"),
+        )
+        chunk = max(1, min(1024, core.kernel.sock.window()))
+        loop = self._attach()
         done: list[Reservation] = []
         errors: dict[int, SpiallocError] = {}
         try:
-            while len(done) + len(errors) < count:
+            while len(done) + len(errors) < count and not (errors and strict):
                 n = min(chunk, count - len(done) - len(errors))
                 base = len(done) + len(errors)
-                part = self._sync.allocate_many(n, dst, proto, strict=False, **options)
-                assert isinstance(part, BatchResult)
+                part = await _chunk(loop, core, req, n, done)
                 done.extend(part.reservations)
                 errors.update({base + i: e for i, e in part.errors.items()})
-                if errors and strict:
-                    break
-                await asyncio.sleep(0)
         except BaseException:
-            self._sync.release(done)
+            await asyncio.shield(loop.run_in_executor(None, core.release, done))
             raise
-        if errors and strict:
-            released = self._sync.release(done)
-            raise BatchError(count, errors, released)
-        return done if strict else BatchResult(done, errors)
+        return await self._in_thread(core.outcome, count, done, errors, strict)
 
     async def release(self, reservations: Reservation | Iterable[Reservation]) -> int:
-        return self._sync.release(reservations)
+        return await self._in_thread(self._sync.release, reservations)
 
     async def commit(self, reservation: Reservation) -> None:
-        self._sync.commit(reservation)
+        await self._in_thread(self._sync.commit, reservation)
 
     async def lookup(
         self, dst: Address, spi: int, proto: str | int | Proto = "esp", *, mark: MarkSpec = None
     ) -> KernelState | None:
-        return self._sync.lookup(dst, spi, proto, mark=mark)
+        return await self._in_thread(functools.partial(self._sync.lookup, mark=mark), dst, spi, proto)
 
     async def states(self, **filters: Any) -> list[KernelState]:
-        return self._sync.states(**filters)
+        return await self._in_thread(functools.partial(self._sync.states, **filters))
 
     async def sync(self) -> int:
-        return self._sync.sync()
+        return await self._in_thread(self._sync.sync)
 
     async def close(self) -> None:
         self.close_now()
@@ -292,3 +299,38 @@ class AsyncAllocator:
 
     async def __aexit__(self, *exc: object) -> None:
         self.close_now()
+
+
+_BATCH_OPTIONS = frozenset({"src", "spi_range", "mode", "reqid", "mark", "if_id", "direction", "pcpu"})
+
+
+async def _chunk(
+    loop: asyncio.AbstractEventLoop, core: Core, req: Request, n: int, done: list[Reservation]
+) -> BatchResult:
+    """One batch chunk in a worker thread.  If the caller is cancelled
+    meanwhile, the chunk still finishes there: wait for it and add its
+    reservations to ``done``, so the caller's clean-up releases them too
+    (cancelled again while waiting: they are released when it ends)."""
+    fut = loop.run_in_executor(None, _batch_part, core, req, n)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        try:
+            await asyncio.wait([fut])
+        except asyncio.CancelledError:
+            fut.add_done_callback(functools.partial(_release_when_done, loop, core))
+            raise
+        if not fut.cancelled() and fut.exception() is None:
+            done.extend(fut.result().reservations)
+        raise
+
+
+def _batch_part(core: Core, req: Request, n: int) -> BatchResult:
+    part = core.run_batch(req, n, False)
+    assert isinstance(part, BatchResult)
+    return part
+
+
+def _release_when_done(loop: asyncio.AbstractEventLoop, core: Core, fut: asyncio.Future[BatchResult]) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        loop.run_in_executor(None, core.release, fut.result().reservations)

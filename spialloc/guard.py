@@ -54,6 +54,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
+from ._model import V4MAPPED, check_int
 from .errors import InvalidRequest, ReservationLost
 
 __all__ = ["Guard", "GuardStats", "State", "LOST_CAPACITY"]
@@ -67,7 +68,6 @@ PROBES = 32
 
 _SPI_MAX = 0xFFFFFFFF
 _R, _C, _F = 0, 1, 2
-_V4MAPPED = bytes(10) + b"\xff\xff"
 
 
 class State(enum.Enum):
@@ -92,22 +92,16 @@ class GuardStats:
     lost: int
 
 
-def _check_int(name: str, value: object, maximum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= maximum:
-        raise InvalidRequest(f"{name}={value!r} must be an integer in 0..{maximum:#x}")
-    return int(value)
-
-
 def _check(dst: object, proto: object, spi: object) -> tuple[bytes, int, int]:
     if not isinstance(dst, bytes) or len(dst) != 16:
         raise InvalidRequest(f"dst={dst!r} must be a 16-byte packed address")
-    return dst, _check_int("proto", proto, 0xFF), _check_int("spi", spi, _SPI_MAX)
+    return dst, check_int("proto", proto, 0, 0xFF), check_int("spi", spi, 0, _SPI_MAX)
 
 
 def _dst_text(dst: bytes) -> str:
     # Only for messages.  IPv4-mapped (the allocator's form) or zero-padded
     # IPv4 read better as IPv4.
-    if dst[:12] == _V4MAPPED:
+    if dst[:12] == V4MAPPED:
         return str(ipaddress.IPv4Address(dst[12:]))
     if dst[4:] == bytes(12) and dst[:4] != bytes(4):
         return str(ipaddress.IPv4Address(dst[:4]))
@@ -133,7 +127,7 @@ class Guard:
             raise InvalidRequest(f"scope={scope!r} must be 'spi' or 'dst'")
         self._scope: str = scope
         self._by_dst = scope == "dst"
-        self._lost_capacity = _check_int("lost_capacity", lost_capacity, 1 << 62)
+        self._lost_capacity = check_int("lost_capacity", lost_capacity, 0, 1 << 62)
         self._rng = rng if rng is not None else random.Random()
         self._lock = threading.Lock()
         self._table: dict[int, int] = {}
@@ -253,9 +247,9 @@ class Guard:
         return None
 
     def _check_range(self, lo: object, hi: object, step: object) -> tuple[int, int, int]:
-        lo_i = _check_int("lo", lo, _SPI_MAX)
-        hi_i = _check_int("hi", hi, _SPI_MAX)
-        step_i = _check_int("step", step, _SPI_MAX)
+        lo_i = check_int("lo", lo, 0, _SPI_MAX)
+        hi_i = check_int("hi", hi, 0, _SPI_MAX)
+        step_i = check_int("step", step, 0, _SPI_MAX)
         if lo_i > hi_i:
             raise InvalidRequest(f"lo {lo_i:#x} is greater than hi {hi_i:#x}")
         if step_i < 1:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import Iterable, Literal
 
+from ._model import check_int
 from .errors import InvalidRequest
 
 __all__ = ["Partition", "check_disjoint"]
@@ -37,17 +38,9 @@ _SPI_MAX = 0xFFFFFFFF
 _METHODS = ("range", "label_bits")
 
 
-def _nonneg(name: str, value: object, maximum: int = _SPI_MAX) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest(f"{name} must be an integer, got {value!r}")
-    if not 0 <= value <= maximum:
-        raise InvalidRequest(f"{name}={value!r} is out of range 0..{maximum:#x}")
-    return int(value)
-
-
 def _base_range(lo: object, hi: object) -> tuple[int, int]:
-    lo_i = _nonneg("lo", lo)
-    hi_i = _nonneg("hi", hi)
+    lo_i = check_int("lo", lo)
+    hi_i = check_int("hi", hi)
     if lo_i > hi_i:
         raise InvalidRequest(f"range lo {lo_i:#x} is greater than hi {hi_i:#x}")
     return lo_i, hi_i
@@ -63,8 +56,8 @@ class Partition:
     bits: int | None = None  # "label_bits" only; None: the fewest that fit nodes
 
     def __post_init__(self) -> None:
-        nodes = _nonneg("nodes", self.nodes)
-        node = _nonneg("node", self.node)
+        nodes = check_int("nodes", self.nodes)
+        node = check_int("node", self.node)
         if nodes < 1:
             raise InvalidRequest(f"nodes={nodes} must be at least 1")
         if node >= nodes:
@@ -74,7 +67,7 @@ class Partition:
         if self.bits is not None:
             if self.method != "label_bits":
                 raise InvalidRequest(f"bits={self.bits!r} only applies to method='label_bits'")
-            bits = _nonneg("bits", self.bits, 32)
+            bits = check_int("bits", self.bits, 0, 32)
             if nodes > 1 << bits:
                 raise InvalidRequest(f"bits={bits} labels at most {1 << bits} nodes, not nodes={nodes}")
 
@@ -109,14 +102,14 @@ class Partition:
 
     def contains(self, spi: int, lo: int, hi: int) -> bool:
         """Whether ``spi`` is this node's, for the base range [lo, hi]."""
-        spi = _nonneg("spi", spi)
+        spi = check_int("spi", spi)
         first, last = self.apply(lo, hi)
         return first <= spi <= last
 
     def node_of(self, spi: int, lo: int, hi: int) -> int | None:
         """Which node of this cluster owns ``spi`` in the base range [lo, hi];
         None outside every node's sub-range."""
-        spi = _nonneg("spi", spi)
+        spi = check_int("spi", spi)
         lo, hi = _base_range(lo, hi)
         width, _ = self._slices(lo, hi)
         if not lo <= spi <= hi:

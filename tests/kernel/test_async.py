@@ -147,7 +147,7 @@ def test_concurrent_allocations_beyond_the_receive_buffer_leave_no_orphans(netns
     BUG (spialloc/aio.py, AsyncAllocator._on_readable/_fail_unanswered): on
     ENOBUFS every still-pending future gets NetlinkError(ENOBUFS), but their
     requests were handled and their larval states exist; nothing deletes
-    them (the blocking Allocator runs _recover_lost here; the async path does
+    them (the blocking Allocator runs Kernel.recover_lost here; the async path does
     not, and it does not cap requests in flight to the socket's window())."""
 
     async def main() -> None:

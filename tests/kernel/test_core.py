@@ -181,7 +181,7 @@ def test_exhaustion_of_tiny_range_guarded_hands_out_every_value(alloc: Allocator
 def test_kernel_extack_text_reaches_the_exception(alloc: Allocator) -> None:
     """Send an ALLOCSPI the library itself would refuse (IPComp max > 0xffff)
     straight through the socket: the kernel's own EINVAL text comes back."""
-    sock = alloc._sock
+    sock = alloc.core.kernel.sock
     info = w.userspi_info(
         family=w.AF_INET, daddr=bytes([10, 0, 0, 1]) + bytes(12), saddr=bytes(16), proto=w.IPPROTO_COMP,
         mode=0, reqid=0, acq_seq=0, spi_min=0x100, spi_max=0x1FFFF,

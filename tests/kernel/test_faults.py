@@ -42,6 +42,7 @@ from spialloc import (
     SpiExhausted,
     _netlink,
 )
+from spialloc._expiry import ExpiryWatcher
 
 ROOT = Path(__file__).resolve().parents[2]
 DST = "192.0.2.1"
@@ -191,7 +192,7 @@ def test_close_between_send_and_reply_orphans_nothing(netns: Namespace, monkeypa
 
     def slow_send(self: _netlink.XfrmSocket, data: Any) -> None:
         real_send(self, data)
-        if self is a._sock:
+        if self is a.core.kernel.sock:
             in_flight.set()
             time.sleep(0.3)
 
@@ -261,7 +262,7 @@ def test_enobufs_on_request_socket_recovers(netns: Namespace, monkeypatch: pytes
     leaves the SAD empty."""
     monkeypatch.setattr(_netlink.XfrmSocket, "window", lambda self: 512)
     with Allocator(netns, rcvbuf=16384, backend=backend, guard=guard) as a:
-        assert a._sock.rcvbuf < 512 * 840
+        assert a.core.kernel.sock.rcvbuf < 512 * 840
         rs = a.allocate_many(1000, DST)
         st = a.stats
         assert len({r.spi for r in rs}) == 1000
@@ -293,23 +294,23 @@ def test_enobufs_on_expiry_watcher_resyncs_and_reports_lost(netns: Namespace, mo
     mark every reservation lost and call on_lost for each."""
     lost: list[Reservation] = []
     resyncs = []
-    real = Allocator._resync_lost
+    real = ExpiryWatcher.resync
 
-    def spy(self: Allocator) -> None:
+    def spy(self: ExpiryWatcher) -> None:
         resyncs.append(time.monotonic())
         real(self)
 
-    monkeypatch.setattr(Allocator, "_resync_lost", spy)
+    monkeypatch.setattr(ExpiryWatcher, "resync", spy)
     a = Allocator(netns, on_lost=lost.append)
     try:
         a.acq_expires = 1
-        assert a._events is not None
-        a._events.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # the minimum; no privilege needed
-        with a._events.lock:  # the watcher blocks in poll_events meanwhile
+        assert a.core.watcher is not None
+        a.core.watcher.sock.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # the minimum; no privilege needed
+        with a.core.watcher.sock.lock:  # the watcher blocks in poll_events meanwhile
             rs = a.allocate_many(500, DST)
             assert wait_for(lambda: sad_count(netns) == 0, timeout=30)
         assert wait_for(lambda: len(lost) == 500, timeout=20), len(lost)
-        assert resyncs, "events were dropped but _resync_lost never ran"
+        assert resyncs, "events were dropped but the watcher never resynced"
         assert a.stats.lost == 500
         assert a.guard is not None and len(a.guard) == 0
         assert {r.key for r in lost} == {r.key for r in rs}
@@ -325,15 +326,15 @@ def test_enobufs_on_expiry_watcher_resyncs_and_reports_lost(netns: Namespace, mo
 
 def test_on_lost_after_resync_names_the_lost_reservations(netns: Namespace) -> None:
     """From the resync path on_lost gets a Reservation rebuilt from the guard's
-    key (documented in Allocator._expire_missing: spi, dst, proto; src
+    key (documented in _rules.lost_reservation: spi, dst, proto; src
     unspecified, mode/reqid/mark default), so match callbacks by ``.key``."""
     lost: list[Reservation] = []
     a = Allocator(netns, on_lost=lost.append)
     try:
         a.acq_expires = 1
-        assert a._events is not None
-        a._events.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
-        with a._events.lock:
+        assert a.core.watcher is not None
+        a.core.watcher.sock.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+        with a.core.watcher.sock.lock:
             rs = a.allocate_many(50, DST, mode="tunnel", reqid=7, mark=(1, 0xFF))
             assert wait_for(lambda: sad_count(netns) == 0, timeout=30)
         assert wait_for(lambda: len(lost) == 50, timeout=20)
@@ -358,13 +359,13 @@ def test_on_lost_raising_in_resync_does_not_kill_the_watcher(netns: Namespace) -
     a = Allocator(netns, on_lost=bad)
     try:
         a.acq_expires = 1
-        assert a._events is not None and a._watcher is not None
-        a._events.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
-        with a._events.lock:
+        assert a.core.watcher is not None
+        a.core.watcher.sock.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+        with a.core.watcher.sock.lock:
             a.allocate_many(20, DST)
             assert wait_for(lambda: sad_count(netns) == 0, timeout=30)
         wait_for(lambda: len(calls) >= 20, timeout=10)
-        assert a._watcher.is_alive(), "the expiry watcher thread died"
+        assert a.core.watcher.alive, "the expiry watcher thread died"
         assert len(calls) == 20, f"resync stopped after the first failing callback: {len(calls)} of 20"
     finally:
         a.close()

@@ -36,7 +36,7 @@ def test_commit_ends_the_hold(netns: Namespace) -> None:
     with Allocator(netns) as alloc:
         r = alloc.allocate("10.0.0.1", hold=30)
         alloc.commit(r)
-        assert r.key not in alloc._held
+        assert r.key not in alloc.core.book.held
         alloc.release(r)
 
 

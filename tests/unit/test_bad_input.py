@@ -17,7 +17,7 @@ import pytest
 
 import spialloc
 from spialloc import Allocator, AsyncAllocator, InvalidRequest, Partition, check_disjoint
-from spialloc import allocator as allocator_mod
+from spialloc import _kernel as kernel_mod
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,7 +45,7 @@ class _NoSocket:
 
 @pytest.fixture
 def no_socket(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(allocator_mod, "XfrmSocket", _NoSocket)
+    monkeypatch.setattr(kernel_mod, "XfrmSocket", _NoSocket)
 
 
 @pytest.fixture

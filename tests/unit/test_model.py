@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import spialloc
+from spialloc import _kernel as kernel_mod
 from spialloc import _wire as w
-from spialloc import allocator as allocator_mod
 from spialloc._model import (
     DEFAULT_CPI_RANGE,
     DEFAULT_SPI_RANGE,
@@ -73,7 +73,7 @@ class _NoSyscallSocket:
 
 @pytest.fixture(params=[False, True], ids=["unguarded", "guarded"])
 def fake_alloc(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[spialloc.Allocator]:
-    monkeypatch.setattr(allocator_mod, "XfrmSocket", _NoSyscallSocket)
+    monkeypatch.setattr(kernel_mod, "XfrmSocket", _NoSyscallSocket)
     a = spialloc.Allocator(guard=request.param, watch_expiry=False, backend="python")
     try:
         yield a
@@ -243,7 +243,7 @@ def test_release_out_of_range_mark_is_invalid_request(fake_alloc, bad_mark, text
 def test_allocator_constructor_bad_argument_is_invalid_request(
     monkeypatch: pytest.MonkeyPatch, kwargs: dict[str, object], text: str
 ) -> None:
-    monkeypatch.setattr(allocator_mod, "XfrmSocket", _NoSyscallSocket)
+    monkeypatch.setattr(kernel_mod, "XfrmSocket", _NoSyscallSocket)
     with pytest.raises(InvalidRequest) as info:
         spialloc.Allocator(watch_expiry=False, backend="python", **kwargs)  # type: ignore[arg-type]
     assert text in str(info.value)
@@ -251,7 +251,7 @@ def test_allocator_constructor_bad_argument_is_invalid_request(
 
 def _sent_range(a: spialloc.Allocator, *args: object, **kwargs: object) -> tuple[int, int]:
     """The (min, max) of the ALLOCSPI message allocate() would send."""
-    a._sock.capture = True  # type: ignore[attr-defined]
+    a.core.kernel.sock.capture = True  # type: ignore[attr-defined]
     with pytest.raises(_Captured) as info:
         a.allocate(*args, **kwargs)  # type: ignore[arg-type]
     msg = info.value.msg
@@ -260,7 +260,7 @@ def _sent_range(a: spialloc.Allocator, *args: object, **kwargs: object) -> tuple
 
 
 def test_allocator_allow_reserved_accepts_low_range(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(allocator_mod, "XfrmSocket", _NoSyscallSocket)
+    monkeypatch.setattr(kernel_mod, "XfrmSocket", _NoSyscallSocket)
     with spialloc.Allocator(guard=False, watch_expiry=False, backend="python", allow_reserved=True) as a:
         assert _sent_range(a, "192.0.2.1", spi_range=(1, 255)) == (1, 255)
         assert _sent_range(a, "192.0.2.1", spi_range=(0, 255)) == (1, 255)
@@ -319,14 +319,14 @@ def test_public_default_constants() -> None:
 
 
 def test_allocator_default_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(allocator_mod, "XfrmSocket", _NoSyscallSocket)
+    monkeypatch.setattr(kernel_mod, "XfrmSocket", _NoSyscallSocket)
     with spialloc.Allocator(guard=False, watch_expiry=False, backend="python") as a:
         for proto, rng in (("esp", DEFAULT_SPI_RANGE), ("ah", DEFAULT_SPI_RANGE), ("comp", DEFAULT_CPI_RANGE)):
             assert _sent_range(a, "192.0.2.1", proto) == rng
 
 
 def test_allocator_configured_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(allocator_mod, "XfrmSocket", _NoSyscallSocket)
+    monkeypatch.setattr(kernel_mod, "XfrmSocket", _NoSyscallSocket)
     with spialloc.Allocator(guard=False, watch_expiry=False, backend="python", spi_range=(0x1000, 0x1FFF),
                             cpi_range=(0x200, 0x2FF)) as a:
         assert _sent_range(a, "192.0.2.1", "esp") == (0x1000, 0x1FFF)

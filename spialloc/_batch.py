@@ -1,0 +1,343 @@
+"""Batch rounds: the allocation rules of ``_rules`` for many SPIs at once.
+
+Sans I/O like ``_rules``: ``BatchRun.plan()`` yields the same operations
+(a ``RoundOp`` per engine call) and is driven by the same drivers.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Callable, Generator, Iterable, Sequence
+
+from ._model import Request
+from ._rules import (
+    BATCH_ROUNDS,
+    LOST,
+    Book,
+    ClaimOp,
+    DeleteOp,
+    DelKey,
+    Key,
+    LifetimeOp,
+    Op,
+    PollOp,
+    PresentOp,
+    RecoverOp,
+    ReleaseOp,
+    RoundOp,
+    RoundResult,
+    SyncOp,
+    all_outstanding,
+    is_directed,
+    refused_pick,
+    take_candidates,
+)
+from .errors import (
+    RESTART_ERRNOS,
+    ClosedError,
+    DuplicateSpi,
+    NetlinkError,
+    ReservationLost,
+    SpiallocError,
+    from_errno,
+)
+
+_DROPPED = "reply dropped: receive buffer full"
+_GAVE_UP = "no SPI after repeated tries"
+
+
+class BatchRun:
+    """One ``allocate_many``: rounds of engine calls until every index has an
+    SPI or an error.
+
+    Round one asks for everything; each later round asks again, batched, for
+    what was lost: dropped replies, collisions, directed misses, and states
+    that expired before the batch ended (a batch in a large table can outlive
+    the larval lifetime).  With the guard, every success is reserved as soon
+    as the engine returns and its key is marked in flight, so an EXPIRE for it
+    is neither missed nor reported to on_lost (the caller has not seen it):
+    the index is asked again instead.
+
+    ``plan()`` is the generator to drive; afterwards ``spis`` and ``errors``
+    hold the outcome and ``late`` the indices that died after their last
+    check (delivered, then reported lost as any other reservation).
+    """
+
+    def __init__(self, book: Book, req: Request, count: int, *, since: float, began: float, chunk: int) -> None:
+        self.book, self.req, self.count = book, req, count
+        self.guard = book.guard
+        self.proto = int(req.proto)
+        self.since, self.began, self.chunk = since, began, chunk
+        self.spis = [0] * count
+        self.errors: dict[int, SpiallocError] = {}
+        self.owned: dict[int, Key] = {}  # index -> guard key
+        self.holder: dict[Key, int] = {}  # guard key -> index
+        self.keys: set[Key] = set()  # every key this batch put in flight
+        self.why: dict[int, SpiallocError] = {}  # why an index is being asked again
+        self.directed = is_directed(book, req)
+        self.resynced = False
+        self.refused = False
+        self.late: list[int] = []
+        # The round under way: (asked, result, candidates), for clean-up.
+        self.in_round: tuple[list[int], RoundResult | None, list[int]] | None = None
+
+    # -- the driver's generator --
+
+    def plan(self, clock: Callable[[], float], closed: Callable[[], bool]) -> Generator[Op, object, None]:
+        """``clock``: monotonic seconds; ``closed``: whether the allocator was
+        closed meanwhile (the batch then releases what it has and raises)."""
+        pending = list(range(self.count))
+        try:
+            for _ in range(BATCH_ROUNDS):
+                if not pending:
+                    break
+                if closed():
+                    raise ClosedError(errno.EBADF, "allocator closed during the batch")
+                before = len(self.owned)
+                asked = yield from self._pick(pending)
+                if asked is None:
+                    continue  # resynced: pick again
+                if not asked:
+                    pending = []
+                    break
+                retry, misses = yield from self._round(asked)
+                retry.extend((yield from self._drop_dead(clock)))
+                if retry:
+                    self.book.stats.retries += len(retry)
+                    self.directed = self.guard is not None
+                pending = sorted(set(retry))
+                if len(self.owned) <= before and not misses:
+                    break  # a round that gained nothing: asking again will not either
+            for i in pending:
+                self.errors[i] = self.why.get(i) or NetlinkError(errno.EAGAIN, _GAVE_UP, "allocspi")
+            if self.refused:
+                yield ClaimOp(self.req)
+        except BaseException:
+            yield ReleaseOp(self._abandon())  # interrupted (Ctrl-C, close, a bug): every state goes
+            raise
+        finally:
+            self.book.inflight.difference_update(self.keys)
+        self._late_deaths()
+
+    def _pick(self, pending: list[int]) -> Generator[Op, object, list[int] | None]:
+        """The indices to ask for this round; with directed picks, their
+        candidates reserved.  None: foreign marks were resynced, pick again."""
+        if not self.directed:
+            self.cands: list[int] = []
+            return pending
+        req = self.req
+        cands = take_candidates(self.book, req, len(pending))
+        if len(cands) < len(pending) and not self.resynced and self.guard is not None and self.guard.stats.foreign:
+            self.resynced = True  # foreign marks may be stale: look again once
+            for c in cands:
+                self.guard.release(req.gdst, self.proto, c)
+            yield SyncOp()
+            return None
+        self._in_flight([(req.gdst, self.proto, c) for c in cands])
+        for i in pending[len(cands) :]:
+            self.errors[i] = all_outstanding(req)
+        self.cands = cands
+        return pending[: len(cands)]
+
+    def _in_flight(self, ks: Iterable[Key]) -> None:
+        ks = list(ks)
+        self.keys.update(ks)
+        self.book.inflight.update(ks)
+        self.book.died.difference_update(ks)  # an earlier death of a value is not this state's
+
+    def _round(self, asked: list[int]) -> Generator[Op, object, tuple[list[int], int]]:
+        """One engine call and its booking: (indices to ask again, directed misses)."""
+        cands = self.cands if self.directed else None
+        self.in_round = (asked, None, self.cands)
+        res = yield RoundOp(self.req, len(asked), cands, self.since, self.chunk)
+        assert isinstance(res, RoundResult)
+        self.in_round = (asked, res, self.cands)
+        self.refused = errno.ENOENT in res.errs  # leaves an SPI-0 larval state, unless reused later
+        if res.overran:
+            # The window overflowed the receive buffer: step down to what came back.
+            self.chunk = max(1, min(self.chunk, sum(1 for e in res.errs if e != LOST)) // 2)
+        ok = self._reserve_round(res)
+        if ok:
+            # In flight before anything else can run (a poll of a collision
+            # below): a death of one of these is the batch's, never on_lost's.
+            self._in_flight([(self.req.gdst, self.proto, res.got[j]) for j, o in enumerate(ok) if o])
+        if self._clean(res, ok):
+            self._book_all(asked, res.got)
+            retry: list[int] = []
+            misses = lost = 0
+        else:
+            retry, misses, lost = yield from self._book_each(asked, res, ok)
+        if lost:
+            known = frozenset(spi for spi in self.spis if spi)
+            yield RecoverOp(self.req, lost, self.since, known)
+        self.in_round = None
+        return retry, misses
+
+    def _reserve_round(self, res: RoundResult) -> list[bool]:
+        """Random picks: the round's successes reserved under one lock."""
+        if self.guard is None or self.directed:
+            return []
+        succ = [j for j, e in enumerate(res.errs) if e == 0]
+        ok = [False] * len(res.errs)
+        held = self.guard.reserve_many_trusted(self.req.gdst, self.proto, [res.got[j] for j in succ])
+        for j, o in zip(succ, held, strict=True):
+            ok[j] = o
+        return ok
+
+    def _clean(self, res: RoundResult, ok: list[bool]) -> bool:
+        if res.errs.count(0) != len(res.errs):
+            return False
+        if self.directed:
+            return res.got == self.cands
+        return self.guard is None or all(ok)
+
+    def _book_all(self, asked: list[int], got: list[int]) -> None:
+        """Every request of the round came back as asked: book them in bulk."""
+        ks = [(self.req.gdst, self.proto, spi) for spi in got]
+        self.owned.update(zip(asked, ks, strict=True))
+        self.holder.update(zip(ks, asked, strict=True))
+        for i, spi in zip(asked, got, strict=True):
+            self.spis[i] = spi
+
+    def _own(self, i: int, key: Key) -> None:
+        self.owned[i] = key
+        self.holder[key] = i
+        self.spis[i] = key[2]
+
+    def _book_each(
+        self, asked: list[int], res: RoundResult, ok: list[bool]
+    ) -> Generator[Op, object, tuple[list[int], int, int]]:
+        """Book a round index by index: (to ask again, directed misses, dropped replies)."""
+        req, guard = self.req, self.guard
+        retry: list[int] = []
+        misses = lost = 0
+        for j, i in enumerate(asked):
+            e, spi = res.errs[j], res.got[j]
+            if self.directed:
+                assert guard is not None
+                c = self.cands[j]
+                if e == 0 and spi == c:
+                    self._own(i, (req.gdst, self.proto, c))
+                    continue
+                if e == errno.ENOENT or e in RESTART_ERRNOS:  # a restart only follows a used pick
+                    refused_pick(self.book, req, c)
+                    misses += 1
+                    retry.append(i)
+                    continue
+                guard.release(req.gdst, self.proto, c)
+            if e == 0:
+                key = (req.gdst, self.proto, spi)
+                if guard is not None and not (ok[j] if ok else self._reserve_late(key)):
+                    if not (yield from self._collided(i, spi, retry)):
+                        continue
+                self._own(i, key)
+            elif e == LOST:
+                lost += 1
+                self.why[i] = NetlinkError(errno.ENOBUFS, _DROPPED, "allocspi")
+                retry.append(i)
+            elif e in RESTART_ERRNOS:
+                self.why[i] = NetlinkError(errno.EINTR, "interrupted by a signal", "allocspi")
+                retry.append(i)  # the kernel gave up on it before allocating
+            elif e == errno.ENOENT and guard is not None and not self.directed:
+                retry.append(i)  # asked again, directed
+            else:
+                self.errors[i] = from_errno(e, res.text, "allocspi")
+        return retry, misses, lost
+
+    def _reserve_late(self, key: Key) -> bool:
+        """Directed, and the kernel answered another SPI than asked: reserve it now."""
+        assert self.guard is not None
+        if not self.guard.reserve(*key):
+            return False
+        self._in_flight([key])
+        return True
+
+    def _collided(self, i: int, spi: int, retry: list[int]) -> Generator[Op, object, bool]:
+        """A success whose SPI the guard holds: True if it could be reserved
+        after all (its holder had just died), else it is deleted and retried."""
+        guard = self.guard
+        assert guard is not None
+        req = self.req
+        self.book.stats.collisions += 1
+        yield PollOp()  # the EXPIRE is queued before the kernel can hand the SPI out again
+        retry.extend(self.reap())
+        if guard.reserve(req.gdst, self.proto, spi):
+            self._in_flight([(req.gdst, self.proto, spi)])  # the death just seen was its holder's
+            return True
+        yield DeleteOp(req.daddr, spi, req.family, self.proto, req.mark)
+        self.why[i] = DuplicateSpi(f"the kernel kept returning outstanding SPIs (last {spi:#010x})")
+        retry.append(i)
+        return False
+
+    def reap(self) -> list[int]:
+        """Indices whose state the watcher saw die (in flight, so kept from
+        on_lost): freed, to be asked again."""
+        dead = []
+        for key in self.book.died.intersection(self.holder):
+            i = self.holder.pop(key)
+            self.owned.pop(i, None)
+            self.book.died.discard(key)
+            if self.guard is not None:
+                self.guard.release(*key)  # expired by the watcher already; make sure
+            self.spis[i] = 0
+            dead.append(i)
+        self.book.stats.expired_in_batch += len(dead)
+        return dead
+
+    def _drop_dead(self, clock: Callable[[], float]) -> Generator[Op, object, list[int]]:
+        """Deaths seen by the watcher, and once the batch has run for half the
+        larval lifetime, those a dump shows: missing, or held twice."""
+        dead = self.reap()
+        lifetime = yield LifetimeOp()
+        assert isinstance(lifetime, float)
+        if clock() - self.began > lifetime / 2:
+            present = yield PresentOp(self.req)
+            assert isinstance(present, (set, frozenset))
+            seen: set[int] = set()
+            missing = []
+            for i in sorted(self.owned):
+                spi = self.spis[i]
+                if spi not in present or spi in seen:
+                    missing.append(i)
+                seen.add(spi)
+            for i in set(missing):
+                key = self.owned.pop(i)
+                if self.holder.get(key) == i:
+                    del self.holder[key]
+                    if self.guard is not None:
+                        self.guard.release(*key)
+                self.spis[i] = 0
+                self.book.stats.expired_in_batch += 1
+            dead.extend(sorted(set(missing)))
+        for i in dead:
+            self.why[i] = ReservationLost(
+                "the larval state expired before the batch ended: raise acq_expires, or allocate in smaller batches"
+            )
+        return dead
+
+    def _abandon(self) -> list[DelKey]:
+        """Every state this batch made, for deletion; its candidates freed."""
+        req = self.req
+        doomed = {self.spis[i] for i in self.owned}
+        if self.in_round is not None:
+            _, res, cands = self.in_round
+            if res is not None:
+                doomed.update(g for g, e in zip(res.got, res.errs, strict=True) if e == 0)
+            if self.guard is not None:
+                for c in cands:
+                    if (req.gdst, self.proto, c) not in self.holder:
+                        self.guard.release(req.gdst, self.proto, c)
+        return [(req.daddr, spi, req.family, self.proto, req.mark) for spi in doomed if spi]
+
+    def _late_deaths(self) -> None:
+        late = self.keys & self.book.died
+        if late:
+            # Died between the last check and now: the caller gets them, and
+            # hears of their loss as for any other reservation.
+            self.book.died.difference_update(self.keys)
+            self.late = [i for i, key in self.owned.items() if key in late]
+
+    def good(self) -> Sequence[int]:
+        """Indices that got an SPI, in order."""
+        errors = self.errors
+        return [i for i in range(self.count) if i not in errors] if errors else range(self.count)

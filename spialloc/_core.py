@@ -1,0 +1,364 @@
+"""What both faces of an allocator share, and the blocking driver of the rules.
+
+``Allocator`` (blocking) and ``AsyncAllocator`` (asyncio) are two faces of one
+``Core``: its options, its request cache, its bookkeeping (``_rules.Book``),
+its kernel I/O (``_kernel.Kernel``) and its expiry watcher.  ``execute`` runs
+one of the rules' operations with blocking calls and ``drive`` runs a whole
+plan with it; AsyncAllocator awaits the ALLOCSPIs itself and hands every
+other operation to ``execute`` in a worker thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Generator, Iterable, Literal, TypeVar
+
+from . import _backend
+from . import _rules as rules
+from . import _wire as w
+from ._batch import BatchRun
+from ._expiry import ExpiryWatcher
+from ._kernel import Kernel
+from ._model import (
+    Address,
+    Direction,
+    MarkSpec,
+    Mode,
+    Proto,
+    Request,
+    Reservation,
+    build_request,
+    check_int,
+    guard_dst,
+    pack_address,
+    parse_address,
+    parse_mark,
+    parse_proto,
+    parse_range,
+    reservation_from,
+)
+from ._netns import Namespace, NetnsSpec
+from .errors import BatchError, ClosedError, InvalidRequest, SpiallocError
+from .guard import Guard
+from .ha import Partition
+
+T = TypeVar("T")
+
+_CACHEABLE = frozenset({str, int, type(None), ipaddress.IPv4Address, ipaddress.IPv6Address, Proto, Mode, Direction})
+_CACHEABLE_T = _CACHEABLE | {tuple}
+#: The most SPIs one allocate_many may ask for: more than any range holds
+#: (2^32 - 1 values) is refused before the first syscall.
+MAX_BATCH = 0xFFFFFFFF
+#: Distinct argument sets the request cache keeps before it starts over.
+REQUEST_CACHE_SIZE = 1024
+
+
+@dataclass
+class BatchResult:
+    """What ``allocate_many(..., strict=False)`` returns: the successes in
+    request order, and for each failed request index its typed error."""
+
+    reservations: list[Reservation]
+    errors: dict[int, SpiallocError] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+class Core:
+    """One allocator: see the module doc.  Arguments as ``Allocator``'s."""
+
+    def __init__(
+        self,
+        netns: NetnsSpec,
+        *,
+        guard: bool | Guard,
+        scope: Literal["spi", "dst"],
+        backend: str | None,
+        spi_range: tuple[int, int] | None,
+        cpi_range: tuple[int, int] | None,
+        partition: Partition | None,
+        allow_reserved: bool,
+        on_lost: Callable[[Reservation], None] | None,
+        watch_expiry: bool,
+        max_retries: int,
+        rcvbuf: int,
+    ) -> None:
+        check_int("max_retries", max_retries, 0, 1 << 31)
+        check_int("rcvbuf", rcvbuf, 0, 1 << 30, "a byte count from 0 to 1 GiB (0: kernel default)")
+        self.backend, engine = _backend.select(backend)
+        self.allow_reserved = allow_reserved
+        self.ranges = {
+            Proto.ESP: parse_range(Proto.ESP, spi_range, allow_reserved),
+            Proto.AH: parse_range(Proto.AH, spi_range, allow_reserved),
+            Proto.COMP: parse_range(Proto.COMP, cpi_range, allow_reserved),
+        }
+        if partition is not None and not isinstance(partition, Partition):
+            raise InvalidRequest(f"partition={partition!r} must be a spialloc.Partition")
+        self.partition = partition
+        if partition is not None:
+            for lo, hi in self.ranges.values():
+                partition.apply(lo, hi)  # validates: raises InvalidRequest if too small
+        self.book = rules.Book(_make_guard(guard, scope), max_retries, on_lost)
+        self.closed = False
+        self._idle = threading.Condition()
+        self._running = 0  # batches under way; close() waits for them
+        self._req_cache: dict[tuple[object, ...], Request] = {}
+        self.ns = Namespace.open(netns)
+        try:
+            self.kernel = Kernel(self.ns, engine, self.book, rcvbuf)
+        except BaseException:
+            self.ns.close()
+            raise
+        self.watcher: ExpiryWatcher | None = None
+        try:
+            if self.book.guard is not None and watch_expiry:
+                self.watcher = ExpiryWatcher(self.ns, self.book, self.kernel)
+        except BaseException:
+            self.close()
+            raise
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """See ``Allocator.close``."""
+        if self.closed:
+            return
+        self.closed = True
+        with self._idle:
+            self._idle.wait_for(lambda: self._running == 0, timeout=60)
+        if self.watcher is not None:
+            self.watcher.close()
+        if hasattr(self, "kernel"):
+            self.kernel.close()
+        self.ns.close()
+
+    def check_open(self) -> None:
+        if self.closed:
+            raise ClosedError(errno.EBADF, "allocator is closed")
+
+    def hold_until(self, hold: object) -> float | None:
+        """The monotonic deadline of ``allocate(hold=...)``, validated."""
+        if hold is None:
+            return None
+        if isinstance(hold, bool) or not isinstance(hold, (int, float)) or not 0 < hold < 1e9:
+            raise InvalidRequest(f"hold={hold!r} must be a positive number of seconds (below 1e9)")
+        if self.watcher is None:
+            raise InvalidRequest("hold needs the guard's expiry watcher (guard on, watch_expiry=True)")
+        return time.monotonic() + float(hold)
+
+    # --- requests -------------------------------------------------------------------------
+
+    def request(
+        self,
+        dst: Address,
+        proto: str | int | Proto,
+        src: Address | None,
+        spi_range: tuple[int, int] | None,
+        mode: str | int,
+        reqid: int,
+        mark: MarkSpec,
+        if_id: int | None,
+        direction: str | int | None,
+        seq: int,
+        pcpu: int | None,
+    ) -> Request:
+        """The validated request for these ``allocate`` arguments.
+
+        Validating and encoding costs more than the kernel round trip, and a
+        daemon asks with the same arguments again and again: cache by the
+        arguments as given, but only for exact simple types, so that no
+        invalid value (a bool, a float) can ever hit a valid entry."""
+        args = (dst, proto, src, spi_range, mode, reqid, mark, if_id, direction, seq, pcpu)
+        types = set(map(type, args))
+        cacheable = types <= _CACHEABLE or (
+            types <= _CACHEABLE_T and all(type(x) is int for a in args if type(a) is tuple for x in a)  # noqa: E721
+        )
+        if cacheable:
+            req = self._req_cache.get(args)
+            if req is not None:
+                return req
+        p = parse_proto(proto)
+        req = build_request(
+            dst,
+            p,
+            src=src,
+            spi_range=self.effective_range(p, spi_range),
+            mode=mode,
+            reqid=reqid,
+            mark=mark,
+            if_id=if_id,
+            direction=direction,
+            seq=seq,
+            pcpu=pcpu,
+            allow_reserved=self.allow_reserved,
+        )
+        if cacheable:
+            if len(self._req_cache) >= REQUEST_CACHE_SIZE:
+                self._req_cache.clear()
+            self._req_cache[args] = req
+        return req
+
+    def effective_range(self, proto: Proto, spi_range: object) -> tuple[int, int]:
+        """The range to ask for: the caller's or the allocator's default,
+        narrowed to this process's partition."""
+        lo, hi = self.ranges[proto] if spi_range is None else parse_range(proto, spi_range, self.allow_reserved)
+        return self.partition.apply(lo, hi) if self.partition is not None else (lo, hi)
+
+    # --- running the rules ---------------------------------------------------------------
+
+    def execute(self, op: rules.Op) -> object:
+        """One of the rules' operations, with blocking calls."""
+        k = self.kernel
+        if isinstance(op, rules.AllocOp):
+            return k.alloc_one(op.req, op.lo, op.hi)
+        if isinstance(op, rules.DeleteOp):
+            return k.delete(op.daddr, op.spi, op.family, op.proto, op.mark)
+        if isinstance(op, rules.PollOp):
+            return self.poll()
+        if isinstance(op, rules.SyncOp):
+            return self.sync()
+        if isinstance(op, rules.ClaimOp):
+            k.claim_stray(op.req)
+            return None
+        if isinstance(op, rules.RoundOp):
+            return k.round(op.req, op.n, op.cands, op.since, op.chunk)
+        if isinstance(op, rules.RecoverOp):
+            return k.recover_lost(op.req, op.lost, op.since, op.known)
+        if isinstance(op, rules.PresentOp):
+            return k.present(op.req)
+        if isinstance(op, rules.LifetimeOp):
+            return k.lifetime()
+        if isinstance(op, rules.ReleaseOp):
+            return self.release_keys(op.keys)
+        raise TypeError(f"unknown operation {op!r}")
+
+    def drive(self, plan: Generator[rules.Op, object, T]) -> T:
+        """Run a plan to its end: each op's result is sent back in, each
+        op's exception thrown in (the plan cleans up and re-raises)."""
+        step = rules.Stepper(plan)
+        while not step.done:
+            try:
+                result = self.execute(step.op)
+            except BaseException as exc:
+                step.throw(exc)
+            else:
+                step.send(result)
+        return step.value
+
+    def poll(self) -> int:
+        """Process queued EXPIRE events now (the watcher thread does it too)."""
+        return 0 if self.watcher is None else self.watcher.poll()
+
+    def sync(self) -> int:
+        self.check_open()
+        book = self.book
+        if book.guard is None:
+            return 0
+        states = self.kernel.dump_states()
+        foreign = rules.seed_foreign(book, states)
+        for r in rules.missing_from(book, rules.state_keys(states)):
+            book.lost(r)
+        return foreign
+
+    # --- batches ------------------------------------------------------------------------------
+
+    def check_batch_args(self, count: object, unknown: dict[str, object]) -> int:
+        if unknown:
+            if "seq" in unknown:
+                raise InvalidRequest("allocate_many takes no seq: one ACQUIRE binds one SPI; use allocate(seq=...)")
+            raise InvalidRequest(f"allocate_many got unknown options: {', '.join(sorted(unknown))}")
+        return check_int("count", count, 0, MAX_BATCH, f"a number of SPIs from 0 to {MAX_BATCH}")
+
+    def run_batch(self, req: Request, count: int, strict: bool) -> list[Reservation] | BatchResult:
+        """A batch through the engine in rounds (``_rules.BatchRun``).  All or
+        nothing when ``strict``: a failed batch releases its SPIs and raises
+        BatchError; else a BatchResult with the errors by index."""
+        with self._idle:
+            self._running += 1
+        try:
+            run = BatchRun(
+                self.book, req, count, since=time.time() - 1.0, began=time.monotonic(), chunk=self.kernel.sock.window()
+            )
+            self.drive(run.plan(time.monotonic, lambda: self.closed))
+        finally:
+            with self._idle:
+                self._running -= 1
+                self._idle.notify_all()
+        spis, good, late = run.spis, run.good(), set(run.late)
+        if run.errors and strict:
+            # The late dead are gone already: their SPIs may be someone else's now.
+            keys = [(req.daddr, spis[i], req.family, int(req.proto), req.mark) for i in good if i not in late]
+            raise BatchError(count, run.errors, self.release_keys(keys))
+        now = time.time()
+        reservations = [reservation_from(req, spis[i], now) for i in good]
+        book = self.book
+        book.stats.allocated += len(reservations)
+        if book.on_lost is not None and book.guard is not None:
+            gdst, proto = req.gdst, int(req.proto)
+            book.origin.update(((gdst, proto, r.spi), req) for r in reservations)
+        for i in sorted(late):
+            book.lost(reservation_from(req, spis[i], now))
+        return reservations if strict else BatchResult(reservations, run.errors)
+
+    def outcome(
+        self, count: int, reservations: list[Reservation], errors: dict[int, SpiallocError], strict: bool
+    ) -> list[Reservation] | BatchResult:
+        """Batches run in parts (AsyncAllocator), put together: all or
+        nothing when ``strict``, as ``run_batch``."""
+        if errors and strict:
+            raise BatchError(count, errors, self.release(reservations))
+        return reservations if strict else BatchResult(reservations, errors)
+
+    # --- release and commit --------------------------------------------------------------------
+
+    def release(self, reservations: Reservation | Iterable[Reservation]) -> int:
+        if isinstance(reservations, Reservation):
+            items = [reservations]
+        elif isinstance(reservations, Iterable) and not isinstance(reservations, (str, bytes)):
+            items = list(reservations)
+        else:
+            raise InvalidRequest(f"release takes a Reservation or an iterable of them, got {reservations!r}")
+        keys = [_release_key(r) for r in items]  # all validated before any syscall
+        return self.release_keys(rules.releasable(self.book, keys))
+
+    def release_keys(self, keys: list[rules.DelKey]) -> int:
+        deleted = self.kernel.delete_all(keys)
+        rules.forget(self.book, [(guard_dst(k[2], k[0]), k[3], k[1]) for k in keys])
+        self.book.stats.released += deleted
+        return deleted
+
+    def commit(self, reservation: Reservation) -> None:
+        if not isinstance(reservation, Reservation):
+            raise InvalidRequest(f"commit takes a Reservation, got {reservation!r}")
+        if self.book.guard is None:
+            return
+        self.poll()
+        rules.committed(self.book, reservation.key)
+
+
+def _make_guard(guard: object, scope: Literal["spi", "dst"]) -> Guard | None:
+    if isinstance(guard, Guard):
+        return guard
+    if guard is True:
+        return Guard(scope)
+    if guard is False or guard is None:
+        return None
+    raise InvalidRequest(f"guard={guard!r} must be True, False or a Guard")
+
+
+def _release_key(r: object) -> tuple[rules.Key, rules.DelKey]:
+    """(guard key, DELSA key) of a reservation, validated."""
+    if not isinstance(r, Reservation):
+        raise InvalidRequest(f"release takes Reservations, got {r!r}")
+    dst = parse_address("dst", r.dst)
+    proto = int(parse_proto(r.proto))
+    spi = check_int("spi", r.spi, 0, 0xFFFFFFFF)
+    family = w.AF_INET if dst.version == 4 else w.AF_INET6
+    daddr = pack_address(dst)
+    return (guard_dst(family, daddr), proto, spi), (daddr, spi, family, proto, parse_mark(r.mark))

@@ -1,0 +1,149 @@
+"""The expiry watcher: the kernel's EXPIRE events applied to an allocator's guard.
+
+A larval state lives ``net.core.xfrm_acq_expires`` seconds; when it dies its
+SPI is free for the next ALLOCSPI, whoever asks.  The watcher listens on
+``XFRMNLGRP_EXPIRE`` (decoded by ``monitor.decode_event``, the Monitor's own
+decoder) in a thread of its own, so a reservation whose state died is known
+as lost before its SPI can be handed out again: the guard frees the tuple,
+``on_lost`` hears of it, and ``commit`` raises.  A held reservation's state
+is made again instead.  If the kernel dropped events (ENOBUFS), a SAD dump
+finds the reservations that died unseen.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import threading
+import time
+import warnings
+
+from . import _rules as rules
+from . import _wire as w
+from ._kernel import Kernel
+from ._model import KernelState, address_key
+from ._netlink import XfrmSocket
+from ._netns import Namespace
+from .errors import DecodeError, SpiallocError
+from .guard import State
+from .monitor import Expire, decode_event
+
+EXPIRE_GROUP = 1 << (w.XFRMNLGRP_EXPIRE - 1)
+#: Room for ~1,000 queued EXPIRE events before the kernel drops some.
+EVENT_RCVBUF = 1 << 20
+
+
+class ExpiryWatcher:
+    """One EXPIRE socket and the thread that reads it.  ``poll`` may also be
+    called from any thread (the allocator does, before deciding on a
+    collision), so events are handled under the socket's lock."""
+
+    def __init__(self, ns: Namespace, book: rules.Book, kernel: Kernel) -> None:
+        self.book = book
+        self.kernel = kernel
+        self.sock = XfrmSocket(ns, groups=EXPIRE_GROUP, rcvbuf=EVENT_RCVBUF)
+        try:
+            self._wake_r, self._wake_w = os.pipe()
+        except BaseException:
+            self.sock.close()
+            raise
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="spialloc-expiry", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        os.write(self._wake_w, b"x")
+        if threading.current_thread() is not self._thread:  # close() from on_lost: no self-join
+            self._thread.join()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self.sock.close()
+
+    def _run(self) -> None:
+        # selectors, not select(): nothing may depend on fd numbers below 1024.
+        sel = selectors.DefaultSelector()
+        try:
+            sel.register(self.sock.fileno(), selectors.EVENT_READ)
+            sel.register(self._wake_r, selectors.EVENT_READ)
+            while True:
+                ready = sel.select()
+                if any(key.fd == self._wake_r for key, _ in ready):
+                    return
+                try:
+                    self.poll()
+                except Exception as exc:  # the watcher must outlive any one bad event
+                    if self._closing:
+                        return
+                    warnings.warn(f"spialloc expiry watcher: {exc!r}", RuntimeWarning, stacklevel=1)
+        except (OSError, ValueError):
+            return  # closed under us
+        finally:
+            sel.close()
+
+    def poll(self) -> int:
+        """Handle the EXPIRE events queued now; returns how many."""
+        handled = 0
+        with self.sock.lock:
+            while True:
+                data = self.sock.recv_nowait()
+                if data is None:
+                    break
+                handled += self._handle(data)
+            if self.sock.overruns:
+                self.sock.overruns = 0
+                self.resync()
+        return handled
+
+    def _handle(self, data: memoryview) -> int:
+        handled = 0
+        for kind, _, _, _, payload in w.iter_messages(data):
+            try:
+                ev = decode_event(kind, payload)
+            except DecodeError:
+                continue  # a message we cannot read is skipped, never fatal
+            if not isinstance(ev, Expire) or not ev.hard or self.book.guard is None:
+                continue
+            handled += 1
+            self.died((address_key(ev.dst), int(ev.proto), ev.spi), ev.state)
+        return handled
+
+    def died(self, key: rules.Key, state: KernelState | None) -> None:
+        """One state is gone: renew it if held, else free it and report a loss."""
+        book = self.book
+        if book.held and self._renew(key):
+            return
+        if rules.expired(book, key) is State.RESERVED:
+            book.lost(rules.lost_reservation(book, key, state))
+        else:
+            book.origin.pop(key, None)
+
+    def _renew(self, key: rules.Key) -> bool:
+        """A held reservation's larval state expired: allocate its SPI again.
+        The guard keeps the tuple reserved meanwhile, so no thread of ours
+        can take it; another process could, and then it is lost after all."""
+        req = rules.renewable(self.book, key, time.monotonic())
+        if req is None:
+            return False
+        try:
+            self.kernel.alloc_one(req, key[2], key[2])
+        except SpiallocError:
+            self.book.held.pop(key, None)
+            return False
+        self.book.stats.renewed += 1
+        return True
+
+    def resync(self) -> None:
+        """EXPIRE events were dropped: anything the guard holds as reserved
+        that is no longer in the SAD has died unseen."""
+        if self.book.guard is None:
+            return
+        present = rules.state_keys(self.kernel.dump_states())
+        for r in rules.missing_from(self.book, present):
+            self.book.lost(r)

@@ -1,0 +1,262 @@
+"""Every request an allocator sends to the kernel, for both of its faces.
+
+One ``Kernel`` owns the request socket of one allocator and the batch engine
+(C or Python): one ALLOCSPI, an engine round, DELSA one at a time or
+batched, recovery of the states behind dropped replies, GETSA, SAD dumps
+and the namespace's larval lifetime.  It decides nothing about which SPI to
+hand out (that is ``_rules``); it only turns requests into kernel answers,
+counting overruns, and never leaves a state it made unaccounted for.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import time
+from types import ModuleType
+from typing import Sequence
+
+from . import _wire as w
+from ._model import KernelState, Proto, Request, pack_address
+from ._netlink import XfrmSocket
+from ._netns import Namespace, read_sysctl, write_sysctl
+from ._rules import LOST, Book, DelKey, RoundResult
+from .errors import (
+    RESTART_ERRNOS,
+    NamespaceError,
+    NetlinkError,
+    SpiallocError,
+    SpiExhausted,
+    from_errno,
+)
+
+ACQ_SYSCTL = "net.core.xfrm_acq_expires"
+#: The kernel's default larval lifetime, used when the sysctl cannot be read.
+DEFAULT_ACQ_EXPIRES = 30.0
+
+
+class Kernel:
+    """The request socket of one allocator in one namespace."""
+
+    def __init__(self, ns: Namespace, engine: ModuleType, book: Book, rcvbuf: int) -> None:
+        self.ns = ns
+        self.engine = engine
+        self.book = book
+        self.sock = XfrmSocket(ns, rcvbuf=rcvbuf)
+        self._lifetime: float | None = None
+
+    def close(self) -> None:
+        with self.sock.lock:  # never between a request and its reply
+            self.sock.close()
+
+    # --- ALLOCSPI ---------------------------------------------------------------------
+
+    def alloc_one(self, req: Request, spi_min: int, spi_max: int) -> int:
+        """One ALLOCSPI round trip; returns the SPI (host order)."""
+        msg = bytearray(req.template)
+        if spi_min != req.spi_min or spi_max != req.spi_max:
+            w.patch_range(msg, 0, spi_min, spi_max)
+        for _ in range(64):
+            try:
+                return self.sock.allocspi(msg)
+            except NetlinkError as exc:
+                if exc.errno in RESTART_ERRNOS:
+                    if spi_min == spi_max:
+                        # The kernel checks for signals only after a pick that
+                        # hit a used SPI: with one value, that value is taken.
+                        raise SpiExhausted(errno.ENOENT, "the requested SPI is in use", "allocspi") from None
+                    continue  # interrupted between random picks: ask again
+                if exc.errno == errno.ENOBUFS and "reply dropped" in str(exc):
+                    self.book.stats.overruns += 1
+                    self.recover_lost(req, 1, time.time() - 1.0)
+                raise
+        raise NetlinkError(errno.EINTR, "interrupted by signals 64 times in a row", "allocspi")
+
+    def claim_stray(self, req: Request) -> None:
+        """A refused ALLOCSPI leaves its larval state behind with SPI 0 until it
+        expires, and DELSA cannot name SPI 0.  A request with the same
+        parameters reuses that state, so ask for any SPI, then delete it."""
+        if req.seq:
+            return  # the kernel's own ACQ state: not ours to remove
+        lo, hi = (0x100, 0xFFFF) if req.proto is Proto.COMP else (0x100, 0xFFFFFFFF)
+        try:
+            spi = self.alloc_one(req, lo, hi)
+            self.delete(req.daddr, spi, req.family, req.proto, req.mark)
+        except SpiallocError:
+            pass  # nothing free at all: it expires on its own
+
+    def round(self, req: Request, n: int, cands: list[int] | None, since: float, chunk: int) -> RoundResult:
+        """One engine call for ``n`` requests (exact SPIs when ``cands``).  If
+        it is interrupted, what the kernel allocated is deleted first."""
+        ranges = None if cands is None else (array.array("I", cands), array.array("I", cands))
+        sock = self.sock
+        with sock.lock:
+            seq0 = sock.next_seq(n)
+            try:
+                got, errs, text, overruns = self.engine.alloc_batch(
+                    sock.sock, sock.portid, req.template, n, seq0, ranges, min(chunk, sock.window()), _no_interrupt
+                )
+            except BaseException as exc:
+                self._abandon_round(req, getattr(exc, "spialloc_partial", None), since)
+                raise
+        self.book.stats.batches += 1
+        self.book.stats.overruns += overruns
+        errs = list(errs)
+        return RoundResult(list(got), errs, text, bool(overruns) or LOST in errs)
+
+    def _abandon_round(self, req: Request, partial: tuple[Sequence[int], Sequence[int]] | None, since: float) -> None:
+        if partial is None:
+            return
+        got, errs = partial
+        ok = [s for s, e in zip(got, errs, strict=True) if e == 0]
+        self.book.stats.released += self.delete_all([(req.daddr, s, req.family, int(req.proto), req.mark) for s in ok])
+        lost = sum(1 for e in errs if e == LOST)
+        if lost:
+            self.recover_lost(req, lost, since, frozenset())
+
+    def recover_lost(self, req: Request, lost: int, since: float, known: frozenset[int] = frozenset()) -> int:
+        """Replies were dropped (ENOBUFS): the kernel may hold larval states
+        nobody knows.  Find them in a dump (same request parameters, made since
+        the batch began, not ours and not in the guard) and delete them."""
+        guard = self.book.guard
+        found = 0
+        for st in self.dump_states():
+            if not st.larval or st.acquire_seq:
+                continue
+            if (
+                st.proto != req.proto
+                or pack_address(st.dst) != req.daddr
+                or pack_address(st.src) != req.saddr
+                or st.mode != req.mode
+                or st.reqid != req.reqid
+                or (st.mark or (0, 0)) != (req.mark or (0, 0))  # the kernel omits zero values
+                or (st.if_id or 0) != (req.if_id or 0)
+                or st.added < int(since)
+                or st.spi in known
+            ):
+                continue
+            if guard is not None and guard.is_outstanding(req.gdst, req.proto, st.spi):
+                continue
+            self.delete(req.daddr, st.spi, req.family, req.proto, req.mark)
+            found += 1
+        self.book.stats.recovered += found
+        return found
+
+    # --- DELSA ---------------------------------------------------------------------------
+
+    def delete(self, daddr: bytes, spi: int, family: int, proto: int, mark: tuple[int, int] | None) -> bool:
+        """One DELSA; False if the state was already gone."""
+        msg = bytearray(_delsa(daddr, spi, family, proto, mark))
+        with self.sock.lock:
+            seq = self.sock.next_seq()
+            w.patch_seq(msg, 0, seq)
+            try:
+                self.sock.transact(bytes(msg), seq, "delsa")
+            except NetlinkError as exc:
+                if exc.errno == errno.ESRCH:
+                    return False
+                raise
+        return True
+
+    def delete_all(self, keys: list[DelKey]) -> int:
+        """DELSA for each key (batched through the engine when there are
+        several); returns how many states were deleted."""
+        if not keys:
+            return 0
+        if len(keys) == 1:
+            return int(self.delete(*keys[0]))
+        # Messages differ only in size when some carry a mark: batch by size.
+        by_size: dict[int, list[bytes]] = {}
+        for k in keys:
+            m = _delsa(*k)
+            by_size.setdefault(len(m), []).append(m)
+        deleted = 0
+        sock = self.sock
+        for size, msgs in by_size.items():
+            with sock.lock:
+                seq0 = sock.next_seq(len(msgs))
+                errs = self.engine.delsa_batch(
+                    sock.sock, sock.portid, b"".join(msgs), size, len(msgs), seq0, sock.window()
+                )
+            for e in errs:
+                if e == 0:
+                    deleted += 1
+                elif e == LOST:
+                    # Only the ack was dropped: the kernel handles a request
+                    # inside sendmsg, so the state is gone (counted as ours).
+                    self.book.stats.overruns += 1
+                    deleted += 1
+                elif e != errno.ESRCH:
+                    raise from_errno(e, None, "delsa")
+        return deleted
+
+    # --- reading the SAD -------------------------------------------------------------------
+
+    def lookup(
+        self, daddr: bytes, spi: int, family: int, proto: int, mark: tuple[int, int] | None
+    ) -> KernelState | None:
+        """GETSA; None if there is no such state."""
+        msg = bytearray(w.getsa(0, w.usersa_id(daddr, spi, family, proto), w.sa_attrs(mark, None, None, None)))
+        with self.sock.lock:
+            seq = self.sock.next_seq()
+            w.patch_seq(msg, 0, seq)
+            try:
+                kind, payload = self.sock.transact(bytes(msg), seq, "getsa")
+            except NetlinkError as exc:
+                if exc.errno == errno.ESRCH:
+                    return None
+                raise
+        if kind != w.XFRM_MSG_NEWSA or payload is None:
+            return None
+        return KernelState.from_wire(w.decode_sa(payload))
+
+    def dump_states(self) -> list[KernelState]:
+        return [KernelState.from_wire(sa) for sa in self.sock.dump_sas()]
+
+    def present(self, req: Request) -> set[int]:
+        """The SPIs in the SAD with ``req``'s proto and destination."""
+        return {s.spi for s in self.dump_states() if s.proto == req.proto and pack_address(s.dst) == req.daddr}
+
+    # --- the larval lifetime ---------------------------------------------------------------
+
+    def acq_expires(self) -> int:
+        """``net.core.xfrm_acq_expires`` of the namespace, read now."""
+        try:
+            return int(read_sysctl(self.ns, ACQ_SYSCTL))
+        except (OSError, NamespaceError) as exc:
+            raise _no_acq_sysctl(exc) from None
+
+    def set_acq_expires(self, seconds: int) -> None:
+        try:
+            write_sysctl(self.ns, ACQ_SYSCTL, seconds)
+        except (OSError, NamespaceError) as exc:
+            raise _no_acq_sysctl(exc) from None
+        self._lifetime = float(seconds)
+
+    def lifetime(self) -> float:
+        """The larval lifetime, read once (the setter above keeps it current)."""
+        if self._lifetime is None:
+            try:
+                self._lifetime = float(self.acq_expires())
+            except (OSError, ValueError, SpiallocError):
+                self._lifetime = DEFAULT_ACQ_EXPIRES
+        return self._lifetime
+
+
+def _delsa(daddr: bytes, spi: int, family: int, proto: int, mark: tuple[int, int] | None) -> bytes:
+    return w.delsa(0, w.usersa_id(daddr, spi, family, proto), w.sa_attrs(mark, None, None, None))
+
+
+def _no_interrupt() -> None:
+    return None
+
+
+def _no_acq_sysctl(exc: OSError | NamespaceError) -> NamespaceError:
+    code = exc.errno or errno.EIO
+    if code == errno.ENOENT:
+        return NamespaceError(
+            code,
+            f"{ACQ_SYSCTL} is not available here: the kernel hides XFRM sysctls "
+            "in network namespaces owned by a user namespace (run as root to change it)",
+        )
+    return NamespaceError(code, f"{ACQ_SYSCTL}: {exc.strerror or exc}")

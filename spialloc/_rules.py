@@ -1,0 +1,480 @@
+"""The allocation rules, with no I/O: what to ask the kernel and what its answers mean.
+
+Every rule that decides which SPI a caller gets lives here once: the guarded
+single allocation (retry on a duplicate, directed picks, learning from a
+refused pick, one resync when values marked foreign may be stale), batch
+rounds (the same rules, a round at a time, plus states that expire before
+their batch ends), and what an EXPIRE or a SAD dump means for the guard.
+
+The rules are generators that yield kernel operations (the ``*Op`` tuples)
+and receive each one's result, or have its exception thrown in.  The
+blocking ``Allocator`` and the awaiting ``AsyncAllocator`` drive the very
+same generators (``single_plan`` here, ``_batch.BatchRun`` on the same
+helpers); ``tests/unit/test_rules.py`` drives them against a scripted
+kernel.  Nothing here opens a socket, starts a thread or reads a clock: a
+batch is given its start times and asks for the larval lifetime as an op.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import random
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generator, Generic, Iterable, NamedTuple, Sequence, TypeVar, Union
+
+from ._model import KernelState, Proto, Request, Reservation, address_key, guard_dst_address, reservation_from
+from .errors import (
+    DuplicateSpi,
+    SpiExhausted,
+)
+from .guard import Guard, State
+
+T = TypeVar("T")
+#: (guard dst key, proto, spi): one tuple the guard tracks.
+Key = tuple[bytes, int, int]
+#: What DELSA needs: (daddr, spi, family, proto, mark).
+DelKey = tuple[bytes, int, int, int, Union[tuple[int, int], None]]
+
+#: An engine's per-request result for a reply the kernel dropped (ENOBUFS):
+#: the request was handled, so a larval state may exist that nobody knows.
+LOST = -2
+#: At most this many engine rounds per batch (each round asks again, batched,
+#: for what the previous one lost); a round that gains nothing ends it sooner.
+BATCH_ROUNDS = 16
+#: Ranges at most this wide are filled by directed allocation: the guard picks
+#: a free value and asks for exactly it, instead of the kernel's random picks
+#: with replacement that fail spuriously while free values remain.
+DIRECTED_MAX_RANGE = 1 << 16
+
+
+# --- operations the rules ask the kernel for -------------------------------------------
+
+
+class AllocOp(NamedTuple):
+    """One ALLOCSPI for ``req`` with the range ``lo``-``hi``; result: the SPI."""
+
+    req: Request
+    lo: int
+    hi: int
+
+
+class DeleteOp(NamedTuple):
+    """One DELSA; result: whether a state was deleted."""
+
+    daddr: bytes
+    spi: int
+    family: int
+    proto: int
+    mark: tuple[int, int] | None
+
+
+class PollOp(NamedTuple):
+    """Handle queued EXPIRE events now; result: how many."""
+
+
+class SyncOp(NamedTuple):
+    """Re-seed the guard's foreign marks from a SAD dump; result: their count."""
+
+
+class ClaimOp(NamedTuple):
+    """Remove the SPI-0 larval state a refused ALLOCSPI left; result: None."""
+
+    req: Request
+
+
+class RoundOp(NamedTuple):
+    """One engine call: ``n`` ALLOCSPIs for ``req``, for exactly ``cands`` when
+    given; result: a ``RoundResult``."""
+
+    req: Request
+    n: int
+    cands: list[int] | None
+    since: float
+    chunk: int
+
+
+class RecoverOp(NamedTuple):
+    """Replies were dropped: find at most ``lost`` orphans of ``req`` made
+    since ``since`` (not in ``known``) and delete them; result: their count."""
+
+    req: Request
+    lost: int
+    since: float
+    known: frozenset[int]
+
+
+class PresentOp(NamedTuple):
+    """The SPIs of ``req``'s proto and destination in the SAD (a dump)."""
+
+    req: Request
+
+
+class LifetimeOp(NamedTuple):
+    """The larval lifetime of the namespace, seconds."""
+
+
+class ReleaseOp(NamedTuple):
+    """Delete these states and forget them; result: how many were deleted."""
+
+    keys: list[DelKey]
+
+
+Op = Union[AllocOp, DeleteOp, PollOp, SyncOp, ClaimOp, RoundOp, RecoverOp, PresentOp, LifetimeOp, ReleaseOp]
+Plan = Generator[Op, object, Reservation]
+
+
+class Stepper(Generic[T]):
+    """Runs a plan one operation at a time, for a driver: ``op`` is the
+    operation to carry out now; hand back its result with ``send`` or its
+    exception with ``throw``; once ``done``, ``value`` is the plan's result
+    (an exception the plan raises propagates from ``send``/``throw``)."""
+
+    __slots__ = ("_plan", "op", "done", "value")
+    value: T
+
+    def __init__(self, plan: Generator[Op, object, T]) -> None:
+        self._plan = plan
+        self.done = False
+        self.op: Op = PollOp()
+        self._advance(plan.send, None)
+
+    def _advance(self, step: Callable[[Any], Op], arg: Any) -> None:
+        try:
+            self.op = step(arg)
+        except StopIteration as stop:
+            self.done, self.value = True, stop.value
+
+    def send(self, result: object) -> None:
+        self._advance(self._plan.send, result)
+
+    def throw(self, exc: BaseException) -> None:
+        self._advance(self._plan.throw, exc)
+
+
+class RoundResult(NamedTuple):
+    got: list[int]  # SPI per request (valid where errs is 0)
+    errs: list[int]  # 0, a positive errno, or LOST
+    text: str | None  # the kernel's extended-ack text of the first error
+    overran: bool  # the receive buffer overflowed (replies were dropped)
+
+
+# --- the bookkeeping the rules act on ------------------------------------------------------
+
+
+@dataclass
+class AllocatorStats:
+    """Counters since the allocator opened (a snapshot is returned by ``stats``)."""
+
+    allocated: int = 0
+    released: int = 0
+    batches: int = 0
+    collisions: int = 0  # the kernel returned an SPI that was still outstanding
+    retries: int = 0  # requests re-sent after a collision
+    directed_misses: int = 0  # directed picks the kernel refused (held by others)
+    lost: int = 0  # reservations whose larval state expired before commit
+    overruns: int = 0  # ENOBUFS seen on the request socket
+    recovered: int = 0  # larval states of dropped replies found and deleted
+    renewed: int = 0  # held reservations whose expired larval state was made again
+    expired_in_batch: int = 0  # states that died before their batch ended (asked again)
+
+
+@dataclass(eq=False)
+class Book:
+    """One allocator's bookkeeping: its guard and what the guard alone does
+    not know.  Shared by the allocator's faces and its expiry watcher."""
+
+    guard: Guard | None
+    max_retries: int = 8
+    on_lost: Callable[[Reservation], None] | None = None
+    stats: AllocatorStats = field(default_factory=AllocatorStats)
+    rng: random.Random = field(default_factory=random.Random)
+    #: Held reservations: the request to make their state again, and until when.
+    held: dict[Key, tuple[Request, float]] = field(default_factory=dict)
+    #: With on_lost set: the request of each reserved tuple, so a loss found
+    #: by a resync (events dropped) reports the reservation as allocated.
+    origin: dict[Key, Request] = field(default_factory=dict)
+    #: Keys of running batches, not yet seen by the caller: their deaths are
+    #: noted in ``died`` (the batch asks again) instead of going to on_lost.
+    inflight: set[Key] = field(default_factory=set)
+    died: set[Key] = field(default_factory=set)
+
+    def won(self, req: Request, spi: int) -> Reservation:
+        """A single allocation succeeded: count it, and hand it out."""
+        self.stats.allocated += 1
+        return reservation_from(req, spi)
+
+    def lost(self, r: Reservation) -> None:
+        """A reservation the caller holds lost its state: count it, tell on_lost."""
+        self.stats.lost += 1
+        if self.on_lost is not None:
+            try:
+                self.on_lost(r)
+            except Exception as exc:  # a callback bug must not kill the watcher
+                warnings.warn(f"spialloc on_lost callback raised {exc!r}", RuntimeWarning, stacklevel=2)
+
+    def note(self, req: Request, r: Reservation, hold_until: float | None) -> Reservation:
+        """Remember what on_lost and hold renewal need of a guarded reservation."""
+        key = (req.gdst, int(req.proto), r.spi)
+        if self.on_lost is not None:
+            self.origin[key] = req
+        if hold_until is not None:
+            self.held[key] = (req.with_seq(0), hold_until)
+        return r
+
+
+def is_directed(book: Book, req: Request) -> bool:
+    """Whether to pick free values here and ask for exactly them."""
+    guard = book.guard
+    if guard is None:
+        return False
+    size = req.spi_max - req.spi_min + 1
+    if size <= DIRECTED_MAX_RANGE:
+        return True
+    # Dense by the guard's count: random kernel picks would hit outstanding
+    # values often enough that directed picks are cheaper.
+    return guard.count_in(req.proto, req.gdst) * 16 > size
+
+
+def all_outstanding(req: Request) -> SpiExhausted:
+    """The guard, not the kernel, found no free value in the range."""
+    return SpiExhausted(
+        errno.ENOENT,
+        f"every SPI in {req.spi_min:#x}-{req.spi_max:#x} is outstanding (held by this process, or seen held by others)",
+        "allocspi",
+    )
+
+
+def take_candidates(book: Book, req: Request, n: int) -> list[int]:
+    """Up to ``n`` free values of ``req``'s range, reserved in the guard."""
+    guard = book.guard
+    assert guard is not None
+    out: list[int] = []
+    for _ in range(n):
+        c = guard.reserve_free(req.gdst, req.proto, req.spi_min, req.spi_max, book.rng)
+        if c is None:
+            break
+        out.append(c)
+    return out
+
+
+def refused_pick(book: Book, req: Request, cand: int) -> None:
+    """The kernel refused a directed pick: someone outside this guard holds it."""
+    guard = book.guard
+    assert guard is not None
+    guard.release(req.gdst, req.proto, cand)
+    guard.mark_foreign(req.gdst, req.proto, cand)
+    book.stats.directed_misses += 1
+
+
+def may_delete_duplicate(book: Book, req: Request, spi: int) -> bool:
+    """After a collision: is the state the kernel returned ours to delete?
+
+    Yes for another destination's SPI (kernels before 6.17) and, without a
+    seq, for a fresh state whose SPI the guard still holds (its holder died
+    unseen).  No with a seq and the same destination: that is the holder's
+    own ACQ state, returned again."""
+    assert book.guard is not None
+    return not req.seq or book.guard.owner_dst(req.proto, spi, req.gdst) != req.gdst
+
+
+# --- one guarded allocation ----------------------------------------------------------------
+
+
+class _Single:
+    """The state of one guarded allocation across its retries."""
+
+    def __init__(self, book: Book, req: Request) -> None:
+        assert book.guard is not None
+        self.book, self.guard, self.req = book, book.guard, req
+        self.directed = is_directed(book, req)
+        self.size = req.spi_max - req.spi_min + 1
+        self.retries = self.misses = 0
+        self.refused: SpiExhausted | None = None  # the kernel's own words, kept
+        self.resynced = False
+
+    def candidate(self) -> Generator[Op, object, int]:
+        """A free value, reserved; one resync when foreign marks may be stale."""
+        req = self.req
+        while True:
+            cand = self.guard.reserve_free(req.gdst, req.proto, req.spi_min, req.spi_max, self.book.rng)
+            if cand is not None:
+                return cand
+            if not self.resynced and self.guard.stats.foreign:
+                self.resynced = True  # values marked foreign may have been freed since
+                yield SyncOp()
+                continue
+            if self.refused is not None:
+                yield ClaimOp(req)
+                raise self.refused
+            raise all_outstanding(req)
+
+    def ask(self) -> Generator[Op, object, tuple[int, int | None]]:
+        """One ALLOCSPI: (spi, the directed candidate or None)."""
+        req = self.req
+        while True:
+            cand = (yield from self.candidate()) if self.directed else None
+            lo, hi = (cand, cand) if cand is not None else (req.spi_min, req.spi_max)
+            try:
+                got = yield AllocOp(req, lo, hi)
+            except SpiExhausted as exc:
+                if cand is None:
+                    yield ClaimOp(req)
+                    raise
+                self.refused = exc
+                refused_pick(self.book, req, cand)
+                self.misses += 1
+                if self.misses > min(self.size, 4096):
+                    yield ClaimOp(req)
+                    raise
+                continue
+            except BaseException:
+                if cand is not None:
+                    self.guard.release(req.gdst, req.proto, cand)
+                raise
+            assert isinstance(got, int)
+            return got, cand
+
+
+def single_plan(book: Book, req: Request, first: int | None = None) -> Plan:
+    """Guarded allocation of one SPI.
+
+    ``first``: an SPI the caller already got with one plain request and
+    found outstanding in the guard (the fast path, counted as a collision).
+    """
+    s = _Single(book, req)
+    guard = s.guard
+    spi = first
+    while True:
+        if spi is None:
+            spi, cand = yield from s.ask()
+            if cand is not None:
+                if spi == cand:
+                    return book.won(s.req, spi)  # reserved when picked
+                guard.release(s.req.gdst, s.req.proto, cand)
+            if guard.reserve(s.req.gdst, s.req.proto, spi):
+                return book.won(s.req, spi)
+            book.stats.collisions += 1
+        # A collision: the kernel returned an SPI that is still out.
+        yield PollOp()  # maybe its holder's state just expired
+        if guard.reserve(s.req.gdst, s.req.proto, spi):
+            return book.won(s.req, spi)
+        if may_delete_duplicate(book, s.req, spi):
+            yield DeleteOp(s.req.daddr, spi, s.req.family, s.req.proto, s.req.mark)
+        s.retries += 1
+        book.stats.retries += 1
+        if s.retries > book.max_retries:
+            raise DuplicateSpi(
+                f"the kernel returned outstanding SPIs {s.retries} times for {s.req.dst} "
+                f"(last {spi:#010x}); giving up after {book.max_retries} retries"
+            )
+        if s.req.seq:
+            s.req = s.req.with_seq(0)
+        s.directed = True
+        spi = None
+
+
+# --- what the kernel's events and dumps mean -----------------------------------------------
+
+
+def expired(book: Book, key: Key) -> State | None:
+    """A state died (EXPIRE, or missing from a dump): free its tuple.  Returns
+    the state it had in the guard; RESERVED means a reservation was lost.
+    A key of a running batch is noted for the batch instead."""
+    guard = book.guard
+    assert guard is not None
+    if key in book.inflight:
+        book.died.add(key)
+        guard.expire(*key)
+        return None
+    return guard.expire(*key)
+
+
+def renewable(book: Book, key: Key, now: float) -> Request | None:
+    """A held reservation's state expired: the request to make it again
+    (same SPI), or None when the hold ran out or it is not ours any more."""
+    held = book.held.pop(key, None)
+    if held is None or now >= held[1] or book.guard is None:
+        return None
+    if book.guard.state(*key) is not State.RESERVED:
+        return None
+    book.held[key] = held
+    return held[0]
+
+
+def lost_reservation(book: Book, key: Key, state: KernelState | None) -> Reservation:
+    """The reservation to report lost: as allocated when on_lost was set at
+    allocation time, else from the kernel's record of the state, else from the
+    tuple alone (dst, proto, spi) when the event itself was dropped."""
+    origin = book.origin.pop(key, None)
+    if origin is not None:
+        return reservation_from(origin, key[2])
+    if state is not None:
+        return state.reservation()
+    dst = guard_dst_address(key[0])
+    src = ipaddress.ip_address(0) if dst.version == 4 else ipaddress.IPv6Address(0)
+    return Reservation(spi=key[2], dst=dst, src=src, proto=Proto(key[1]))
+
+
+def missing_from(book: Book, present: set[Key]) -> list[Reservation]:
+    """Reserved tuples whose state is not in the SAD died unseen: the
+    reservations lost with them."""
+    guard = book.guard
+    assert guard is not None
+    lost = []
+    for key in guard.reserved():
+        if key not in present and expired(book, key) is State.RESERVED:
+            lost.append(lost_reservation(book, key, None))
+    return lost
+
+
+def state_keys(states: Iterable[KernelState]) -> set[Key]:
+    return {(address_key(s.dst), int(s.proto), s.spi) for s in states}
+
+
+def seed_foreign(book: Book, states: Sequence[KernelState]) -> int:
+    """Every state in the SAD that is not ours is marked foreign, so it is
+    never handed out; returns how many."""
+    guard = book.guard
+    assert guard is not None
+    guard.clear_foreign()
+    foreign = 0
+    for s in states:
+        if not isinstance(s.proto, Proto):
+            continue
+        gkey = address_key(s.dst)
+        if not guard.is_outstanding(gkey, s.proto, s.spi):
+            guard.mark_foreign(gkey, s.proto, s.spi)
+            foreign += 1
+    return foreign
+
+
+def releasable(book: Book, keys: list[tuple[Key, DelKey]]) -> list[DelKey]:
+    """What ``release`` may delete: not a reservation the guard knows as lost
+    (its state is gone, and its SPI may be someone else's by now)."""
+    guard = book.guard
+    if guard is None:
+        return [k for _, k in keys]
+    return [k for g, k in keys if not guard.is_lost(*g)]
+
+
+def forget(book: Book, keys: Iterable[Key]) -> None:
+    """Released: the tuples are free again."""
+    guard = book.guard
+    if guard is None:
+        return
+    for key in keys:
+        guard.release(*key)
+        if book.held:
+            book.held.pop(key, None)
+        if book.origin:
+            book.origin.pop(key, None)
+
+
+def committed(book: Book, key: Key) -> None:
+    """The caller installed the SA: raises ReservationLost if it is not ours."""
+    assert book.guard is not None
+    book.guard.commit(*key)
+    book.held.pop(key, None)
+    book.origin.pop(key, None)

@@ -33,6 +33,7 @@ from .errors import (
     ReservationLost,
     SpiallocError,
     SpiExhausted,
+    UnsupportedByKernel,
 )
 from .guard import Guard, GuardStats, State
 from .ha import Partition, check_disjoint
@@ -74,6 +75,7 @@ __all__ = [
     "SpiExhausted",
     "SpiallocError",
     "State",
+    "UnsupportedByKernel",
     "backend",
     "check_disjoint",
 ]

@@ -198,6 +198,7 @@ class Core:
             pcpu=pcpu,
             allow_reserved=self.allow_reserved,
         )
+        self.kernel.require(req)  # once per attribute: a cached request passed it
         if cacheable:
             if len(self._req_cache) >= REQUEST_CACHE_SIZE:
                 self._req_cache.clear()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import errno
+import os
 import time
 from types import ModuleType
 from typing import Sequence
@@ -27,10 +28,18 @@ from .errors import (
     NetlinkError,
     SpiallocError,
     SpiExhausted,
+    UnsupportedByKernel,
     from_errno,
 )
 
 ACQ_SYSCTL = "net.core.xfrm_acq_expires"
+#: Request attributes a kernel may ignore without an error (its attribute
+#: parser skips what it does not know): name, Request field, Linux version
+#: that added it, and what the caller can do instead.
+FEATURES = (
+    ("XFRMA_SA_DIR", "direction", "6.10", "allocate without direction="),
+    ("XFRMA_SA_PCPU", "pcpu", "6.13", "allocate without pcpu="),
+)
 #: The kernel's default larval lifetime, used when the sysctl cannot be read.
 DEFAULT_ACQ_EXPIRES = 30.0
 
@@ -44,6 +53,7 @@ class Kernel:
         self.book = book
         self.sock = XfrmSocket(ns, rcvbuf=rcvbuf)
         self._lifetime: float | None = None
+        self._features: dict[str, bool] = {}  # attribute -> kept by this kernel (probed once)
 
     def close(self) -> None:
         with self.sock.lock:  # never between a request and its reply
@@ -71,6 +81,39 @@ class Kernel:
                     self.recover_lost(req, 1, time.time() - 1.0)
                 raise
         raise NetlinkError(errno.EINTR, "interrupted by signals 64 times in a row", "allocspi")
+
+    def require(self, req: Request) -> None:
+        """Raise UnsupportedByKernel if ``req`` carries an attribute this
+        kernel would silently ignore.  Probed once per attribute: one
+        ALLOCSPI with the attribute, read back from the reply, then deleted."""
+        for name, field, since, instead in FEATURES:
+            if getattr(req, field) is None:
+                continue
+            kept = self._features.get(name)
+            if kept is None:
+                kept = self._features[name] = self._probe(req, field)
+            if not kept:
+                raise UnsupportedByKernel(
+                    errno.EOPNOTSUPP,
+                    f"this kernel (Linux {os.uname().release}) ignores {name}: {field}= needs Linux {since} "
+                    f"or later; {instead}",
+                    "allocspi",
+                )
+
+    def _probe(self, req: Request, field: str) -> bool:
+        probe = req.with_seq(0)
+        lo, hi = (0x100, 0xFFFF) if req.proto is Proto.COMP else (0x100, 0xFFFFFFFF)
+        msg = bytearray(probe.template)
+        w.patch_range(msg, 0, lo, hi)
+        with self.sock.lock:
+            seq = self.sock.next_seq()
+            w.patch_seq(msg, 0, seq)
+            kind, payload = self.sock.transact(bytes(msg), seq, "allocspi")
+        if kind != w.XFRM_MSG_NEWSA or payload is None:
+            raise NetlinkError(errno.EPROTO, f"unexpected reply type {kind} to ALLOCSPI", "allocspi")
+        sa = w.decode_sa(payload)
+        self.delete(req.daddr, sa.spi, req.family, req.proto, req.mark)
+        return kept_in_reply(sa, field)
 
     def claim_stray(self, req: Request) -> None:
         """A refused ALLOCSPI leaves its larval state behind with SPI 0 until it
@@ -241,6 +284,12 @@ class Kernel:
             except (OSError, ValueError, SpiallocError):
                 self._lifetime = DEFAULT_ACQ_EXPIRES
         return self._lifetime
+
+
+def kept_in_reply(sa: w.SaInfo, field: str) -> bool:
+    """Whether the kernel's reply carries the attribute the request set
+    (a kernel that parsed it echoes it in every NEWSA)."""
+    return getattr(sa, field) is not None
 
 
 def _delsa(daddr: bytes, spi: int, family: int, proto: int, mark: tuple[int, int] | None) -> bytes:

@@ -39,6 +39,12 @@ class SpiExhausted(NetlinkError):
     guard found every value of the range outstanding)."""
 
 
+class UnsupportedByKernel(NetlinkError):
+    """The running kernel ignores an attribute the request carries (older
+    kernels skip unknown XFRM attributes silently): EOPNOTSUPP, with the
+    attribute, the kernel version that added it and the running one."""
+
+
 class InsufficientPrivilege(NetlinkError, PermissionError):
     """The socket's network namespace does not grant CAP_NET_ADMIN."""
 

@@ -511,3 +511,20 @@ def test_missing_path_is_namespace_error_naming_it() -> None:
     with pytest.raises(NamespaceError) as info:
         Allocator(path)
     assert path in str(info.value)
+
+
+def test_direction_and_pcpu_are_probed_once_and_the_probe_leaves_nothing(netns: Namespace) -> None:
+    """This kernel (6.10+ for SA_DIR, 6.13+ for SA_PCPU) keeps both: the
+    first request that carries them is preceded by one probe ALLOCSPI whose
+    state is deleted at once; afterwards only the caller's states exist and
+    the kernel holds the attributes.  (Kernels that ignore them raise
+    UnsupportedByKernel: the VM tier checks that on 6.1.)"""
+    with Allocator(netns) as alloc:
+        r = alloc.allocate("10.0.0.1", direction="in", pcpu=1)
+        st = alloc.lookup("10.0.0.1", r.spi)
+        assert st is not None and st.direction is Direction.IN
+        assert [s.spi for s in alloc.states()] == [r.spi]  # the probe's state is gone
+        before = alloc.core.kernel.sock.next_seq()
+        r2 = alloc.allocate("10.0.0.1", direction="in", pcpu=1)
+        assert alloc.core.kernel.sock.next_seq() == before + 2  # one ALLOCSPI, no second probe
+        assert alloc.release([r, r2]) == 2

@@ -33,7 +33,6 @@ from ._model import (
     Reservation,
     build_request,
     check_int,
-    guard_dst,
     pack_address,
     parse_address,
     parse_mark,
@@ -330,7 +329,7 @@ class Core:
 
     def release_keys(self, keys: list[rules.DelKey]) -> int:
         deleted = self.kernel.delete_all(keys)
-        rules.forget(self.book, [(guard_dst(k[2], k[0]), k[3], k[1]) for k in keys])
+        rules.forget(self.book, keys)
         self.book.stats.released += deleted
         return deleted
 
@@ -353,13 +352,12 @@ def _make_guard(guard: object, scope: Literal["spi", "dst"]) -> Guard | None:
     raise InvalidRequest(f"guard={guard!r} must be True, False or a Guard")
 
 
-def _release_key(r: object) -> tuple[rules.Key, rules.DelKey]:
-    """(guard key, DELSA key) of a reservation, validated."""
+def _release_key(r: object) -> rules.DelKey:
+    """The DELSA key of a reservation, validated."""
     if not isinstance(r, Reservation):
         raise InvalidRequest(f"release takes Reservations, got {r!r}")
     dst = parse_address("dst", r.dst)
     proto = int(parse_proto(r.proto))
     spi = check_int("spi", r.spi, 0, 0xFFFFFFFF)
     family = w.AF_INET if dst.version == 4 else w.AF_INET6
-    daddr = pack_address(dst)
-    return (guard_dst(family, daddr), proto, spi), (daddr, spi, family, proto, parse_mark(r.mark))
+    return (pack_address(dst), spi, family, proto, parse_mark(r.mark))

@@ -24,7 +24,16 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, Generic, Iterable, NamedTuple, Sequence, TypeVar, Union
 
-from ._model import KernelState, Proto, Request, Reservation, address_key, guard_dst_address, reservation_from
+from ._model import (
+    KernelState,
+    Proto,
+    Request,
+    Reservation,
+    address_key,
+    guard_dst,
+    guard_dst_address,
+    reservation_from,
+)
 from .errors import (
     DuplicateSpi,
     SpiExhausted,
@@ -450,21 +459,27 @@ def seed_foreign(book: Book, states: Sequence[KernelState]) -> int:
     return foreign
 
 
-def releasable(book: Book, keys: list[tuple[Key, DelKey]]) -> list[DelKey]:
+def guard_key(k: DelKey) -> Key:
+    """The guard's tuple for the state a DELSA key names."""
+    return (guard_dst(k[2], k[0]), k[3], k[1])
+
+
+def releasable(book: Book, keys: list[DelKey]) -> list[DelKey]:
     """What ``release`` may delete: not a reservation the guard knows as lost
     (its state is gone, and its SPI may be someone else's by now)."""
     guard = book.guard
     if guard is None:
-        return [k for _, k in keys]
-    return [k for g, k in keys if not guard.is_lost(*g)]
+        return keys
+    return [k for k in keys if not guard.is_lost(*guard_key(k))]
 
 
-def forget(book: Book, keys: Iterable[Key]) -> None:
+def forget(book: Book, keys: Iterable[DelKey]) -> None:
     """Released: the tuples are free again."""
     guard = book.guard
     if guard is None:
         return
-    for key in keys:
+    for k in keys:
+        key = guard_key(k)
         guard.release(*key)
         if book.held:
             book.held.pop(key, None)

@@ -104,7 +104,7 @@ class FakeKernel:
             return self.lifetime
         if isinstance(op, rules.ReleaseOp):
             deleted = sum(self.sad.pop((k[3], k[1]), None) is not None for k in op.keys)
-            rules.forget(self.book, [(op_key(k)) for k in op.keys])
+            rules.forget(self.book, op.keys)
             return deleted
         raise TypeError(f"unknown operation {op!r}")
 
@@ -146,12 +146,6 @@ class FakeKernel:
 
 class _Lost(Exception):
     pass
-
-
-def op_key(k: rules.DelKey) -> rules.Key:
-    from spialloc._model import guard_dst
-
-    return (guard_dst(k[2], k[0]), k[3], k[1])
 
 
 def drive(plan: Generator[rules.Op, object, Any], execute: Callable[[rules.Op], object]) -> Any:
@@ -486,8 +480,9 @@ def test_releasable_skips_lost_reservations(book: rules.Book) -> None:
     a, b = single(book, k, req_for()), single(book, k, req_for())
     assert book.guard is not None
     book.guard.expire(*a.key)
-    dk = [(r.key, (r.key[0], r.spi, 2, 50, None)) for r in (a, b)]
-    assert [x[1] for x in rules.releasable(book, dk)] == [b.spi]
+    dk = [(r.dst.packed.ljust(16, b"\0"), r.spi, 2, 50, None) for r in (a, b)]
+    assert [rules.guard_key(k) for k in dk] == [a.key, b.key]
+    assert [k[1] for k in rules.releasable(book, dk)] == [b.spi]
 
 
 def test_committed_forgets_hold_and_origin(book: rules.Book) -> None:

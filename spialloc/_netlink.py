@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import errno
 import itertools
+import math
+import select
 import socket
 import threading
 from typing import Iterator
@@ -24,6 +26,15 @@ DEFAULT_RCVBUF = 4 << 20
 DEFAULT_SNDBUF = 1 << 20
 #: Bytes of receive buffer one ALLOCSPI reply occupies, with margin (KERNEL.md: ~840).
 REPLY_TRUESIZE = 1024
+
+
+def wait_readable(fd: int, timeout: float | None) -> bool:
+    """Wait until ``fd`` is readable (True) or ``timeout`` seconds pass.
+    poll(), not select(): a daemon's sockets may well have fd numbers above
+    1023.  ValueError if ``fd`` is closed (-1)."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(None if timeout is None else max(0, math.ceil(timeout * 1000))))
 
 
 class XfrmSocket:
@@ -125,14 +136,12 @@ class XfrmSocket:
 
     def recv_wait(self, timeout: float | None) -> memoryview | None:
         """Block (up to timeout) for one datagram: used for multicast events and dumps."""
-        import select
-
         while True:
             got = self.recv_nowait()
             if got is not None:
                 return got
             try:
-                ready, _, _ = select.select([self.sock], [], [], timeout)
+                ready = wait_readable(self.sock.fileno(), timeout)
             except ValueError:
                 raise ClosedError(errno.EBADF, "netlink socket is closed") from None
             if not ready:

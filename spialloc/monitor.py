@@ -16,7 +16,7 @@ from typing import AsyncIterator, Iterator, Union
 
 from . import _wire as w
 from ._model import IPAddress, KernelState, Mode, Proto, unpack_address
-from ._netlink import XfrmSocket
+from ._netlink import XfrmSocket, wait_readable
 from ._netns import Namespace, NetnsSpec
 from .errors import ClosedError, DecodeError
 
@@ -202,7 +202,6 @@ class Monitor:
 
     def get(self, timeout: float | None = None) -> Event | None:
         """The next event, waiting up to ``timeout`` seconds (None: forever)."""
-        import select
         import time
 
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -214,7 +213,7 @@ class Monitor:
             if remaining == 0.0:
                 return None
             try:
-                select.select([self._events.sock], [], [], remaining)
+                wait_readable(self._events.fileno(), remaining)
             except ValueError:
                 raise ClosedError(errno.EBADF, "monitor is closed") from None
 

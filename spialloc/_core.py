@@ -89,6 +89,7 @@ class Core:
         rcvbuf: int,
     ) -> None:
         check_int("max_retries", max_retries, 0, 1 << 31)
+        check_callback(on_lost)
         check_int("rcvbuf", rcvbuf, 0, 1 << 30, "a byte count from 0 to 1 GiB (0: kernel default)")
         self.backend, engine = _backend.select(backend)
         self.allow_reserved = allow_reserved
@@ -129,6 +130,8 @@ class Core:
         if self.closed:
             return
         self.closed = True
+        if hasattr(self, "kernel"):
+            self.kernel.closing = True
         with self._idle:
             self._idle.wait_for(lambda: self._running == 0, timeout=60)
         if self.watcher is not None:
@@ -275,6 +278,15 @@ class Core:
             raise InvalidRequest(f"allocate_many got unknown options: {', '.join(sorted(unknown))}")
         return check_int("count", count, 0, MAX_BATCH, f"a number of SPIs from 0 to {MAX_BATCH}")
 
+    def check_batch_size(self, req: Request, count: int) -> None:
+        """A batch can never hold more SPIs than its range has values: refused
+        before any syscall (it would otherwise run rounds, then fail)."""
+        size = req.spi_max - req.spi_min + 1
+        if count > size:
+            raise InvalidRequest(
+                f"count={count} is more than the {size} values of the range {req.spi_min:#x}-{req.spi_max:#x}"
+            )
+
     def run_batch(self, req: Request, count: int, strict: bool) -> list[Reservation] | BatchResult:
         """A batch through the engine in rounds (``_rules.BatchRun``).  All or
         nothing when ``strict``: a failed batch releases its SPIs and raises
@@ -286,6 +298,12 @@ class Core:
                 self.book, req, count, since=time.time() - 1.0, began=time.monotonic(), chunk=self.kernel.sock.window()
             )
             self.drive(run.plan(time.monotonic, lambda: self.closed))
+            if self.closed:
+                # close() came while the last round ran: nobody may get SPIs
+                # from a closed allocator, so they go back while close() waits.
+                good = run.good()
+                self.release_keys([(req.daddr, run.spis[i], req.family, int(req.proto), req.mark) for i in good])
+                raise ClosedError(errno.EBADF, "allocator closed during the batch")
         finally:
             with self._idle:
                 self._running -= 1
@@ -340,6 +358,11 @@ class Core:
             return
         self.poll()
         rules.committed(self.book, reservation.key)
+
+
+def check_callback(on_lost: object) -> None:
+    if on_lost is not None and not callable(on_lost):
+        raise InvalidRequest(f"on_lost={on_lost!r} must be a callable taking a Reservation, or None")
 
 
 def _make_guard(guard: object, scope: Literal["spi", "dst"]) -> Guard | None:

@@ -24,6 +24,7 @@ from ._netns import Namespace, read_sysctl, write_sysctl
 from ._rules import LOST, Book, DelKey, RoundResult
 from .errors import (
     RESTART_ERRNOS,
+    ClosedError,
     NamespaceError,
     NetlinkError,
     SpiallocError,
@@ -54,6 +55,8 @@ class Kernel:
         self.sock = XfrmSocket(ns, rcvbuf=rcvbuf)
         self._lifetime: float | None = None
         self._features: dict[str, bool] = {}  # attribute -> kept by this kernel (probed once)
+        #: Set by close(): a running engine round stops after its chunk.
+        self.closing = False
 
     def close(self) -> None:
         with self.sock.lock:  # never between a request and its reply
@@ -136,8 +139,9 @@ class Kernel:
         with sock.lock:
             seq0 = sock.next_seq(n)
             try:
+                window = min(chunk, sock.window())
                 got, errs, text, overruns = self.engine.alloc_batch(
-                    sock.sock, sock.portid, req.template, n, seq0, ranges, min(chunk, sock.window()), _no_interrupt
+                    sock.sock, sock.portid, req.template, n, seq0, ranges, window, self._stop_if_closing
                 )
             except BaseException as exc:
                 self._abandon_round(req, getattr(exc, "spialloc_partial", None), since)
@@ -146,6 +150,12 @@ class Kernel:
         self.book.stats.overruns += overruns
         errs = list(errs)
         return RoundResult(list(got), errs, text, bool(overruns) or LOST in errs)
+
+    def _stop_if_closing(self) -> None:
+        # Called by the engine after every chunk: what it sent is settled
+        # and deleted (_abandon_round), and the batch raises ClosedError.
+        if self.closing:
+            raise ClosedError(errno.EBADF, "allocator closed during the batch")
 
     def _abandon_round(self, req: Request, partial: tuple[Sequence[int], Sequence[int]] | None, since: float) -> None:
         if partial is None:
@@ -294,10 +304,6 @@ def kept_in_reply(sa: w.SaInfo, field: str) -> bool:
 
 def _delsa(daddr: bytes, spi: int, family: int, proto: int, mark: tuple[int, int] | None) -> bytes:
     return w.delsa(0, w.usersa_id(daddr, spi, family, proto), w.sa_attrs(mark, None, None, None))
-
-
-def _no_interrupt() -> None:
-    return None
 
 
 def _no_acq_sysctl(exc: OSError | NamespaceError) -> NamespaceError:

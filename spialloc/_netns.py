@@ -89,7 +89,7 @@ class Namespace:
             except OSError as exc:
                 raise NamespaceError(exc.errno, f"netns fd {spec}: {exc.strerror}") from None
         path = os.fspath(spec)
-        if not isinstance(path, str) or not path:
+        if not isinstance(path, str) or not path or "\0" in path:
             raise NamespaceError(f"netns={spec!r}: give a name, a path or an open fd")
         if "/" not in path:
             path = os.path.join(NETNS_RUN_DIR, path)

@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Literal, overload
 
 from . import _rules as rules
 from . import _wire as w
-from ._core import BatchResult, Core
+from ._core import BatchResult, Core, check_callback
 from ._model import (
     Address,
     KernelState,
@@ -139,6 +139,7 @@ class Allocator:
 
     @on_lost.setter
     def on_lost(self, callback: Callable[[Reservation], None] | None) -> None:
+        check_callback(callback)
         self.core.book.on_lost = callback
 
     @property
@@ -273,6 +274,7 @@ class Allocator:
         core.check_batch_args(count, unknown)
         core.check_open()
         req = core.request(dst, proto, src, spi_range, mode, reqid, mark, if_id, direction, 0, pcpu)
+        core.check_batch_size(req, count)
         if count == 0:
             return [] if strict else BatchResult([])
         return core.run_batch(req, count, strict)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Iterator, Union
 
 from . import _wire as w
-from ._model import IPAddress, KernelState, Mode, Proto, unpack_address
+from ._model import IPAddress, KernelState, Mode, Proto, check_int, unpack_address
 from ._netlink import XfrmSocket, wait_readable
 from ._netns import Namespace, NetnsSpec
 from .errors import ClosedError, DecodeError
@@ -139,6 +139,7 @@ class Monitor:
         expire: bool = True,
         rcvbuf: int = 1 << 20,
     ) -> None:
+        check_int("rcvbuf", rcvbuf, 1, 1 << 30, "a byte count from 1 to 1 GiB")
         groups = (1 << (w.XFRMNLGRP_ACQUIRE - 1) if acquire else 0) | (1 << (w.XFRMNLGRP_EXPIRE - 1) if expire else 0)
         self.ns = Namespace.open(netns)
         try:

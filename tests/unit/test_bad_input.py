@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import spialloc
-from spialloc import Allocator, AsyncAllocator, InvalidRequest, Partition, check_disjoint
+from spialloc import Allocator, AsyncAllocator, InvalidRequest, Monitor, NamespaceError, Partition, check_disjoint
 from spialloc import _kernel as kernel_mod
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -178,6 +178,8 @@ def test_allocate_many_unknown_option_is_named(fake: Allocator) -> None:
         ({"guard": "no"}, "'no'"),
         ({"spi_range": (0x100, 0x200), "partition": Partition(0, 1000)}, "1000"),
         ({"cpi_range": (0x100, 0x101), "partition": Partition(0, 4)}, "0x100-0x101"),
+        ({"on_lost": "print"}, "'print'"),
+        ({"on_lost": 5}, "on_lost=5"),
     ],
 )
 def test_allocator_constructor_more_bad_arguments(no_socket: None, kwargs: dict[str, object], text: str) -> None:
@@ -330,3 +332,45 @@ def test_cli_argparse_rejects_with_one_line(args: list[str], needle: str) -> Non
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and errors[0].startswith("spialloc"), proc.stderr
     assert needle in errors[0], (needle, errors[0])
+
+
+# --- issue 12, item 10: input that used to slip through ------------------------------------
+
+
+def test_non_callable_on_lost_set_later_is_refused(fake: Allocator) -> None:
+    with pytest.raises(InvalidRequest, match="on_lost"):
+        fake.on_lost = "not a function"  # type: ignore[assignment]
+    assert fake.on_lost is None
+
+
+@pytest.mark.parametrize("hold", [10**400, float("inf"), float("nan"), 1e12, -1, 0, True])
+def test_absurd_hold_is_refused_before_any_syscall(fake: Allocator, hold: object) -> None:
+    """hold=10**400 used to raise OverflowError after the ALLOCSPI, leaving a
+    state and a guard entry behind; the socket stub fails on any use."""
+    with pytest.raises(InvalidRequest, match="hold"):
+        fake.allocate("192.0.2.1", hold=hold)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", ["x", None, 5])
+def test_commit_of_a_non_reservation_is_invalid_request(fake: Allocator, bad: object) -> None:
+    with pytest.raises(InvalidRequest, match="Reservation"):
+        fake.commit(bad)  # type: ignore[arg-type]
+
+
+def test_batch_larger_than_its_range_is_refused_up_front(fake: Allocator) -> None:
+    """It used to run rounds for seconds into a MemoryError."""
+    with pytest.raises(InvalidRequest, match="more than the 16 values"):
+        fake.allocate_many(17, "192.0.2.1", spi_range=(0x1000, 0x100F))
+    with pytest.raises(InvalidRequest, match="count"):
+        fake.allocate_many(10**20, "192.0.2.1")
+
+
+def test_netns_with_a_nul_byte_is_a_namespace_error(no_socket: None) -> None:
+    with pytest.raises(NamespaceError, match="netns"):
+        Allocator("a\x00b", watch_expiry=False)
+
+
+@pytest.mark.parametrize("bad", [-5, 0, True, 1.5, 1 << 31])
+def test_monitor_bad_rcvbuf_is_invalid_request(bad: object) -> None:
+    with pytest.raises(InvalidRequest, match="rcvbuf"):
+        Monitor(rcvbuf=bad)  # type: ignore[arg-type]

@@ -278,15 +278,6 @@ class Core:
             raise InvalidRequest(f"allocate_many got unknown options: {', '.join(sorted(unknown))}")
         return check_int("count", count, 0, MAX_BATCH, f"a number of SPIs from 0 to {MAX_BATCH}")
 
-    def check_batch_size(self, req: Request, count: int) -> None:
-        """A batch can never hold more SPIs than its range has values: refused
-        before any syscall (it would otherwise run rounds, then fail)."""
-        size = req.spi_max - req.spi_min + 1
-        if count > size:
-            raise InvalidRequest(
-                f"count={count} is more than the {size} values of the range {req.spi_min:#x}-{req.spi_max:#x}"
-            )
-
     def run_batch(self, req: Request, count: int, strict: bool) -> list[Reservation] | BatchResult:
         """A batch through the engine in rounds (``_rules.BatchRun``).  All or
         nothing when ``strict``: a failed batch releases its SPIs and raises

@@ -242,7 +242,6 @@ class AsyncAllocator:
             0,
             options.get("pcpu"),
         )
-        core.check_batch_size(req, count)
         chunk = max(1, min(1024, core.kernel.sock.window()))
         loop = self._attach()
         done: list[Reservation] = []

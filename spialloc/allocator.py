@@ -274,7 +274,6 @@ class Allocator:
         core.check_batch_args(count, unknown)
         core.check_open()
         req = core.request(dst, proto, src, spi_range, mode, reqid, mark, if_id, direction, 0, pcpu)
-        core.check_batch_size(req, count)
         if count == 0:
             return [] if strict else BatchResult([])
         return core.run_batch(req, count, strict)

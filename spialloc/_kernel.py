@@ -144,7 +144,7 @@ class Kernel:
                     sock.sock, sock.portid, req.template, n, seq0, ranges, window, self._stop_if_closing
                 )
             except BaseException as exc:
-                self._abandon_round(req, getattr(exc, "spialloc_partial", None), since)
+                self._abandon_round(req, getattr(exc, "spialloc_partial", None), since, frozenset(cands or ()))
                 raise
         self.book.stats.batches += 1
         self.book.stats.overruns += overruns
@@ -157,7 +157,9 @@ class Kernel:
         if self.closing:
             raise ClosedError(errno.EBADF, "allocator closed during the batch")
 
-    def _abandon_round(self, req: Request, partial: tuple[Sequence[int], Sequence[int]] | None, since: float) -> None:
+    def _abandon_round(
+        self, req: Request, partial: tuple[Sequence[int], Sequence[int]] | None, since: float, cands: frozenset[int]
+    ) -> None:
         if partial is None:
             return
         got, errs = partial
@@ -165,9 +167,18 @@ class Kernel:
         self.book.stats.released += self.delete_all([(req.daddr, s, req.family, int(req.proto), req.mark) for s in ok])
         lost = sum(1 for e in errs if e == LOST)
         if lost:
-            self.recover_lost(req, lost, since, frozenset())
+            # The round's own candidates are still reserved in the guard: a
+            # dropped reply's state with one of those SPIs is ours to delete.
+            self.recover_lost(req, lost, since, frozenset(), mine=cands)
 
-    def recover_lost(self, req: Request, lost: int, since: float, known: frozenset[int] = frozenset()) -> int:
+    def recover_lost(
+        self,
+        req: Request,
+        lost: int,
+        since: float,
+        known: frozenset[int] = frozenset(),
+        mine: frozenset[int] = frozenset(),
+    ) -> int:
         """Replies were dropped (ENOBUFS): the kernel may hold larval states
         nobody knows.  Find them in a dump (same request parameters, made since
         the batch began, not ours and not in the guard) and delete them."""
@@ -188,7 +199,7 @@ class Kernel:
                 or st.spi in known
             ):
                 continue
-            if guard is not None and guard.is_outstanding(req.gdst, req.proto, st.spi):
+            if guard is not None and st.spi not in mine and guard.is_outstanding(req.gdst, req.proto, st.spi):
                 continue
             self.delete(req.daddr, st.spi, req.family, req.proto, req.mark)
             found += 1

@@ -169,7 +169,11 @@ class BatchRun:
             retry, misses, lost = yield from self._book_each(asked, res, ok)
         if lost:
             known = frozenset(spi for spi in self.spis if spi)
-            yield RecoverOp(self.req, lost, self.since, known)
+            named = None
+            if cands is not None:
+                named = frozenset(c for c, e in zip(cands, res.errs, strict=True) if e == LOST)
+            doubt = any(e not in (0, LOST) for e in res.errs)
+            yield RecoverOp(self.req, lost, self.since, known, named, doubt)
         self.in_round = None
         return retry, misses
 

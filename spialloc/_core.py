@@ -232,7 +232,7 @@ class Core:
         if isinstance(op, rules.RoundOp):
             return k.round(op.req, op.n, op.cands, op.since, op.chunk)
         if isinstance(op, rules.RecoverOp):
-            return k.recover_lost(op.req, op.lost, op.since, op.known)
+            return k.recover_lost(op)
         if isinstance(op, rules.PresentOp):
             return k.present(op.req)
         if isinstance(op, rules.LifetimeOp):
@@ -286,7 +286,7 @@ class Core:
             self._running += 1
         try:
             run = BatchRun(
-                self.book, req, count, since=time.time() - 1.0, began=time.monotonic(), chunk=self.kernel.sock.window()
+                self.book, req, count, since=time.time() - 1.0, began=time.monotonic(), chunk=self.kernel.window(req)
             )
             self.drive(run.plan(time.monotonic, lambda: self.closed))
             if self.closed:

@@ -15,13 +15,13 @@ import errno
 import os
 import time
 from types import ModuleType
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from . import _wire as w
-from ._model import KernelState, Proto, Request, pack_address
-from ._netlink import XfrmSocket
+from ._model import KernelState, Proto, Request
+from ._netlink import REPLY_TRUESIZE, XfrmSocket
 from ._netns import Namespace, read_sysctl, write_sysctl
-from ._rules import LOST, Book, DelKey, RoundResult
+from ._rules import LOST, PENDING, Book, DelKey, RecoverOp, RoundResult, made_by, orphans
 from .errors import (
     RESTART_ERRNOS,
     ClosedError,
@@ -54,7 +54,7 @@ class Kernel:
         self.book = book
         self.sock = XfrmSocket(ns, rcvbuf=rcvbuf)
         self._lifetime: float | None = None
-        self._features: dict[str, bool] = {}  # attribute -> kept by this kernel (probed once)
+        self._probes: dict[bytes, Probe] = {}  # by Request.attrs
         #: Set by close(): a running engine round stops after its chunk.
         self.closing = False
 
@@ -81,21 +81,18 @@ class Kernel:
                     continue  # interrupted between random picks: ask again
                 if exc.errno == errno.ENOBUFS and "reply dropped" in str(exc):
                     self.book.stats.overruns += 1
-                    self.recover_lost(req, 1, time.time() - 1.0)
+                    one = frozenset({spi_min}) if spi_min == spi_max else None
+                    self.recover_lost(RecoverOp(req, 1, time.time() - 1.0, frozenset(), one))
                 raise
         raise NetlinkError(errno.EINTR, "interrupted by signals 64 times in a row", "allocspi")
 
     def require(self, req: Request) -> None:
         """Raise UnsupportedByKernel if ``req`` carries an attribute this
-        kernel would silently ignore.  Probed once per attribute: one
-        ALLOCSPI with the attribute, read back from the reply, then deleted."""
+        kernel would silently ignore (found out by ``_probe``, once)."""
         for name, field, since, instead in FEATURES:
             if getattr(req, field) is None:
                 continue
-            kept = self._features.get(name)
-            if kept is None:
-                kept = self._features[name] = self._probe(req, field)
-            if not kept:
+            if not self._probe(req).kept[field]:
                 raise UnsupportedByKernel(
                     errno.EOPNOTSUPP,
                     f"this kernel (Linux {os.uname().release}) ignores {name}: {field}= needs Linux {since} "
@@ -103,27 +100,48 @@ class Kernel:
                     "allocspi",
                 )
 
-    def _probe(self, req: Request, field: str) -> bool:
-        probe = req.with_seq(0)
-        lo, hi = (0x100, 0xFFFF) if req.proto is Proto.COMP else (0x100, 0xFFFFFFFF)
-        msg = bytearray(probe.template)
-        w.patch_range(msg, 0, lo, hi)
+    def window(self, req: Request) -> int:
+        """How many of ``req``'s ALLOCSPI replies fit in the receive buffer."""
+        return self.sock.window(self._probe(req).reply)
+
+    def _probe(self, req: Request) -> Probe:
+        """What the kernel makes of ``req``'s attributes, found out once per
+        set of attributes: one ALLOCSPI with them, deleted at once.  The
+        probe asks for the unspecified address, so it can neither take over
+        an ACQ state the kernel made for an ACQUIRE (those match on
+        addresses) nor take an SPI the daemon could be handed."""
+        probe = self._probes.get(req.attrs)
+        if probe is not None:
+            return probe
+        msg = bytearray(req.unspecified().template)
         with self.sock.lock:
             seq = self.sock.next_seq()
             w.patch_seq(msg, 0, seq)
-            kind, payload = self.sock.transact(bytes(msg), seq, "allocspi")
-        if kind != w.XFRM_MSG_NEWSA or payload is None:
-            raise NetlinkError(errno.EPROTO, f"unexpected reply type {kind} to ALLOCSPI", "allocspi")
-        sa = w.decode_sa(payload)
-        self.delete(req.daddr, sa.spi, req.family, req.proto, req.mark)
-        return kept_in_reply(sa, field)
+            kind, payload, reply = self.sock.transact_measured(bytes(msg), seq, "allocspi")
+            if kind != w.XFRM_MSG_NEWSA or payload is None:
+                raise NetlinkError(errno.EPROTO, f"unexpected reply type {kind} to ALLOCSPI", "allocspi")
+            sa = w.decode_sa(payload)
+            dmsg = bytearray(_delsa(sa.daddr, sa.spi, req.family, req.proto, req.mark))
+            seq = self.sock.next_seq()
+            w.patch_seq(dmsg, 0, seq)
+            _, _, ack = self.sock.transact_measured(bytes(dmsg), seq, "delsa")
+        probe = self._probes[req.attrs] = Probe(
+            {field: kept_in_reply(sa, field) for _, field, _, _ in FEATURES}, reply, ack
+        )
+        return probe
 
     def claim_stray(self, req: Request) -> None:
         """A refused ALLOCSPI leaves its larval state behind with SPI 0 until it
         expires, and DELSA cannot name SPI 0.  A request with the same
-        parameters reuses that state, so ask for any SPI, then delete it."""
+        parameters reuses that state, so ask for any SPI, then delete it.
+        Not when that state is an ACQ state the kernel made for an ACQUIRE
+        (a request without seq reuses those too): it belongs to the SA the
+        ACQUIRE asks for, and ALLOCSPI with its seq must still find it."""
         if req.seq:
-            return  # the kernel's own ACQ state: not ours to remove
+            return  # refused on the kernel's own ACQ state: not ours to remove
+        strays = [st for st in self.states_to(req) if st.spi == 0 and st.larval and made_by(st, req)]
+        if not strays or any(st.acquire_seq for st in strays):
+            return
         lo, hi = (0x100, 0xFFFF) if req.proto is Proto.COMP else (0x100, 0xFFFFFFFF)
         try:
             spi = self.alloc_one(req, lo, hi)
@@ -139,12 +157,12 @@ class Kernel:
         with sock.lock:
             seq0 = sock.next_seq(n)
             try:
-                window = min(chunk, sock.window())
+                window = min(chunk, self.window(req))
                 got, errs, text, overruns = self.engine.alloc_batch(
                     sock.sock, sock.portid, req.template, n, seq0, ranges, window, self._stop_if_closing
                 )
             except BaseException as exc:
-                self._abandon_round(req, getattr(exc, "spialloc_partial", None), since, frozenset(cands or ()))
+                self._abandon_round(req, getattr(exc, "spialloc_partial", None), since, cands)
                 raise
         self.book.stats.batches += 1
         self.book.stats.overruns += overruns
@@ -158,51 +176,36 @@ class Kernel:
             raise ClosedError(errno.EBADF, "allocator closed during the batch")
 
     def _abandon_round(
-        self, req: Request, partial: tuple[Sequence[int], Sequence[int]] | None, since: float, cands: frozenset[int]
+        self, req: Request, partial: tuple[Sequence[int], Sequence[int]] | None, since: float, cands: list[int] | None
     ) -> None:
         if partial is None:
             return
         got, errs = partial
         ok = [s for s, e in zip(got, errs, strict=True) if e == 0]
         self.book.stats.released += self.delete_all([(req.daddr, s, req.family, int(req.proto), req.mark) for s in ok])
-        lost = sum(1 for e in errs if e == LOST)
+        lost = [i for i, e in enumerate(errs) if e == LOST]
         if lost:
-            # The round's own candidates are still reserved in the guard: a
-            # dropped reply's state with one of those SPIs is ours to delete.
-            self.recover_lost(req, lost, since, frozenset(), mine=cands)
+            # An interrupt can also cut a reply off after it was read: LOST.
+            self.recover_lost(
+                RecoverOp(
+                    req,
+                    len(lost),
+                    since,
+                    frozenset(),
+                    None if cands is None else frozenset(cands[i] for i in lost),
+                    any(e not in (0, LOST, PENDING) for e in errs),
+                )
+            )
 
-    def recover_lost(
-        self,
-        req: Request,
-        lost: int,
-        since: float,
-        known: frozenset[int] = frozenset(),
-        mine: frozenset[int] = frozenset(),
-    ) -> int:
-        """Replies were dropped (ENOBUFS): the kernel may hold larval states
-        nobody knows.  Find them in a dump (same request parameters, made since
-        the batch began, not ours and not in the guard) and delete them."""
-        guard = self.book.guard
-        found = 0
-        for st in self.dump_states():
-            if not st.larval or st.acquire_seq:
-                continue
-            if (
-                st.proto != req.proto
-                or pack_address(st.dst) != req.daddr
-                or pack_address(st.src) != req.saddr
-                or st.mode != req.mode
-                or st.reqid != req.reqid
-                or (st.mark or (0, 0)) != (req.mark or (0, 0))  # the kernel omits zero values
-                or (st.if_id or 0) != (req.if_id or 0)
-                or st.added < int(since)
-                or st.spi in known
-            ):
-                continue
-            if guard is not None and st.spi not in mine and guard.is_outstanding(req.gdst, req.proto, st.spi):
-                continue
-            self.delete(req.daddr, st.spi, req.family, req.proto, req.mark)
-            found += 1
+    def recover_lost(self, op: RecoverOp) -> int:
+        """Replies were dropped (ENOBUFS): delete the larval states behind
+        them, if they can be told from others' (``_rules.orphans``)."""
+        spis = orphans(op, self.states_to(op.req), self.book.guard)
+        if spis is None:
+            self.book.stats.unrecovered += op.lost
+            return 0
+        req = op.req
+        found = sum(self.delete(req.daddr, spi, req.family, req.proto, req.mark) for spi in spis)
         self.book.stats.recovered += found
         return found
 
@@ -240,7 +243,13 @@ class Kernel:
             with sock.lock:
                 seq0 = sock.next_seq(len(msgs))
                 errs = self.engine.delsa_batch(
-                    sock.sock, sock.portid, b"".join(msgs), size, len(msgs), seq0, sock.window()
+                    sock.sock,
+                    sock.portid,
+                    b"".join(msgs),
+                    size,
+                    len(msgs),
+                    seq0,
+                    sock.window(max((p.ack for p in self._probes.values()), default=REPLY_TRUESIZE)),
                 )
             for e in errs:
                 if e == 0:
@@ -277,9 +286,14 @@ class Kernel:
     def dump_states(self) -> list[KernelState]:
         return [KernelState.from_wire(sa) for sa in self.sock.dump_sas()]
 
+    def states_to(self, req: Request) -> list[KernelState]:
+        """The states with ``req``'s destination and protocol."""
+        sas = self.sock.dump_sas((req.family, req.daddr, int(req.proto)))
+        return [KernelState.from_wire(sa) for sa in sas]
+
     def present(self, req: Request) -> set[int]:
         """The SPIs in the SAD with ``req``'s proto and destination."""
-        return {s.spi for s in self.dump_states() if s.proto == req.proto and pack_address(s.dst) == req.daddr}
+        return {s.spi for s in self.states_to(req)}
 
     # --- the larval lifetime ---------------------------------------------------------------
 
@@ -305,6 +319,14 @@ class Kernel:
             except (OSError, ValueError, SpiallocError):
                 self._lifetime = DEFAULT_ACQ_EXPIRES
         return self._lifetime
+
+
+class Probe(NamedTuple):
+    """What one kernel makes of a set of request attributes."""
+
+    kept: dict[str, bool]  # Request field -> the kernel echoes (so parsed) it
+    reply: int  # bytes of receive buffer an ALLOCSPI reply takes
+    ack: int  # bytes of receive buffer a DELSA ack takes
 
 
 def kept_in_reply(sa: w.SaInfo, field: str) -> bool:

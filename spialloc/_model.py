@@ -222,6 +222,28 @@ class Request:
     def with_seq(self, seq: int) -> Request:
         return dataclasses.replace(self, seq=seq, template=b"")
 
+    def unspecified(self) -> Request:
+        """The same attributes and protocol, aimed at the unspecified address
+        with the protocol's whole range: a request no ACQUIRE and no daemon
+        uses, for asking the kernel about the attributes themselves."""
+        zero = bytes(len(self.daddr))
+        any_addr = unpack_address(self.family, zero)
+        lo, hi = (0x100, 0xFFFF) if self.proto is Proto.COMP else (0x100, U32_MAX)
+        return dataclasses.replace(
+            self,
+            dst=any_addr,
+            src=any_addr,
+            daddr=zero,
+            saddr=zero,
+            gdst=guard_dst(self.family, zero),
+            spi_min=lo,
+            spi_max=hi,
+            seq=0,
+            mode=Mode.TRANSPORT,
+            reqid=0,
+            template=b"",
+        )
+
 
 def pack_address(addr: IPAddress) -> bytes:
     return addr.packed.ljust(16, b"\0")

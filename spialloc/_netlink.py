@@ -12,6 +12,7 @@ import itertools
 import math
 import select
 import socket
+import struct
 import threading
 from typing import Iterator
 
@@ -24,8 +25,11 @@ RECV_BUF = 1 << 16
 #: (each costs ~840 bytes of truesize), so batches can keep large windows.
 DEFAULT_RCVBUF = 4 << 20
 DEFAULT_SNDBUF = 1 << 20
-#: Bytes of receive buffer one ALLOCSPI reply occupies, with margin (KERNEL.md: ~840).
+#: Bytes of receive buffer a reply occupies before one was measured on the
+#: socket (``transact(measure=True)``): an ALLOCSPI reply without attributes
+#: costs 832 on 6.18, one with a mark 1,280 (the skb head moves up a slab).
 REPLY_TRUESIZE = 1024
+SO_MEMINFO = 55  # socket.h; SK_MEMINFO_RMEM_ALLOC is its first u32
 
 
 def wait_readable(fd: int, timeout: float | None) -> bool:
@@ -80,10 +84,15 @@ class XfrmSocket:
     def sndbuf(self) -> int:
         return int(self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
 
-    def window(self) -> int:
-        """How many replies fit in the receive buffer: the most requests we may
-        have in flight without the kernel dropping a reply (ENOBUFS)."""
-        return max(1, min(4096, self.rcvbuf // REPLY_TRUESIZE))
+    def window(self, truesize: int = REPLY_TRUESIZE) -> int:
+        """How many replies of ``truesize`` bytes fit in the receive buffer:
+        the most requests we may have in flight without the kernel dropping
+        a reply (ENOBUFS)."""
+        return max(1, min(4096, self.rcvbuf // max(1, truesize)))
+
+    def queued(self) -> int:
+        """Bytes of receive buffer the queued datagrams occupy (their truesize)."""
+        return int(struct.unpack_from("I", self.sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 36))[0])
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -182,6 +191,18 @@ class XfrmSocket:
             self.send(msg)
             return self._reply(seq, operation, None)
 
+    def transact_measured(self, msg: bytes | bytearray, seq: int, operation: str) -> tuple[int, memoryview | None, int]:
+        """``transact``, plus the bytes of receive buffer its reply took.
+
+        Measured, not computed: the truesize depends on the kernel's slab
+        sizes and skb layout, which differ between versions and configs."""
+        with self.lock:
+            before = self.queued()
+            self.send(msg)
+            size = self.queued() - before
+            kind, payload = self._reply(seq, operation, None)
+        return kind, payload, size
+
     def _reply(self, seq: int, operation: str, first: memoryview | None) -> tuple[int, memoryview | None]:
         """Read until the reply to ``seq``; ``first`` is a datagram already read."""
         while True:
@@ -198,11 +219,13 @@ class XfrmSocket:
                     return kind, None
                 return kind, memoryview(bytes(payload))
 
-    def dump_sas(self) -> list[w.SaInfo]:
-        """Every state in the namespace (GETSA dump), larval ones included."""
+    def dump_sas(self, to: tuple[int, bytes, int] | None = None) -> list[w.SaInfo]:
+        """Every state in the namespace (GETSA dump), larval ones included;
+        with ``to`` = (family, daddr, proto), those of one destination and
+        protocol (filtered by the kernel: a daemon's SAD can be large)."""
         with self.lock:
             seq = self.next_seq()
-            entries = list(self.dump(w.getsa_dump(seq), seq, "getsa dump"))
+            entries = list(self.dump(w.getsa_dump(seq, to), seq, "getsa dump"))
         return [w.decode_sa(p) for k, p in entries if k == w.XFRM_MSG_NEWSA]
 
     def dump(self, msg: bytes, seq: int, operation: str) -> Iterator[tuple[int, memoryview]]:

@@ -32,6 +32,7 @@ from ._model import (
     address_key,
     guard_dst,
     guard_dst_address,
+    pack_address,
     reservation_from,
 )
 from .errors import (
@@ -49,6 +50,8 @@ DelKey = tuple[bytes, int, int, int, Union[tuple[int, int], None]]
 #: An engine's per-request result for a reply the kernel dropped (ENOBUFS):
 #: the request was handled, so a larval state may exist that nobody knows.
 LOST = -2
+#: In an interrupted engine call's partial result: the request was never sent.
+PENDING = -1
 #: At most this many engine rounds per batch (each round asks again, batched,
 #: for what the previous one lost); a round that gains nothing ends it sooner.
 BATCH_ROUNDS = 16
@@ -105,13 +108,15 @@ class RoundOp(NamedTuple):
 
 
 class RecoverOp(NamedTuple):
-    """Replies were dropped: find at most ``lost`` orphans of ``req`` made
-    since ``since`` (not in ``known``) and delete them; result: their count."""
+    """Replies were dropped: delete the orphans ``orphans`` finds for them
+    in a dump; result: their count."""
 
     req: Request
-    lost: int
-    since: float
-    known: frozenset[int]
+    lost: int  # replies dropped
+    since: float  # the batch began (wall clock, the SAD's add time)
+    known: frozenset[int]  # SPIs of req the batch already holds
+    spis: frozenset[int] | None = None  # directed: the SPIs the lost requests named
+    doubt: bool = False  # some request of the round was refused
 
 
 class PresentOp(NamedTuple):
@@ -132,6 +137,50 @@ class ReleaseOp(NamedTuple):
 
 Op = Union[AllocOp, DeleteOp, PollOp, SyncOp, ClaimOp, RoundOp, RecoverOp, PresentOp, LifetimeOp, ReleaseOp]
 Plan = Generator[Op, object, Reservation]
+
+
+def made_by(st: KernelState, req: Request) -> bool:
+    """Whether ``st`` has every field the kernel keeps from ``req``: the
+    state an ALLOCSPI with ``req`` made or reused."""
+    return (
+        st.proto == req.proto
+        and pack_address(st.dst) == req.daddr
+        and pack_address(st.src) == req.saddr
+        and st.mode == req.mode
+        and st.reqid == req.reqid
+        and (st.mark or (0, 0)) == (req.mark or (0, 0))  # the kernel omits zero values
+        and (st.if_id or 0) == (req.if_id or 0)
+    )
+
+
+def orphans(op: RecoverOp, states: Iterable[KernelState], guard: Guard | None) -> list[int] | None:
+    """The SPIs of the larval states made by ``op.lost`` requests whose
+    replies were dropped, or None when they cannot be told from states that
+    another allocator made with the same request (then they are left to
+    expire: deleting another's state is worse than a larval state too many).
+
+    A state is a candidate when it matches the request in every field the
+    kernel keeps, was made since the batch began, is not an ACQ state of the
+    kernel's, is not already ours and is not reserved in the guard by anyone
+    else.  Directed requests named their SPIs, so only those can be ours.
+    Random ones are told apart by count alone, which holds only if every
+    dropped request made a state, so not after a refusal in the round, and
+    only if there are no more candidates than dropped replies."""
+    req = op.req
+    found: list[int] = []
+    for st in states:
+        if not st.larval or st.acquire_seq or st.spi in op.known:
+            continue
+        if op.spis is not None and st.spi not in op.spis:
+            continue
+        if not made_by(st, req) or st.added < int(op.since):
+            continue
+        if op.spis is None and guard is not None and guard.is_outstanding(req.gdst, req.proto, st.spi):
+            continue
+        found.append(st.spi)
+    if op.doubt or len(found) > op.lost:
+        return None
+    return found
 
 
 class Stepper(Generic[T]):
@@ -185,6 +234,7 @@ class AllocatorStats:
     lost: int = 0  # reservations whose larval state expired before commit
     overruns: int = 0  # ENOBUFS seen on the request socket
     recovered: int = 0  # larval states of dropped replies found and deleted
+    unrecovered: int = 0  # dropped replies whose states could be another's: left to expire
     renewed: int = 0  # held reservations whose expired larval state was made again
     expired_in_batch: int = 0  # states that died before their batch ended (asked again)
 

@@ -66,6 +66,8 @@ XFRM_MSG_UPDSA = 26
 # --- xfrm attributes --------------------------------------------------------
 XFRMA_REPLAY_VAL = 10
 XFRMA_MARK = 21
+XFRMA_PROTO = 25
+XFRMA_ADDRESS_FILTER = 26
 XFRMA_IF_ID = 31
 XFRMA_SA_DIR = 33
 XFRMA_SA_PCPU = 35
@@ -232,8 +234,20 @@ def getsa(seq: int, sa_id: bytes, attrs: bytes) -> bytes:
     return message(XFRM_MSG_GETSA, NLM_F_REQUEST, seq, sa_id + attrs)
 
 
-def getsa_dump(seq: int) -> bytes:
-    return message(XFRM_MSG_GETSA, NLM_F_REQUEST | NLM_F_DUMP, seq, b"")
+#: struct xfrm_address_filter { xfrm_address_t saddr, daddr; __u16 family; __u8 splen, dplen; }
+ADDRESS_FILTER = struct.Struct("=16s16sHBB")
+
+
+def getsa_dump(seq: int, to: tuple[int, bytes, int] | None = None) -> bytes:
+    """A SAD dump; ``to`` = (family, daddr, proto) asks the kernel for the
+    states of one destination and protocol only (xfrm_dump_sa reads its
+    filters after a struct xfrm_usersa_info, whose contents it ignores)."""
+    if to is None:
+        return message(XFRM_MSG_GETSA, NLM_F_REQUEST | NLM_F_DUMP, seq, b"")
+    family, daddr, proto = to
+    filt = ADDRESS_FILTER.pack(bytes(16), daddr, family, 0, 32 if family == AF_INET else 128)
+    body = bytes(XFRM_USERSA_INFO_LEN) + attr(XFRMA_ADDRESS_FILTER, filt) + attr(XFRMA_PROTO, bytes([proto]))
+    return message(XFRM_MSG_GETSA, NLM_F_REQUEST | NLM_F_DUMP, seq, body)
 
 
 def patch_seq(buf: bytearray, offset: int, seq: int) -> None:

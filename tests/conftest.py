@@ -74,9 +74,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     tr = terminalreporter
     tr.write_line(f"spialloc kernel tier: {len(_kernel_ran)} ran, {len(_kernel_skipped)} skipped")
     if require_kernel() and (_kernel_skipped or not _kernel_ran):
-        tr.write_line(
-            "SPIALLOC_REQUIRE_KERNEL=1 but the kernel tier did not run in full: failing the run", red=True
-        )
+        tr.write_line("SPIALLOC_REQUIRE_KERNEL=1 but the kernel tier did not run in full: failing the run", red=True)
 
 
 def _host_states() -> str | None:

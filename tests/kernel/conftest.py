@@ -44,7 +44,6 @@ def raw_alloc(netns: Namespace) -> Iterator[Allocator]:
         yield a
 
 
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_pyfunc_call(pyfuncitem: pytest.Function):  # type: ignore[no-untyped-def]
     """Under `unshare -Urn` (a normal user) the kernel hides the XFRM sysctls

@@ -55,8 +55,27 @@ def make_acquire(ns: Namespace, dst: str = "10.99.0.2", src: str = "10.99.0.1") 
     ns_run(
         ns,
         [
-            "ip", "xfrm", "policy", "add", "src", f"{src}/32", "dst", f"{dst}/32", "dir", "out",
-            "tmpl", "src", src, "dst", dst, "proto", "esp", "mode", "tunnel", "reqid", "7",
+            "ip",
+            "xfrm",
+            "policy",
+            "add",
+            "src",
+            f"{src}/32",
+            "dst",
+            f"{dst}/32",
+            "dir",
+            "out",
+            "tmpl",
+            "src",
+            src,
+            "dst",
+            dst,
+            "proto",
+            "esp",
+            "mode",
+            "tunnel",
+            "reqid",
+            "7",
         ],
     )
 
@@ -83,4 +102,3 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: f
             return True
         time.sleep(interval)
     return bool(predicate())
-

@@ -44,8 +44,9 @@ def assert_user_error(proc: subprocess.CompletedProcess[str], *needles: str) -> 
 
 
 def ip_spis(name: str) -> set[int]:
-    out = subprocess.run(["ip", "-n", name, "xfrm", "state", "list"], check=True, capture_output=True, text=True,
-                         timeout=30).stdout
+    out = subprocess.run(
+        ["ip", "-n", name, "xfrm", "state", "list"], check=True, capture_output=True, text=True, timeout=30
+    ).stdout
     spis = set()
     for line in out.splitlines():
         parts = line.split()
@@ -78,8 +79,24 @@ def test_alloc_isolated_single_text_output() -> None:
 
 
 def test_alloc_list_release_on_named_netns(named_netns: str) -> None:
-    out = ok(run_cli("alloc", "--dst", "10.0.0.1", "--count", "2", "--json", "--netns", named_netns,
-                     "--mode", "tunnel", "--reqid", "5", "--mark", "0x10/0xff"))
+    out = ok(
+        run_cli(
+            "alloc",
+            "--dst",
+            "10.0.0.1",
+            "--count",
+            "2",
+            "--json",
+            "--netns",
+            named_netns,
+            "--mode",
+            "tunnel",
+            "--reqid",
+            "5",
+            "--mark",
+            "0x10/0xff",
+        )
+    )
     entries = json.loads(out)
     spis = {e["spi"] for e in entries}
     assert len(spis) == 2
@@ -108,8 +125,13 @@ def test_alloc_list_release_on_named_netns(named_netns: str) -> None:
 
 
 def test_list_shows_states_made_by_ip(named_netns: str) -> None:
-    out = subprocess.run(["ip", "-n", named_netns, "xfrm", "state", "allocspi", "src", "0.0.0.0", "dst", "10.0.0.9",
-                          "proto", "ah"], check=True, capture_output=True, text=True, timeout=30).stdout
+    out = subprocess.run(
+        ["ip", "-n", named_netns, "xfrm", "state", "allocspi", "src", "0.0.0.0", "dst", "10.0.0.9", "proto", "ah"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
     words = out.split()
     spi = int(words[words.index("spi") + 1], 16)
     listed = json.loads(ok(run_cli("list", "--netns", named_netns, "--json")))

@@ -59,8 +59,9 @@ def ip_state_block(ns: Namespace, spi: int) -> str:
 
 @pytest.mark.parametrize("family", [4, 6])
 @pytest.mark.parametrize("proto", ["esp", "ah"])
-def test_esp_ah_allocate_in_default_range_and_state_exists(alloc: Allocator, netns: Namespace, proto: str,
-                                                            family: int) -> None:
+def test_esp_ah_allocate_in_default_range_and_state_exists(
+    alloc: Allocator, netns: Namespace, proto: str, family: int
+) -> None:
     dst, _ = ADDRS[family]
     r = alloc.allocate(dst, proto)
     assert 0xC0000000 <= r.spi <= 0xCFFFFFFF
@@ -183,8 +184,15 @@ def test_kernel_extack_text_reaches_the_exception(alloc: Allocator) -> None:
     straight through the socket: the kernel's own EINVAL text comes back."""
     sock = alloc.core.kernel.sock
     info = w.userspi_info(
-        family=w.AF_INET, daddr=bytes([10, 0, 0, 1]) + bytes(12), saddr=bytes(16), proto=w.IPPROTO_COMP,
-        mode=0, reqid=0, acq_seq=0, spi_min=0x100, spi_max=0x1FFFF,
+        family=w.AF_INET,
+        daddr=bytes([10, 0, 0, 1]) + bytes(12),
+        saddr=bytes(16),
+        proto=w.IPPROTO_COMP,
+        mode=0,
+        reqid=0,
+        acq_seq=0,
+        spi_min=0x100,
+        spi_max=0x1FFFF,
     )
     with sock.lock:
         seq = sock.next_seq()
@@ -244,12 +252,18 @@ def test_no_direction_means_none(alloc: Allocator) -> None:
 
 
 def test_everything_at_once_ipv6(alloc: Allocator, netns: Namespace) -> None:
-    r = alloc.allocate("2001:db8::1", "ah", src="2001:db8::2", mode="tunnel", reqid=9, mark=(3, 0xF), if_id=5,
-                       direction="in")
+    r = alloc.allocate(
+        "2001:db8::1", "ah", src="2001:db8::2", mode="tunnel", reqid=9, mark=(3, 0xF), if_id=5, direction="in"
+    )
     st = alloc.lookup("2001:db8::1", r.spi, "ah", mark=(3, 0xF))
     assert st is not None
     assert (st.proto, st.mode, st.reqid, st.mark, st.if_id, st.direction) == (
-        Proto.AH, Mode.TUNNEL, 9, (3, 0xF), 5, Direction.IN
+        Proto.AH,
+        Mode.TUNNEL,
+        9,
+        (3, 0xF),
+        5,
+        Direction.IN,
     )
     assert st.reservation() == r
 
@@ -305,8 +319,25 @@ def test_release_many_partly_gone(alloc: Allocator, netns: Namespace) -> None:
 
 def test_states_lists_larval_states_including_foreign_ones(alloc: Allocator, netns: Namespace) -> None:
     ours = [alloc.allocate("10.0.0.1"), alloc.allocate("2001:db8::1", "comp")]
-    out = ns_run(netns, ["ip", "xfrm", "state", "allocspi", "src", "0.0.0.0", "dst", "10.0.0.9", "proto", "ah",
-                         "reqid", "3", "mode", "tunnel"]).stdout
+    out = ns_run(
+        netns,
+        [
+            "ip",
+            "xfrm",
+            "state",
+            "allocspi",
+            "src",
+            "0.0.0.0",
+            "dst",
+            "10.0.0.9",
+            "proto",
+            "ah",
+            "reqid",
+            "3",
+            "mode",
+            "tunnel",
+        ],
+    ).stdout
     words = out.split()
     foreign_spi = int(words[words.index("spi") + 1], 16)
     states = alloc.states()
@@ -352,9 +383,21 @@ def _run_without_caps(netns: Namespace, kwargs: dict[str, object]) -> dict[str, 
     code = "import os; assert open('/proc/self/status').read().split('CapEff:')[1].split()[0] == '0' * 16; " + _CHILD
     proc = ns_run(
         netns,
-        ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--", "env", f"PYTHONPATH={ROOT}",
-         f"SPIALLOC_BACKEND={os.environ.get('SPIALLOC_BACKEND', 'auto')}", sys.executable, "-W", "ignore", "-c",
-         code, json.dumps(kwargs)],
+        [
+            "setpriv",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--",
+            "env",
+            f"PYTHONPATH={ROOT}",
+            f"SPIALLOC_BACKEND={os.environ.get('SPIALLOC_BACKEND', 'auto')}",
+            sys.executable,
+            "-W",
+            "ignore",
+            "-c",
+            code,
+            json.dumps(kwargs),
+        ],
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
@@ -461,6 +504,26 @@ def test_reused_acquire_seq_guarded_gets_a_fresh_spi(alloc: Allocator, netns: Na
     assert alloc.stats.collisions == 1
 
 
+@pytest.mark.parametrize("guard", [True, False])
+def test_refused_request_never_removes_the_kernels_acq_state(netns: Namespace, guard: bool) -> None:
+    """A request without seq but with an ACQUIRE's parameters uses the
+    kernel's ACQ state (SPI 0) and, refused, leaves it as it was.  The
+    SPI-0 clean-up after a refusal must not take that state over and delete
+    it: ALLOCSPI with the ACQUIRE's seq must still find it afterwards."""
+    params = {"src": "10.99.0.1", "mode": "tunnel", "reqid": 7}
+    _provoke_acquire(netns)
+    with Allocator(netns, guard=False) as other, Allocator(netns, guard=guard) as alloc:
+        seq = _acq_state(alloc).acquire_seq
+        taken = other.allocate("10.99.0.2", spi_range=(0x4242, 0x4242), reqid=99)
+        with pytest.raises(SpiExhausted):
+            alloc.allocate("10.99.0.2", spi_range=(0x4242, 0x4242), **params)
+        assert _acq_state(alloc).acquire_seq == seq  # still there, still SPI 0
+        r = alloc.allocate("10.99.0.2", seq=seq, **params)
+        by_spi = {st.spi: st for st in alloc.states()}
+        assert set(by_spi) == {taken.spi, r.spi}
+        assert by_spi[r.spi].acquire_seq == seq  # bound to the ACQUIRE
+
+
 # --- namespaces ------------------------------------------------------------------------------
 
 
@@ -468,13 +531,15 @@ def test_allocator_on_named_netns(named_netns: str) -> None:
     name = named_netns
     with Allocator(name) as a:
         r = a.allocate("10.0.0.1")
-        out = subprocess.run(["ip", "-n", name, "xfrm", "state", "list"], check=True, capture_output=True,
-                             text=True, timeout=30).stdout
+        out = subprocess.run(
+            ["ip", "-n", name, "xfrm", "state", "list"], check=True, capture_output=True, text=True, timeout=30
+        ).stdout
         assert f"spi {r.spi:#010x}" in out
         assert a.states()[0].spi == r.spi
         assert a.release(r) == 1
-        out = subprocess.run(["ip", "-n", name, "xfrm", "state", "list"], check=True, capture_output=True,
-                             text=True, timeout=30).stdout
+        out = subprocess.run(
+            ["ip", "-n", name, "xfrm", "state", "list"], check=True, capture_output=True, text=True, timeout=30
+        ).stdout
         assert out.strip() == ""
 
 

@@ -110,8 +110,12 @@ def test_isolated_namespace_handle_closed_while_allocator_open_keeps_working() -
 # --- close() under pending calls -------------------------------------------------------
 
 
-def _hammer_then_close(netns: Namespace, batch: bool, threads: int = 4, run_for: float = 0.3,
-                       ) -> tuple[list[Reservation], collections.Counter[str], list[BaseException]]:
+def _hammer_then_close(
+    netns: Namespace,
+    batch: bool,
+    threads: int = 4,
+    run_for: float = 0.3,
+) -> tuple[list[Reservation], collections.Counter[str], list[BaseException]]:
     a = Allocator(netns)
     got: list[Reservation] = []
     kinds: collections.Counter[str] = collections.Counter()
@@ -223,7 +227,7 @@ def test_close_during_batch_is_closed_error(netns: Namespace, backend: str, monk
     """allocate_many in small chunks, closed from another thread: ClosedError
     (a SpiallocError), not a bare OSError, and not a list of reservations from
     a closed allocator (issue 12, item 5); nothing of the batch left behind."""
-    monkeypatch.setattr(_netlink.XfrmSocket, "window", lambda self: 1)
+    monkeypatch.setattr(_netlink.XfrmSocket, "window", lambda self, truesize=0: 1)
     a = Allocator(netns, guard=False, backend=backend)
     result: list[object] = []
 
@@ -255,13 +259,14 @@ def test_close_during_batch_is_closed_error(netns: Namespace, backend: str, monk
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("guard", [True, False], ids=["guarded", "unguarded"])
-def test_enobufs_on_request_socket_recovers(netns: Namespace, monkeypatch: pytest.MonkeyPatch, backend: str,
-                                            guard: bool) -> None:
+def test_enobufs_on_request_socket_recovers(
+    netns: Namespace, monkeypatch: pytest.MonkeyPatch, backend: str, guard: bool
+) -> None:
     """A receive buffer of ~40 replies and a window of 512: the kernel drops
     most replies (ENOBUFS).  The batch still returns 1,000 distinct SPIs, the
     states of dropped replies are found and deleted (no orphan), and release
     leaves the SAD empty."""
-    monkeypatch.setattr(_netlink.XfrmSocket, "window", lambda self: 512)
+    monkeypatch.setattr(_netlink.XfrmSocket, "window", lambda self, truesize=0: 512)
     with Allocator(netns, rcvbuf=16384, backend=backend, guard=guard) as a:
         assert a.core.kernel.sock.rcvbuf < 512 * 840
         rs = a.allocate_many(1000, DST)
@@ -274,13 +279,14 @@ def test_enobufs_on_request_socket_recovers(netns: Namespace, monkeypatch: pytes
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_enobufs_on_release_counts_what_was_deleted(netns: Namespace, monkeypatch: pytest.MonkeyPatch,
-                                                    backend: str) -> None:
+def test_enobufs_on_release_counts_what_was_deleted(
+    netns: Namespace, monkeypatch: pytest.MonkeyPatch, backend: str
+) -> None:
     """release() returns "how many states were deleted".  When the DELSA acks
     are dropped (over-sent window), every state is deleted all the same, but
     release() counts only the acks it read (e.g. 78 of 1000): the acks that
     went missing should be checked (GETSA/dump), not counted as not deleted."""
-    monkeypatch.setattr(_netlink.XfrmSocket, "window", lambda self: 512)
+    monkeypatch.setattr(_netlink.XfrmSocket, "window", lambda self, truesize=0: 512)
     with Allocator(netns, rcvbuf=16384, backend=backend, guard=False) as a:
         rs = a.allocate_many(1000, DST)
         deleted = a.release(rs)
@@ -396,7 +402,11 @@ def test_sigint_during_50000_batch_leaves_no_larval_state(netns: Namespace, back
     assert netns.fd is not None
     proc = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(netns.fd), backend],
-        pass_fds=[netns.fd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+        pass_fds=[netns.fd],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
     )
     try:
         assert proc.stdout is not None
@@ -483,8 +493,10 @@ def test_states_deleted_behind_our_back(netns: Namespace) -> None:
     try:
         rs = [a.allocate(DST) for _ in range(10)]
         for r in rs[:3]:
-            ns_run(netns, ["ip", "xfrm", "state", "delete", "src", "0.0.0.0", "dst", DST, "proto", "esp",
-                           "spi", hex(r.spi)])
+            ns_run(
+                netns,
+                ["ip", "xfrm", "state", "delete", "src", "0.0.0.0", "dst", DST, "proto", "esp", "spi", hex(r.spi)],
+            )
         assert sad_count(netns) == 7
         assert a.sync() == 0  # nothing foreign: the 7 left are ours
         assert a.stats.lost == 3
@@ -568,8 +580,10 @@ def run_cli(*args: str, env: dict[str, str] | None = None, pre: str = "") -> sub
     e = _env()
     e.update(env or {})
     if pre:
-        code = pre + "\nimport runpy, sys\nsys.argv = ['spialloc', *sys.argv[1:]]\n" \
-                     "runpy.run_module('spialloc.cli', run_name='__main__')\n"
+        code = (
+            pre + "\nimport runpy, sys\nsys.argv = ['spialloc', *sys.argv[1:]]\n"
+            "runpy.run_module('spialloc.cli', run_name='__main__')\n"
+        )
         argv = [sys.executable, "-c", code, *args]
     else:
         argv = [sys.executable, "-m", "spialloc.cli", *args]
@@ -674,8 +688,15 @@ def test_spiallocerror_only_from_closed_allocator(netns: Namespace) -> None:
     r = a.allocate(DST)
     a.close()
     a.close()  # idempotent
-    for call in (lambda: a.allocate(DST), lambda: a.allocate_many(3, DST), lambda: a.release(r),
-                 lambda: a.states(), lambda: a.sync(), lambda: a.lookup(DST, r.spi), lambda: a.commit(r)):
+    for call in (
+        lambda: a.allocate(DST),
+        lambda: a.allocate_many(3, DST),
+        lambda: a.release(r),
+        lambda: a.states(),
+        lambda: a.sync(),
+        lambda: a.lookup(DST, r.spi),
+        lambda: a.commit(r),
+    ):
         with pytest.raises(ClosedError):
             call()
     with Allocator(netns) as b:

@@ -28,7 +28,12 @@ def test_soak_20000_ops_is_flat_and_leaves_nothing() -> None:
     report = soak.run(ops=20_000, interval=2.0, warmup=0.25, out=lines.append)
     assert report.ops >= 20_000
     assert set(report.by_kind) == {
-        "guarded single", "unguarded single", "guarded batch", "unguarded batch", "async single", "async batch",
+        "guarded single",
+        "unguarded single",
+        "guarded batch",
+        "unguarded batch",
+        "async single",
+        "async batch",
     }
     assert report.errors == {}
     assert report.final_fds == report.baseline_fds, lines

@@ -63,8 +63,9 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def run_py(code: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(**env),
-                          timeout=60, cwd="/")
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=_env(**env), timeout=60, cwd="/"
+    )
 
 
 # --- SPIALLOC_BACKEND ---------------------------------------------------------------------
@@ -115,7 +116,9 @@ sys.meta_path.insert(0, _Block())
 
 
 def test_backend_c_with_extension_hidden_is_clear_import_error() -> None:
-    code = HIDE_NATIVE + """
+    code = (
+        HIDE_NATIVE
+        + """
 import spialloc
 for what in ("spialloc.backend", "Allocator"):
     try:
@@ -125,6 +128,7 @@ for what in ("spialloc.backend", "Allocator"):
     else:
         print(what, "no error")
 """
+    )
     proc = run_py(code, SPIALLOC_BACKEND="c")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
@@ -136,7 +140,9 @@ for what in ("spialloc.backend", "Allocator"):
 
 
 def test_backend_auto_with_extension_hidden_falls_back_with_a_warning() -> None:
-    code = HIDE_NATIVE + """
+    code = (
+        HIDE_NATIVE
+        + """
 import warnings
 warnings.simplefilter("error")
 import spialloc
@@ -147,6 +153,7 @@ except RuntimeWarning as w:
 warnings.simplefilter("ignore")
 print("backend:", spialloc.backend)
 """
+    )
     proc = run_py(code, SPIALLOC_BACKEND="auto")
     assert proc.returncode == 0, proc.stderr
     assert "warned:" in proc.stdout and "pure-Python" in proc.stdout
@@ -237,8 +244,9 @@ def test_release_of_non_reservations(fake: Allocator, bad: object) -> None:
 def test_release_validates_all_before_any_syscall(fake: Allocator) -> None:
     import ipaddress
 
-    good = spialloc.Reservation(0xC0000001, ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("0.0.0.0"),
-                                spialloc.Proto.ESP)
+    good = spialloc.Reservation(
+        0xC0000001, ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("0.0.0.0"), spialloc.Proto.ESP
+    )
     with pytest.raises(InvalidRequest):
         fake.release([good, good, "junk"])  # type: ignore[list-item]
 
@@ -305,8 +313,9 @@ def test_partition_queries_reject_bad_spi(spi: object) -> None:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "spialloc.cli", *args], capture_output=True, text=True,
-                          env=_env(), timeout=60, cwd="/")
+    return subprocess.run(
+        [sys.executable, "-m", "spialloc.cli", *args], capture_output=True, text=True, env=_env(), timeout=60, cwd="/"
+    )
 
 
 @pytest.mark.parametrize(

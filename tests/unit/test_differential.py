@@ -671,7 +671,8 @@ def test_restart_rounds_are_bounded_and_merge_partial_results() -> None:
     ranges = (array.array("I", [10, 11, 12, 13]), array.array("I", [20, 21, 22, 23]))
     with pytest.raises(KeyboardInterrupt) as info:
         _pybatch.restart_interrupted(
-            lambda a: once(*a), _pybatch.BatchArgs(None, 1, b"", 4, 5, ranges, 64, lambda: None)  # type: ignore[arg-type]
+            lambda a: once(*a),
+            _pybatch.BatchArgs(None, 1, b"", 4, 5, ranges, 64, lambda: None),  # type: ignore[arg-type]
         )
     assert calls[1:] == [(2, 5, ([11, 13], [21, 23]))] * 3
     # round 4 re-sent request 1 (now SPI 9), never request 3: its 512 stands
@@ -684,7 +685,8 @@ def test_restart_rounds_are_bounded_and_merge_partial_results() -> None:
         return [0] * args[3], [512] * args[3], None, 0
 
     res = _pybatch.restart_interrupted(
-        lambda a: always(*a), _pybatch.BatchArgs(None, 1, b"", 3, 5, None, 64, lambda: None)  # type: ignore[arg-type]
+        lambda a: always(*a),
+        _pybatch.BatchArgs(None, 1, b"", 3, 5, None, 64, lambda: None),  # type: ignore[arg-type]
     )
     assert res == ([0, 0, 0], [512, 512, 512], None, 0)
     assert len(calls) == 1 + _pybatch.MAX_RESTARTS
@@ -699,7 +701,8 @@ def test_restart_rounds_that_settle_something_are_not_counted() -> None:
         return [7] * count, [0] + [512] * (count - 1), None, 0
 
     spis, errs, _, _ = _pybatch.restart_interrupted(
-        lambda a: one_per_round(*a), _pybatch.BatchArgs(None, 1, b"", 20, 5, None, 64, lambda: None)  # type: ignore[arg-type]
+        lambda a: one_per_round(*a),
+        _pybatch.BatchArgs(None, 1, b"", 20, 5, None, 64, lambda: None),  # type: ignore[arg-type]
     )
     assert errs == [0] * 20 and spis == [7] * 20
     assert calls == list(range(20, 0, -1))

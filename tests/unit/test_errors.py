@@ -28,8 +28,18 @@ KTEXT = "No SPI available in the requested range"
 
 
 def test_every_error_derives_from_spialloc_error() -> None:
-    for cls in (BatchError, ClosedError, DecodeError, DuplicateSpi, InsufficientPrivilege, InvalidRequest,
-                NamespaceError, NetlinkError, ReservationLost, SpiExhausted):
+    for cls in (
+        BatchError,
+        ClosedError,
+        DecodeError,
+        DuplicateSpi,
+        InsufficientPrivilege,
+        InvalidRequest,
+        NamespaceError,
+        NetlinkError,
+        ReservationLost,
+        SpiExhausted,
+    ):
         assert issubclass(cls, SpiallocError), cls
 
 

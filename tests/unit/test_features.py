@@ -12,8 +12,21 @@ from spialloc._kernel import FEATURES, kept_in_reply
 from spialloc._model import build_request
 
 BASE = w.SaInfo(
-    family=w.AF_INET, daddr=bytes(16), saddr=bytes(16), spi=0xC0000001, proto=50, mode=0, reqid=0, seq=0,
-    flags=0, add_time=0, mark=None, if_id=None, direction=None, pcpu=None, larval=True,
+    family=w.AF_INET,
+    daddr=bytes(16),
+    saddr=bytes(16),
+    spi=0xC0000001,
+    proto=50,
+    mode=0,
+    reqid=0,
+    seq=0,
+    flags=0,
+    add_time=0,
+    mark=None,
+    if_id=None,
+    direction=None,
+    pcpu=None,
+    larval=True,
 )
 
 

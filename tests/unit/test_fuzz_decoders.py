@@ -116,9 +116,7 @@ u8 = st.integers(0, 0xFF)
 u16 = st.integers(0, 0xFFFF)
 u32 = st.integers(0, 0xFFFFFFFF)
 errnos = st.integers(1, 4095)
-texts = st.text(
-    alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=120
-)
+texts = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=120)
 
 ALG_KINDS = (1, 2, 3, 18, 20)  # ALG_AUTH, ALG_CRYPT, ALG_COMP, ALG_AEAD, ALG_AUTH_TRUNC
 KNOWN_SA_KINDS = {w.XFRMA_MARK, w.XFRMA_IF_ID, w.XFRMA_SA_DIR, w.XFRMA_SA_PCPU, *ALG_KINDS}
@@ -217,14 +215,28 @@ def expect_sa(sa: w.SaInfo, spec: dict[str, Any]) -> None:
 
 def request_msg(seq: int, attrs: bytes = b"") -> bytes:
     info = w.userspi_info(
-        family=w.AF_INET, daddr=v4("192.0.2.1"), saddr=bytes(16), proto=w.IPPROTO_ESP, mode=0, reqid=0,
-        acq_seq=0, spi_min=0xC0000000, spi_max=0xCFFFFFFF,
+        family=w.AF_INET,
+        daddr=v4("192.0.2.1"),
+        saddr=bytes(16),
+        proto=w.IPPROTO_ESP,
+        mode=0,
+        reqid=0,
+        acq_seq=0,
+        spi_min=0xC0000000,
+        spi_max=0xCFFFFFFF,
     )
     return w.allocspi(seq, info, attrs)
 
 
-def error_msg(seq: int, code: int, text: str | None = None, capped: bool = True, pid: int = PORTID,
-              offs: bool = False, raw_error: int | None = None) -> bytes:
+def error_msg(
+    seq: int,
+    code: int,
+    text: str | None = None,
+    capped: bool = True,
+    pid: int = PORTID,
+    offs: bool = False,
+    raw_error: int | None = None,
+) -> bytes:
     """NLMSG_ERROR as netlink_ack builds it; ``code`` is the positive errno (0 = ack)."""
     request = request_msg(seq, w.sa_attrs((1, 2), 3, None, None))
     flags = 0
@@ -247,11 +259,28 @@ def error_msg(seq: int, code: int, text: str | None = None, capped: bool = True,
 
 
 def newsa_msg(seq: int, spi: int, pid: int = PORTID, spec: dict[str, Any] | None = None, flags: int = 0) -> bytes:
-    spec = dict(spec) if spec else {
-        "family": w.AF_INET, "daddr": v4("192.0.2.1"), "saddr": bytes(16), "proto": 50, "mode": 0,
-        "reqid": 0, "seq": 0, "flags": 0, "add_time": 0, "mark": None, "if_id": None, "direction": None,
-        "pcpu": None, "alg": None, "extra": [], "nested_bits": 0,
-    }
+    spec = (
+        dict(spec)
+        if spec
+        else {
+            "family": w.AF_INET,
+            "daddr": v4("192.0.2.1"),
+            "saddr": bytes(16),
+            "proto": 50,
+            "mode": 0,
+            "reqid": 0,
+            "seq": 0,
+            "flags": 0,
+            "add_time": 0,
+            "mark": None,
+            "if_id": None,
+            "direction": None,
+            "pcpu": None,
+            "alg": None,
+            "extra": [],
+            "nested_bits": 0,
+        }
+    )
     spec["spi"] = spi
     return w.message(w.XFRM_MSG_NEWSA, flags, seq, newsa_payload(spec), pid)
 
@@ -274,8 +303,18 @@ def selectors(draw: st.DrawFn) -> dict[str, Any]:
 
 def selector_bytes(s: dict[str, Any]) -> bytes:
     return w._SELECTOR.pack(
-        s["daddr"], s["saddr"], s["dport"].to_bytes(2, "big"), b"\xff\xff", s["sport"].to_bytes(2, "big"),
-        b"\xff\xff", s["family"], s["prefixlen_d"], s["prefixlen_s"], s["proto"], s["ifindex"], 0,
+        s["daddr"],
+        s["saddr"],
+        s["dport"].to_bytes(2, "big"),
+        b"\xff\xff",
+        s["sport"].to_bytes(2, "big"),
+        b"\xff\xff",
+        s["family"],
+        s["prefixlen_d"],
+        s["prefixlen_s"],
+        s["proto"],
+        s["ifindex"],
+        0,
     )
 
 
@@ -291,8 +330,9 @@ def acquire_specs(draw: st.DrawFn) -> dict[str, Any]:
         # templates: (family, reqid, mode); the first one counts
         "tmpls": draw(st.lists(st.tuples(u16, u32, u8), max_size=3)),
         "nested_bits": draw(st.sampled_from([0, 0x8000])),
-        "extra": draw(st.lists(st.tuples(st.integers(0, 0x3FFF).filter(lambda k: k != 5), st.binary(max_size=16)),
-                               max_size=2)),
+        "extra": draw(
+            st.lists(st.tuples(st.integers(0, 0x3FFF).filter(lambda k: k != 5), st.binary(max_size=16)), max_size=2)
+        ),
     }
 
 
@@ -357,8 +397,7 @@ def bad_headers(draw: st.DrawFn) -> bytes:
     length = draw(
         st.sampled_from(
             [0, 1, 8, 15, 16, 17, 18, 19, true_len - 1, true_len + 1, true_len + 3, true_len + 4, 2**32 - 1]
-        )
-        .map(lambda n: n % 2**32)
+        ).map(lambda n: n % 2**32)
         | u32
     )
     return w.NLMSGHDR.pack(length, draw(u16), draw(u16), draw(u32), draw(u32)) + payload
@@ -379,18 +418,24 @@ def attr_soup(draw: st.DrawFn) -> bytes:
     return out
 
 
-valid_newsa_msgs = st.builds(lambda spec, seq, pid: w.message(w.XFRM_MSG_NEWSA, 0, seq, newsa_payload(spec), pid),
-                             sa_specs(), u32, u32)
+valid_newsa_msgs = st.builds(
+    lambda spec, seq, pid: w.message(w.XFRM_MSG_NEWSA, 0, seq, newsa_payload(spec), pid), sa_specs(), u32, u32
+)
 valid_error_msgs = st.builds(
     lambda seq, code, text, capped, offs: error_msg(seq, code, text, capped, offs=offs),
-    u32, st.integers(0, 4095), st.none() | texts, st.booleans(), st.booleans(),
+    u32,
+    st.integers(0, 4095),
+    st.none() | texts,
+    st.booleans(),
+    st.booleans(),
 )
-valid_acquire_msgs = st.builds(lambda spec: w.message(w.XFRM_MSG_ACQUIRE, 0, 0, acquire_payload(spec)),
-                               acquire_specs())
+valid_acquire_msgs = st.builds(lambda spec: w.message(w.XFRM_MSG_ACQUIRE, 0, 0, acquire_payload(spec)), acquire_specs())
 valid_expire_msgs = st.builds(
-    lambda spec, hard: w.message(w.XFRM_MSG_EXPIRE, 0, 0, usersa_info(spec) + bytes([hard]) + bytes(7)
-                                 + sa_attributes(spec)),
-    sa_specs(), st.integers(0, 1),
+    lambda spec, hard: w.message(
+        w.XFRM_MSG_EXPIRE, 0, 0, usersa_info(spec) + bytes([hard]) + bytes(7) + sa_attributes(spec)
+    ),
+    sa_specs(),
+    st.integers(0, 1),
 )
 valid_msgs = st.one_of(valid_newsa_msgs, valid_error_msgs, valid_acquire_msgs, valid_expire_msgs)
 corpus_bytes = st.sampled_from([f.read_bytes() for f in FEED_FILES + EVENT_FILES]) if FEED_FILES else st.just(b"")
@@ -543,10 +588,24 @@ def test_acquire_round_trip(spec: dict[str, Any]) -> None:
     payload = memoryview(acquire_payload(spec))
     a = w.decode_acquire(payload)
     sel = spec["sel"]
-    assert (a.daddr, a.saddr, a.spi, a.proto, a.seq) == (spec["daddr"], spec["saddr"], spec["spi"], spec["proto"],
-                                                         spec["seq"])
-    assert a.selector == w.Selector(sel["family"], sel["daddr"], sel["saddr"], sel["dport"], sel["sport"],
-                                    sel["prefixlen_d"], sel["prefixlen_s"], sel["proto"], sel["ifindex"])
+    assert (a.daddr, a.saddr, a.spi, a.proto, a.seq) == (
+        spec["daddr"],
+        spec["saddr"],
+        spec["spi"],
+        spec["proto"],
+        spec["seq"],
+    )
+    assert a.selector == w.Selector(
+        sel["family"],
+        sel["daddr"],
+        sel["saddr"],
+        sel["dport"],
+        sel["sport"],
+        sel["prefixlen_d"],
+        sel["prefixlen_s"],
+        sel["proto"],
+        sel["ifindex"],
+    )
     if spec["tmpls"]:
         family, reqid, mode = spec["tmpls"][0]
         assert (a.family, a.reqid, a.mode) == (family, reqid, mode)
@@ -588,8 +647,17 @@ def test_decode_error_rejects_error_codes_that_are_no_errno(raw: int) -> None:
 @given(selectors())
 def test_selector_round_trip(sel: dict[str, Any]) -> None:
     got = w.decode_selector(memoryview(selector_bytes(sel)))
-    assert got == w.Selector(sel["family"], sel["daddr"], sel["saddr"], sel["dport"], sel["sport"],
-                             sel["prefixlen_d"], sel["prefixlen_s"], sel["proto"], sel["ifindex"])
+    assert got == w.Selector(
+        sel["family"],
+        sel["daddr"],
+        sel["saddr"],
+        sel["dport"],
+        sel["sport"],
+        sel["prefixlen_d"],
+        sel["prefixlen_s"],
+        sel["proto"],
+        sel["ifindex"],
+    )
 
 
 @fuzz_settings(60)
@@ -632,11 +700,17 @@ def test_corpus_file_parses_cleanly(path: Path) -> None:
 
 def test_corpus_has_the_promised_replies() -> None:
     names = {p.name for p in FEED_FILES}
-    assert {"newsa_v4.bin", "newsa_v6_all.bin", "newsa_v4_mark_ifid_dir.bin", "err_enoent_extack.bin",
-            "err_einval_min_gt_max.bin", "dump.bin"} <= names
+    assert {
+        "newsa_v4.bin",
+        "newsa_v6_all.bin",
+        "newsa_v4_mark_ifid_dir.bin",
+        "err_enoent_extack.bin",
+        "err_einval_min_gt_max.bin",
+        "dump.bin",
+    } <= names
     v6 = w.decode_sa(next(p for k, _, _, _, p in w.iter_messages((CORPUS / "feed" / "newsa_v6_all.bin").read_bytes())))
     assert (v6.family, v6.mark, v6.if_id, v6.direction, v6.pcpu) == (w.AF_INET6, (0x10, 0xFFFFFFFF), 0xFFFFFFFF, 2, 0)
-    (_, flags, _, _, p), = w.iter_messages((CORPUS / "feed" / "err_enoent_extack.bin").read_bytes())
+    ((_, flags, _, _, p),) = w.iter_messages((CORPUS / "feed" / "err_enoent_extack.bin").read_bytes())
     assert w.decode_error(p, flags)[:2] == (errno.ENOENT, "No SPI available in the requested range")
 
 
@@ -670,13 +744,24 @@ class FakeSocket:
         return n, (src, 0)
 
 
-def py_engine(datagrams: list[tuple[bytes, int]], seq0: int = SEQ0, portid: int = PORTID, count: int = NREQ,
-              acks: bool = False) -> tuple[list[int], list[int], str | None]:
+def py_engine(
+    datagrams: list[tuple[bytes, int]], seq0: int = SEQ0, portid: int = PORTID, count: int = NREQ, acks: bool = False
+) -> tuple[list[int], list[int], str | None]:
     spis = [0] * count
     errs = [_pybatch.PENDING] * count
     text: list[str | None] = [None]
-    missing, _ = _pybatch._drain(FakeSocket(datagrams), portid, seq0, count, acks, spis, errs,  # type: ignore[arg-type]
-                                 bytearray(1 << 16), count, text)
+    missing, _ = _pybatch._drain(
+        FakeSocket(datagrams),
+        portid,
+        seq0,
+        count,
+        acks,
+        spis,
+        errs,  # type: ignore[arg-type]
+        bytearray(1 << 16),
+        count,
+        text,
+    )
     assert missing == sum(1 for e in errs if e == _pybatch.PENDING)
     return spis, errs, text[0]
 
@@ -693,9 +778,14 @@ class CBatch:
             tmpl, b.stride = one * count, len(one)
         else:
             tmpl = request_msg(0)
-        self.keep = [ffi.from_buffer("uint8_t[]", tmpl), ffi.new("uint8_t[]", 4096 + len(tmpl)),
-                     ffi.new("uint8_t[]", lib.SPIALLOC_RECV_SLOT), ffi.new("char[]", 256),
-                     ffi.from_buffer("uint32_t[]", self.spis), ffi.from_buffer("int32_t[]", self.errs)]
+        self.keep = [
+            ffi.from_buffer("uint8_t[]", tmpl),
+            ffi.new("uint8_t[]", 4096 + len(tmpl)),
+            ffi.new("uint8_t[]", lib.SPIALLOC_RECV_SLOT),
+            ffi.new("char[]", 256),
+            ffi.from_buffer("uint32_t[]", self.spis),
+            ffi.from_buffer("int32_t[]", self.errs),
+        ]
         b.fd, b.portid, b.count, b.seq0, b.chunk = -1, portid, count, seq0 & 0xFFFFFFFF, count
         b.tmpl, b.tmpl_len = self.keep[0], len(tmpl)
         b.sendbuf, b.sendbuf_len = self.keep[1], 4096 + len(tmpl)
@@ -716,8 +806,9 @@ class CBatch:
         return list(self.spis), list(self.errs), text
 
 
-def c_engine(datagrams: list[tuple[bytes, int]], seq0: int = SEQ0, portid: int = PORTID, count: int = NREQ,
-             delsa: bool = False) -> tuple[list[int], list[int], str | None]:
+def c_engine(
+    datagrams: list[tuple[bytes, int]], seq0: int = SEQ0, portid: int = PORTID, count: int = NREQ, delsa: bool = False
+) -> tuple[list[int], list[int], str | None]:
     t = CBatch(seq0, portid, count, delsa)
     total = 0
     for data, src in datagrams:
@@ -772,8 +863,11 @@ def reply_datagrams(draw: st.DrawFn, delsa: bool = False) -> list[tuple[bytes, i
         if what == "newsa":
             msgs.append(newsa_msg(seq, draw(u32), pid, flags=draw(st.sampled_from([0, w.NLM_F_MULTI]))))
         elif what == "err":
-            msgs.append(error_msg(seq, draw(errnos), draw(st.none() | texts), draw(st.booleans()), pid,
-                                  offs=draw(st.booleans())))
+            msgs.append(
+                error_msg(
+                    seq, draw(errnos), draw(st.none() | texts), draw(st.booleans()), pid, offs=draw(st.booleans())
+                )
+            )
         elif what == "ack":
             msgs.append(error_msg(seq, 0, None, draw(st.booleans()), pid))
         elif what == "done":
@@ -803,8 +897,9 @@ def test_c_and_python_engines_agree_on_well_formed_replies(datagrams: list[tuple
 @given(reply_datagrams(delsa=True))
 def test_c_and_python_engines_agree_on_delsa_acks(datagrams: list[tuple[bytes, int]]) -> None:
     # DELSA never gets NEWSA (the C engine treats one as a stray, _drain as a success)
-    datagrams = [(b"".join(m for m in _split(d) if w.NLMSGHDR.unpack_from(m)[1] != w.XFRM_MSG_NEWSA), s)
-                 for d, s in datagrams]
+    datagrams = [
+        (b"".join(m for m in _split(d) if w.NLMSGHDR.unpack_from(m)[1] != w.XFRM_MSG_NEWSA), s) for d, s in datagrams
+    ]
     datagrams = [(d, s) for d, s in datagrams if d]
     c_spis, c_errs, c_text = c_engine(datagrams, delsa=True)
     p_spis, p_errs, p_text = py_engine(datagrams, acks=True)

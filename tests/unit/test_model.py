@@ -150,8 +150,16 @@ BAD_CASES: list[tuple[dict[str, object], str]] = [
 ]
 
 for _field in ("reqid", "if_id", "seq", "pcpu"):
-    for _bad, _text in ((-1, "-1"), (U32_MAX + 1, "4294967296"), (2**64, str(2**64)), (True, "True"),
-                        (False, "False"), (1.0, "1.0"), ("7", "'7'"), ([1], "[1]")):
+    for _bad, _text in (
+        (-1, "-1"),
+        (U32_MAX + 1, "4294967296"),
+        (2**64, str(2**64)),
+        (True, "True"),
+        (False, "False"),
+        (1.0, "1.0"),
+        ("7", "'7'"),
+        ([1], "[1]"),
+    ):
         BAD_CASES.append(({_field: _bad}, _text))
 
 
@@ -211,8 +219,9 @@ def test_lookup_bad_spi_is_invalid_request(fake_alloc) -> None:  # type: ignore[
 def test_release_out_of_range_spi_is_invalid_request(fake_alloc, bad_spi: int) -> None:  # type: ignore[no-untyped-def]
     """A Reservation built by hand (e.g. from CLI input) with an SPI that is not
     a u32 must be rejected as InvalidRequest naming it, not crash in struct.pack."""
-    r = Reservation(spi=bad_spi, dst=ipaddress.ip_address("192.0.2.1"), src=ipaddress.ip_address("0.0.0.0"),
-                    proto=Proto.ESP)
+    r = Reservation(
+        spi=bad_spi, dst=ipaddress.ip_address("192.0.2.1"), src=ipaddress.ip_address("0.0.0.0"), proto=Proto.ESP
+    )
     with pytest.raises(InvalidRequest) as info:
         fake_alloc.release(r)
     assert str(bad_spi) in str(info.value) or hex(bad_spi) in str(info.value)
@@ -222,8 +231,13 @@ def test_release_out_of_range_spi_is_invalid_request(fake_alloc, bad_spi: int) -
 
 @pytest.mark.parametrize("bad_mark, text", [((1, U32_MAX + 1), "4294967296"), ((-1, 0xFF), "-1")])
 def test_release_out_of_range_mark_is_invalid_request(fake_alloc, bad_mark, text: str) -> None:  # type: ignore[no-untyped-def]
-    r = Reservation(spi=0xC0000001, dst=ipaddress.ip_address("192.0.2.1"), src=ipaddress.ip_address("0.0.0.0"),
-                    proto=Proto.ESP, mark=bad_mark)
+    r = Reservation(
+        spi=0xC0000001,
+        dst=ipaddress.ip_address("192.0.2.1"),
+        src=ipaddress.ip_address("0.0.0.0"),
+        proto=Proto.ESP,
+        mark=bad_mark,
+    )
     with pytest.raises(InvalidRequest) as info:
         fake_alloc.release(r)
     assert text in str(info.value)
@@ -327,8 +341,9 @@ def test_allocator_default_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_allocator_configured_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kernel_mod, "XfrmSocket", _NoSyscallSocket)
-    with spialloc.Allocator(guard=False, watch_expiry=False, backend="python", spi_range=(0x1000, 0x1FFF),
-                            cpi_range=(0x200, 0x2FF)) as a:
+    with spialloc.Allocator(
+        guard=False, watch_expiry=False, backend="python", spi_range=(0x1000, 0x1FFF), cpi_range=(0x200, 0x2FF)
+    ) as a:
         assert _sent_range(a, "192.0.2.1", "esp") == (0x1000, 0x1FFF)
         assert _sent_range(a, "192.0.2.1", "ah") == (0x1000, 0x1FFF)
         assert _sent_range(a, "192.0.2.1", "comp") == (0x200, 0x2FF)
@@ -338,11 +353,21 @@ def test_allocator_configured_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     "given_proto, expected",
     [
-        ("esp", Proto.ESP), ("ESP", Proto.ESP), ("Esp", Proto.ESP),
-        ("ah", Proto.AH), ("AH", Proto.AH),
-        ("comp", Proto.COMP), ("COMP", Proto.COMP), ("ipcomp", Proto.COMP), ("IPComp", Proto.COMP),
-        (Proto.ESP, Proto.ESP), (Proto.AH, Proto.AH), (Proto.COMP, Proto.COMP),
-        (50, Proto.ESP), (51, Proto.AH), (108, Proto.COMP),
+        ("esp", Proto.ESP),
+        ("ESP", Proto.ESP),
+        ("Esp", Proto.ESP),
+        ("ah", Proto.AH),
+        ("AH", Proto.AH),
+        ("comp", Proto.COMP),
+        ("COMP", Proto.COMP),
+        ("ipcomp", Proto.COMP),
+        ("IPComp", Proto.COMP),
+        (Proto.ESP, Proto.ESP),
+        (Proto.AH, Proto.AH),
+        (Proto.COMP, Proto.COMP),
+        (50, Proto.ESP),
+        (51, Proto.AH),
+        (108, Proto.COMP),
     ],
 )
 def test_proto_spellings(given_proto: object, expected: Proto) -> None:
@@ -397,8 +422,10 @@ def test_src_defaults_to_unspecified_of_dst_family() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.integers(256, U32_MAX).flatmap(lambda lo: st.tuples(st.just(lo), st.integers(lo, U32_MAX))),
-       st.sampled_from(["esp", "ah"]))
+@given(
+    st.integers(256, U32_MAX).flatmap(lambda lo: st.tuples(st.just(lo), st.integers(lo, U32_MAX))),
+    st.sampled_from(["esp", "ah"]),
+)
 def test_valid_range_round_trips_into_message_bytes(rng: tuple[int, int], proto: str) -> None:
     lo, hi = rng
     msg = build_request("192.0.2.1", proto, spi_range=(lo, hi)).message(1)
@@ -415,8 +442,9 @@ def test_valid_cpi_range_round_trips_into_message_bytes(rng: tuple[int, int]) ->
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.integers(-(2**33), 2**33), st.integers(-(2**33), 2**33), st.sampled_from(["esp", "ah", "comp"]),
-       st.booleans())
+@given(
+    st.integers(-(2**33), 2**33), st.integers(-(2**33), 2**33), st.sampled_from(["esp", "ah", "comp"]), st.booleans()
+)
 def test_any_range_is_accepted_exactly_when_valid(lo: int, hi: int, proto: str, allow_reserved: bool) -> None:
     valid = (
         0 <= lo <= hi <= U32_MAX
@@ -482,11 +510,21 @@ def test_reservation_key_family_str_and_pickle() -> None:
 
 
 def test_reservation_from_request_keeps_everything() -> None:
-    req = build_request("192.0.2.1", "ah", src="192.0.2.2", mode="tunnel", reqid=3, mark=(1, 0xFF), if_id=4,
-                        direction="out", seq=9)
+    req = build_request(
+        "192.0.2.1", "ah", src="192.0.2.2", mode="tunnel", reqid=3, mark=(1, 0xFF), if_id=4, direction="out", seq=9
+    )
     r = reservation_from(req, 0x1234)
     assert (r.spi, str(r.dst), str(r.src), r.proto, r.mode, r.reqid, r.mark, r.if_id, r.direction, r.seq) == (
-        0x1234, "192.0.2.1", "192.0.2.2", Proto.AH, Mode.TUNNEL, 3, (1, 0xFF), 4, Direction.OUT, 9
+        0x1234,
+        "192.0.2.1",
+        "192.0.2.2",
+        Proto.AH,
+        Mode.TUNNEL,
+        3,
+        (1, 0xFF),
+        4,
+        Direction.OUT,
+        9,
     )
 
 
@@ -520,14 +558,29 @@ def test_kernel_state_from_wire() -> None:
     assert ks.proto is Proto.ESP
     assert ks.mode is Mode.TUNNEL
     assert (ks.reqid, ks.mark, ks.if_id, ks.direction, ks.acquire_seq, ks.larval, ks.added) == (
-        7, (5, 0xFF), 6, Direction.OUT, 11, True, 1_700_000_000
+        7,
+        (5, 0xFF),
+        6,
+        Direction.OUT,
+        11,
+        True,
+        1_700_000_000,
     )
 
 
 def test_kernel_state_from_wire_ipv4_and_unknown_values() -> None:
     ks = KernelState.from_wire(
-        _sa_info(family=w.AF_INET, daddr=bytes([10, 0, 0, 1]) + b"\0" * 12, saddr=b"\0" * 16, proto=43, mode=9,
-                 direction=7, mark=None, if_id=None, larval=False)
+        _sa_info(
+            family=w.AF_INET,
+            daddr=bytes([10, 0, 0, 1]) + b"\0" * 12,
+            saddr=b"\0" * 16,
+            proto=43,
+            mode=9,
+            direction=7,
+            mark=None,
+            if_id=None,
+            larval=False,
+        )
     )
     assert ks.dst == ipaddress.IPv4Address("10.0.0.1")
     assert ks.src == ipaddress.IPv4Address("0.0.0.0")
@@ -541,7 +594,16 @@ def test_kernel_state_reservation_round_trip() -> None:
     ks = KernelState.from_wire(_sa_info())
     r = ks.reservation()
     assert (r.spi, r.dst, r.src, r.proto, r.mode, r.reqid, r.mark, r.if_id, r.direction, r.seq) == (
-        ks.spi, ks.dst, ks.src, Proto.ESP, Mode.TUNNEL, 7, (5, 0xFF), 6, Direction.OUT, 11
+        ks.spi,
+        ks.dst,
+        ks.src,
+        Proto.ESP,
+        Mode.TUNNEL,
+        7,
+        (5, 0xFF),
+        6,
+        Direction.OUT,
+        11,
     )
     assert r.allocated_at == 1_700_000_000.0
 
@@ -550,8 +612,9 @@ def test_kernel_state_reservation_round_trip() -> None:
 def test_request_bytes_decode_back_to_the_same_state(dst: str, src: str) -> None:
     """Encode a request, give it an SPI the way the kernel does, decode it as a
     NEWSA payload: KernelState carries every field we asked for."""
-    req = build_request(dst, "ah", src=src, mode="tunnel", reqid=0x77, mark=(0x10, 0xF0), if_id=0x2A,
-                        direction="in", seq=5)
+    req = build_request(
+        dst, "ah", src=src, mode="tunnel", reqid=0x77, mark=(0x10, 0xF0), if_id=0x2A, direction="in", seq=5
+    )
     payload = bytearray(req.message(1)[16:])
     payload[72:76] = (0xC0000099).to_bytes(4, "big")
     as_newsa = bytes(payload[:224]) + bytes(payload[232:])  # usersa_info + attributes

@@ -18,7 +18,7 @@ import pytest
 
 from spialloc import _rules as rules
 from spialloc._batch import BatchRun
-from spialloc._model import Request, build_request
+from spialloc._model import KernelState, Request, build_request
 from spialloc.errors import ClosedError, DuplicateSpi, NetlinkError, SpiExhausted
 from spialloc.guard import Guard, State
 
@@ -116,7 +116,9 @@ class FakeKernel:
         doomed = [
             spi
             for (p, spi), d in self.sad.items()
-            if p == proto and d == op.req.daddr and spi not in op.known
+            if p == proto
+            and d == op.req.daddr
+            and spi not in op.known
             and not (guard is not None and guard.is_outstanding(op.req.gdst, p, spi))
         ][: op.lost]
         for spi in doomed:
@@ -493,3 +495,50 @@ def test_committed_forgets_hold_and_origin(book: rules.Book) -> None:
     assert r.key in book.held and r.key in book.origin
     rules.committed(book, r.key)
     assert r.key not in book.held and r.key not in book.origin
+
+
+# --- orphans of dropped replies -------------------------------------------------------------
+
+
+def _state(req: Request, spi: int, added: int = 1000, **kw: Any) -> KernelState:
+    fields: dict[str, Any] = {
+        "spi": spi,
+        "dst": req.dst,
+        "src": req.src,
+        "proto": req.proto,
+        "mode": req.mode,
+        "reqid": req.reqid,
+        "mark": req.mark,
+        "if_id": req.if_id,
+        "direction": req.direction,
+        "acquire_seq": 0,
+        "larval": True,
+        "added": added,
+    }
+    fields.update(kw)
+    return KernelState(**fields)
+
+
+def test_orphans_are_deleted_only_when_provably_ours() -> None:
+    req = build_request("10.0.0.1", mark=(1, 0xFF), if_id=2)
+    mine = [_state(req, 0x1000 + i) for i in range(3)]
+    noise = [
+        _state(req, 0x2000, added=998),  # made before the batch
+        _state(req, 0x2001, reqid=9),  # another request
+        _state(req, 0x2002, mark=None),
+        _state(req, 0x2003, acquire_seq=5),  # the kernel's ACQ state
+        _state(req, 0x2004, larval=False),
+        _state(req, 0x2005),  # already ours
+    ]
+    op = rules.RecoverOp(req, 3, 999.5, frozenset({0x2005}))
+    assert rules.orphans(op, mine + noise, None) == [0x1000, 0x1001, 0x1002]
+    # One more match than dropped replies: any of them may be another's.
+    assert rules.orphans(op._replace(lost=2), mine + noise, None) is None
+    # A refusal in the round: a dropped request may have made no state.
+    assert rules.orphans(op._replace(doubt=True), mine, None) is None
+    # Held by someone in the guard: not an orphan.
+    g = Guard()
+    assert g.reserve(req.gdst, req.proto, 0x1001)
+    assert rules.orphans(op, mine, g) == [0x1000, 0x1002]
+    # Directed: only the SPIs the dropped requests named.
+    assert rules.orphans(op._replace(spis=frozenset({0x1002})), mine, g) == [0x1002]

@@ -141,10 +141,20 @@ def test_allocspi_ipv6_with_all_attributes_matches_hand_computed_bytes() -> None
     put(payload, 224, u32(0xC0000000))
     put(payload, 228, u32(0xCFFFFFFF))
     attrs = (
-        u16(12) + u16(21) + u32(0x10) + u32(0xFF)  # XFRMA_MARK: struct xfrm_mark {v, m}
-        + u16(8) + u16(31) + u32(0x2A)  # XFRMA_IF_ID
-        + u16(5) + u16(33) + b"\x02" + b"\0\0\0"  # XFRMA_SA_DIR out, padded to 8
-        + u16(8) + u16(35) + u32(3)  # XFRMA_SA_PCPU
+        u16(12)
+        + u16(21)
+        + u32(0x10)
+        + u32(0xFF)  # XFRMA_MARK: struct xfrm_mark {v, m}
+        + u16(8)
+        + u16(31)
+        + u32(0x2A)  # XFRMA_IF_ID
+        + u16(5)
+        + u16(33)
+        + b"\x02"
+        + b"\0\0\0"  # XFRMA_SA_DIR out, padded to 8
+        + u16(8)
+        + u16(35)
+        + u32(3)  # XFRMA_SA_PCPU
     )
     total = 16 + 232 + len(attrs)
     assert total == 284
@@ -304,12 +314,22 @@ def test_decode_newsa_reply_spi_is_network_order_at_72() -> None:
 
 
 def test_decode_sa_basic_fields() -> None:
-    payload = bytes(
-        _usersa_info(
-            daddr="2001:db8::5", saddr="2001:db8::6", spi=0x1234, proto=108, seq=3, reqid=7, mode=1, flags=4,
-            add_time=1_700_000_000,
+    payload = (
+        bytes(
+            _usersa_info(
+                daddr="2001:db8::5",
+                saddr="2001:db8::6",
+                spi=0x1234,
+                proto=108,
+                seq=3,
+                reqid=7,
+                mode=1,
+                flags=4,
+                add_time=1_700_000_000,
+            )
         )
-    ) + REPLAY_VAL
+        + REPLAY_VAL
+    )
     sa = w.decode_sa(memoryview(payload))
     assert sa.family == 10
     assert sa.daddr == addr16("2001:db8::5")
@@ -326,13 +346,7 @@ def test_decode_sa_basic_fields() -> None:
 
 
 def test_decode_sa_with_mark_ifid_dir_pcpu_attributes() -> None:
-    attrs = (
-        REPLAY_VAL
-        + nla(21, u32(0x10) + u32(0xFF))
-        + nla(31, u32(0x2A))
-        + nla(33, b"\x01")
-        + nla(35, u32(2))
-    )
+    attrs = REPLAY_VAL + nla(21, u32(0x10) + u32(0xFF)) + nla(31, u32(0x2A)) + nla(33, b"\x01") + nla(35, u32(2))
     sa = w.decode_sa(memoryview(bytes(_usersa_info()) + attrs))
     assert sa.mark == (0x10, 0xFF)
     assert sa.if_id == 0x2A
@@ -614,11 +628,19 @@ class xfrm_selector(ctypes.Structure):
 
 
 class xfrm_lifetime_cfg(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_uint64) for n in (
-        "soft_byte_limit", "hard_byte_limit", "soft_packet_limit", "hard_packet_limit",
-        "soft_add_expires_seconds", "hard_add_expires_seconds",
-        "soft_use_expires_seconds", "hard_use_expires_seconds",
-    )]
+    _fields_ = [
+        (n, ctypes.c_uint64)
+        for n in (
+            "soft_byte_limit",
+            "hard_byte_limit",
+            "soft_packet_limit",
+            "hard_packet_limit",
+            "soft_add_expires_seconds",
+            "hard_add_expires_seconds",
+            "soft_use_expires_seconds",
+            "hard_use_expires_seconds",
+        )
+    ]
 
 
 class xfrm_lifetime_cur(ctypes.Structure):

@@ -78,6 +78,8 @@ class BatchRun:
         self.resynced = False
         self.refused = False
         self.late: list[int] = []
+        self.finished = False  # the plan ran to its end: its states await hand-off
+        self.settled = False  # ... and were handed out or released
         # The round under way: (asked, result, candidates), for clean-up.
         self.in_round: tuple[list[int], RoundResult | None, list[int]] | None = None
 
@@ -112,6 +114,9 @@ class BatchRun:
                 self.errors[i] = self.why.get(i) or NetlinkError(errno.EAGAIN, _GAVE_UP, "allocspi")
             if self.refused:
                 yield ClaimOp(self.req)
+            # Last in the try: from here on an interrupt is the caller's to
+            # handle (Core.run_batch releases a finished batch's states).
+            self.finished = True
         except BaseException:
             yield ReleaseOp(self._abandon())  # interrupted (Ctrl-C, close, a bug): every state goes
             raise

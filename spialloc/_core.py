@@ -281,9 +281,15 @@ class Core:
     def run_batch(self, req: Request, count: int, strict: bool) -> list[Reservation] | BatchResult:
         """A batch through the engine in rounds (``_rules.BatchRun``).  All or
         nothing when ``strict``: a failed batch releases its SPIs and raises
-        BatchError; else a BatchResult with the errors by index."""
+        BatchError; else a BatchResult with the errors by index.
+
+        Every exit other than the return hands the batch's states back: an
+        interrupted plan releases them itself; after it finished, a Ctrl-C,
+        close() or anything else before the return releases them here."""
         with self._idle:
             self._running += 1
+        running = True
+        run: BatchRun | None = None
         try:
             run = BatchRun(
                 self.book, req, count, since=time.time() - 1.0, began=time.monotonic(), chunk=self.kernel.window(req)
@@ -292,28 +298,55 @@ class Core:
             if self.closed:
                 # close() came while the last round ran: nobody may get SPIs
                 # from a closed allocator, so they go back while close() waits.
-                good = run.good()
-                self.release_keys([(req.daddr, run.spis[i], req.family, int(req.proto), req.mark) for i in good])
                 raise ClosedError(errno.EBADF, "allocator closed during the batch")
+            result = self._deliver(run, req, count, strict)
+            self._stopped()
+            running = False
+            return result  # nothing that can be interrupted lies between here and the caller
+        except BaseException:
+            if run is not None and run.finished and not run.settled:
+                self.release_all(self._keys(run, req))
+            raise
         finally:
-            with self._idle:
-                self._running -= 1
-                self._idle.notify_all()
-        spis, good, late = run.spis, run.good(), set(run.late)
+            if running:
+                self._stopped()
+
+    def _stopped(self) -> None:
+        with self._idle:
+            self._running -= 1
+            self._idle.notify_all()
+
+    @staticmethod
+    def _keys(run: BatchRun, req: Request) -> list[rules.DelKey]:
+        """The DELSA keys of a finished batch's states (the late dead are
+        gone already: their SPIs may be someone else's now)."""
+        late = set(run.late)
+        return [(req.daddr, run.spis[i], req.family, int(req.proto), req.mark) for i in run.good() if i not in late]
+
+    def _deliver(self, run: BatchRun, req: Request, count: int, strict: bool) -> list[Reservation] | BatchResult:
         if run.errors and strict:
-            # The late dead are gone already: their SPIs may be someone else's now.
-            keys = [(req.daddr, spis[i], req.family, int(req.proto), req.mark) for i in good if i not in late]
-            raise BatchError(count, run.errors, self.release_keys(keys))
+            run.settled = True  # by release_all, which a second Ctrl-C does not cut short
+            raise BatchError(count, run.errors, self.release_all(self._keys(run, req)))
         now = time.time()
-        reservations = [reservation_from(req, spis[i], now) for i in good]
+        spis = run.spis
+        reservations = [reservation_from(req, spis[i], now) for i in run.good()]
         book = self.book
-        book.stats.allocated += len(reservations)
         if book.on_lost is not None and book.guard is not None:
             gdst, proto = req.gdst, int(req.proto)
             book.origin.update(((gdst, proto, r.spi), req) for r in reservations)
-        for i in sorted(late):
+        book.stats.allocated += len(reservations)
+        for i in sorted(run.late):
             book.lost(reservation_from(req, spis[i], now))
         return reservations if strict else BatchResult(reservations, run.errors)
+
+    def release_all(self, keys: list[rules.DelKey]) -> int:
+        """``release_keys`` that a second Ctrl-C does not cut short: the
+        states of a batch nobody will get must all go."""
+        while True:
+            try:
+                return self.release_keys(keys)
+            except KeyboardInterrupt:
+                continue
 
     def outcome(
         self, count: int, reservations: list[Reservation], errors: dict[int, SpiallocError], strict: bool

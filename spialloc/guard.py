@@ -186,23 +186,29 @@ class Guard:
                 self._codes.append((idx << 2 | _R, idx << 2 | _C, idx << 2 | _F))
             self._dst_index[dst] = idx
         key = self._key(idx, proto, spi)
-        self._table[key] = self._codes[idx][state]
+        code = self._codes[idx][state]
         bucket = key >> 32
-        self._counts[bucket] = self._counts.get(bucket, 0) + 1
+        count = self._counts.get(bucket, 0) + 1
+        # No call from here on: Python delivers a signal (KeyboardInterrupt)
+        # only at a call or a loop, so the table and its counters cannot be
+        # left disagreeing by a Ctrl-C.
+        self._table[key] = code
+        self._counts[bucket] = count
         self._dst_refs[idx] += 1
         self._by_state[state] += 1
         return True
 
     def _drop(self, key: int, code: int) -> None:
-        del self._table[key]
-        self._by_state[code & 3] -= 1
         bucket = key >> 32
         left = self._counts[bucket] - 1
+        idx = code >> 2
+        # No call until the counters agree with the table again (see _claim).
+        del self._table[key]
+        self._by_state[code & 3] -= 1
         if left:
             self._counts[bucket] = left
         else:
             del self._counts[bucket]
-        idx = code >> 2
         self._dst_refs[idx] -= 1
         if not self._dst_refs[idx]:
             del self._dst_index[self._dsts[idx]]

@@ -10,8 +10,11 @@ every other thread of the daemon where it was and needs no fork.
 from __future__ import annotations
 
 import ctypes
+import errno
+import fcntl
 import os
 import socket
+import stat
 import struct
 import threading
 from typing import Callable, TypeVar, Union
@@ -25,8 +28,35 @@ NetnsSpec = Union[None, str, "os.PathLike[str]", int, "Namespace"]
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
 NETNS_RUN_DIR = "/run/netns"
+#: ioctl(NS_GET_NSTYPE) (Linux 4.11): only nsfs answers it, with the CLONE_NEW* type.
+NS_GET_NSTYPE = 0xB703
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return kind
+    return "a regular file"
+
+
+def _check_netns(fd: int, what: str) -> None:
+    """Refuse anything but a network namespace up front: setns would say only
+    EINVAL later, from whichever thread first needs a socket."""
+    try:
+        nstype = fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError:
+        kind = _file_kind(os.fstat(fd).st_mode)
+        raise NamespaceError(errno.EINVAL, f"{what} is not a network namespace: it is {kind}") from None
+    if nstype != CLONE_NEWNET:
+        raise NamespaceError(errno.EINVAL, f"{what} is not a network namespace: it is another kind of namespace")
 
 
 def _setns_thread(fd: int) -> None:
@@ -85,19 +115,31 @@ class Namespace:
             if not 0 <= spec < 1 << 31:
                 raise NamespaceError(f"netns={spec!r} is not a file descriptor")
             try:
-                return cls(os.dup(spec), f"netns fd {spec}")
+                fd = os.dup(spec)
             except OSError as exc:
                 raise NamespaceError(exc.errno, f"netns fd {spec}: {exc.strerror}") from None
+            return cls._checked(fd, f"netns fd {spec}", f"netns fd {spec}")
         path = os.fspath(spec)
         if not isinstance(path, str) or not path or "\0" in path:
             raise NamespaceError(f"netns={spec!r}: give a name, a path or an open fd")
         if "/" not in path:
             path = os.path.join(NETNS_RUN_DIR, path)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
         except OSError as exc:
             raise NamespaceError(exc.errno, f"network namespace {spec!r} ({path}): {exc.strerror}") from None
-        return cls(fd, f"network namespace {spec!r}")
+        named = f"netns {spec!r}" if path == spec else f"netns {spec!r} ({path})"
+        return cls._checked(fd, f"network namespace {spec!r}", named)
+
+    @classmethod
+    def _checked(cls, fd: int, description: str, named: str) -> Namespace:
+        try:
+            _check_netns(fd, named)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, description)
 
     @classmethod
     def isolated(cls) -> Namespace:

@@ -7,16 +7,27 @@ line and no traceback.  (Kernel-side faults: tests/kernel/test_faults.py.)"""
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import spialloc
-from spialloc import Allocator, AsyncAllocator, InvalidRequest, Monitor, NamespaceError, Partition, check_disjoint
+from spialloc import (
+    Allocator,
+    AsyncAllocator,
+    InvalidRequest,
+    Monitor,
+    Namespace,
+    NamespaceError,
+    Partition,
+    check_disjoint,
+)
 from spialloc import _kernel as kernel_mod
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -383,3 +394,85 @@ def test_netns_with_a_nul_byte_is_a_namespace_error(no_socket: None) -> None:
 def test_monitor_bad_rcvbuf_is_invalid_request(bad: object) -> None:
     with pytest.raises(InvalidRequest, match="rcvbuf"):
         Monitor(rcvbuf=bad)  # type: ignore[arg-type]
+
+
+# --- netns that name something other than a network namespace ----------------------------------
+
+
+def _open_in_thread(spec: object) -> BaseException | Namespace:
+    """Namespace.open(spec) in a thread, so a blocking open() fails the test
+    instead of hanging the run; a FIFO it blocks on is then opened for
+    writing, which lets the open() return."""
+    out: list[BaseException | Namespace] = []
+
+    def body() -> None:
+        try:
+            out.append(Namespace.open(spec))  # type: ignore[arg-type]
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            out.append(exc)
+
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    t.join(10)
+    if t.is_alive():
+        if isinstance(spec, str) and os.path.exists(spec):
+            os.close(os.open(spec, os.O_WRONLY | os.O_NONBLOCK))
+        t.join(10)
+        pytest.fail(f"Namespace.open({spec!r}) blocked")
+    return out[0]
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize(
+    "make, kind",
+    [
+        (lambda d: os.mkfifo(d / "ns") or str(d / "ns"), "a FIFO"),
+        (lambda d: str(d), "a directory"),
+        (lambda d: (d / "ns").write_text("x") and str(d / "ns"), "a regular file"),
+        (lambda d: "/dev/null", "a character device"),
+        (lambda d: "/proc/self/ns/uts", "another kind of namespace"),
+    ],
+    ids=["fifo", "directory", "regular-file", "device", "uts-namespace"],
+)
+def test_netns_path_not_a_network_namespace_is_refused_at_once(tmp_path: Path, make: Any, kind: str) -> None:
+    """Opened without blocking (a FIFO used to hang open() forever) and
+    checked with NS_GET_NSTYPE before any setns: NamespaceError(EINVAL)
+    naming the path and what it is, and no fd left open."""
+    spec = make(tmp_path)
+    before = _open_fds()
+    got = _open_in_thread(spec)
+    assert isinstance(got, NamespaceError), got
+    assert got.errno == errno.EINVAL
+    assert repr(spec) in str(got) and f"not a network namespace: it is {kind}" in str(got)
+    assert _open_fds() == before
+
+
+def test_netns_fd_not_a_network_namespace_is_refused() -> None:
+    r, w = os.pipe()
+    try:
+        before = _open_fds()
+        got = _open_in_thread(r)
+        assert isinstance(got, NamespaceError) and got.errno == errno.EINVAL, got
+        assert f"netns fd {r} is not a network namespace: it is a FIFO" in str(got)
+        assert _open_fds() == before
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_netns_missing_name_is_enoent() -> None:
+    got = _open_in_thread("spialloc-no-such-ns")
+    assert isinstance(got, NamespaceError) and got.errno == errno.ENOENT, got
+    assert "/run/netns/spialloc-no-such-ns" in str(got)
+
+
+@pytest.mark.parametrize("spec", ["/proc/self/ns/net", "/proc/thread-self/ns/net"])
+def test_netns_path_of_a_network_namespace_opens(spec: str) -> None:
+    ns = _open_in_thread(spec)
+    assert isinstance(ns, Namespace), ns
+    assert ns.fd is not None
+    with ns, Namespace.open(ns.fd) as again:
+        assert again.fd is not None and os.fstat(again.fd).st_ino == os.stat("/proc/self/ns/net").st_ino

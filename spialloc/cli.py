@@ -4,7 +4,10 @@
     spialloc list --netns blue
     spialloc release --dst 192.0.2.1 --spi 0xc0001234 --netns blue
 
-Errors print one line on stderr and exit 1 (2 for bad usage); no tracebacks.
+Every error is one line on stderr, never a traceback.  Exit status 2: bad
+usage (a malformed or out-of-range value, a --netns that names no network
+namespace); 1: the kernel or the system refused (no free SPI, no privilege,
+out of file descriptors, --isolated impossible).
 """
 
 from __future__ import annotations
@@ -12,12 +15,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Sequence
+from typing import NoReturn, Sequence
 
+from ._core import MAX_BATCH
 from ._model import KernelState, Reservation
 from ._netns import Namespace
 from .allocator import Allocator
-from .errors import SpiallocError
+from .errors import InvalidRequest, NamespaceError, SpiallocError
+
+USAGE = 2
+FAILED = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, without argparse's usage block: scripts log the last line
+        # of stderr, and --help is there for people.
+        self.exit(USAGE, f"{self.prog}: error: {message}\n")
 
 
 def _int(text: str) -> int:
@@ -27,13 +41,20 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer (decimal or 0x-hex)") from None
 
 
+def _count(text: str) -> int:
+    n = _int(text)
+    if not 1 <= n <= MAX_BATCH:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of SPIs from 1 to {MAX_BATCH}")
+    return n
+
+
 def _mark(text: str) -> tuple[int, int]:
     value, _, mask = text.partition("/")
     return (_int(value), _int(mask) if mask else 0xFFFFFFFF)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="spialloc", description="IPsec SPIs from the Linux kernel (XFRM ALLOCSPI).")
+    p = _Parser(prog="spialloc", description="IPsec SPIs from the Linux kernel (XFRM ALLOCSPI).")
     sub = p.add_subparsers(dest="command", required=True)
 
     def where(sp: argparse.ArgumentParser) -> None:
@@ -51,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--dst", required=True, help="destination address of the SA (IPv4 or IPv6)")
     a.add_argument("--src", help="source address (same family as --dst)")
     a.add_argument("--proto", default="esp", choices=["esp", "ah", "comp"])
-    a.add_argument("--count", type=_int, default=1, help="how many SPIs (batched)")
+    a.add_argument("--count", type=_count, default=1, help="how many SPIs (batched)")
     a.add_argument("--min", type=_int, dest="spi_min", help="lowest SPI (default depends on --proto)")
     a.add_argument("--max", type=_int, dest="spi_max", help="highest SPI")
     a.add_argument("--mode", default="transport", choices=["transport", "tunnel", "beet", "ro", "in_trigger"])
@@ -74,12 +95,6 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--larval", action="store_true", help="only larval states (allocated, not installed)")
     where(ls)
     return p
-
-
-def _netns(args: argparse.Namespace) -> object:
-    if args.isolated:
-        return Namespace.isolated()
-    return args.netns
 
 
 def _state_dict(s: KernelState | Reservation) -> dict[str, object]:
@@ -112,57 +127,74 @@ def _line(s: KernelState | Reservation) -> str:
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    ns: object = None
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "alloc" and args.seq and args.count != 1:
+        parser.error("--seq binds one SPI to one ACQUIRE; use --count 1")
     try:
-        ns = _netns(args)
-        with Allocator(ns, watch_expiry=False, allow_reserved=getattr(args, "allow_reserved", False)) as alloc:  # type: ignore[arg-type]
-            if args.command == "alloc":
-                spi_range = None
-                if args.spi_min is not None or args.spi_max is not None:
-                    from ._model import default_range, parse_proto
-
-                    lo, hi = default_range(parse_proto(args.proto))
-                    spi_range = (
-                        lo if args.spi_min is None else args.spi_min,
-                        hi if args.spi_max is None else args.spi_max,
-                    )
-                opts = dict(
-                    src=args.src,
-                    spi_range=spi_range,
-                    mode=args.mode,
-                    reqid=args.reqid,
-                    mark=args.mark,
-                    if_id=args.if_id,
-                    direction=args.dir,
-                )
-                if args.count == 1 or args.seq:
-                    if args.count != 1:
-                        raise SystemExit("spialloc: error: --seq binds one SPI to one ACQUIRE; use --count 1")
-                    items = [alloc.allocate(args.dst, args.proto, seq=args.seq, **opts)]
-                else:
-                    items = alloc.allocate_many(args.count, args.dst, args.proto, **opts)
-                _print(args, items)
-            elif args.command == "release":
-                from ._model import Proto, parse_address, parse_proto
-
-                dst = parse_address("dst", args.dst)
-                proto: Proto = parse_proto(args.proto)
-                res = [Reservation(spi=s, dst=dst, src=dst, proto=proto, mark=args.mark) for s in args.spi]
-                n = alloc.release(res)
-                if args.json:
-                    print(json.dumps({"released": n, "requested": len(res)}))
-                else:
-                    print(f"released {n} of {len(res)}")
-            else:
-                _print(args, alloc.states(larval=True if args.larval else None))
+        ns = Namespace.isolated() if args.isolated else Namespace.open(args.netns)
+    except NamespaceError as exc:
+        # A --netns that names no network namespace is the caller's mistake;
+        # --isolated failing (user namespaces disabled) is the system's.
+        return _error(exc, FAILED if args.isolated else USAGE)
+    except SpiallocError as exc:  # out of file descriptors
+        return _error(exc, FAILED)
+    try:
+        with Allocator(ns, watch_expiry=False, allow_reserved=getattr(args, "allow_reserved", False)) as alloc:
+            _command(args, alloc)
+    except InvalidRequest as exc:
+        return _error(exc, USAGE)
     except (SpiallocError, ImportError) as exc:  # ImportError: SPIALLOC_BACKEND=c, no extension
-        print(f"spialloc: error: {exc}".replace("allow_reserved=True", "--allow-reserved"), file=sys.stderr)
-        return 1
+        return _error(exc, FAILED)
     finally:
-        if isinstance(ns, Namespace):
-            ns.close()
+        ns.close()
     return 0
+
+
+def _error(exc: BaseException, status: int) -> int:
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    print(f"spialloc: error: {text}".replace("allow_reserved=True", "--allow-reserved"), file=sys.stderr)
+    return status
+
+
+def _command(args: argparse.Namespace, alloc: Allocator) -> None:
+    if args.command == "alloc":
+        spi_range = None
+        if args.spi_min is not None or args.spi_max is not None:
+            from ._model import default_range, parse_proto
+
+            lo, hi = default_range(parse_proto(args.proto))
+            spi_range = (
+                lo if args.spi_min is None else args.spi_min,
+                hi if args.spi_max is None else args.spi_max,
+            )
+        opts = dict(
+            src=args.src,
+            spi_range=spi_range,
+            mode=args.mode,
+            reqid=args.reqid,
+            mark=args.mark,
+            if_id=args.if_id,
+            direction=args.dir,
+        )
+        if args.count == 1:
+            items = [alloc.allocate(args.dst, args.proto, seq=args.seq, **opts)]
+        else:
+            items = alloc.allocate_many(args.count, args.dst, args.proto, **opts)
+        _print(args, items)
+    elif args.command == "release":
+        from ._model import Proto, parse_address, parse_proto
+
+        dst = parse_address("dst", args.dst)
+        proto: Proto = parse_proto(args.proto)
+        res = [Reservation(spi=s, dst=dst, src=dst, proto=proto, mark=args.mark) for s in args.spi]
+        n = alloc.release(res)
+        if args.json:
+            print(json.dumps({"released": n, "requested": len(res)}))
+        else:
+            print(f"released {n} of {len(res)}")
+    else:
+        _print(args, alloc.states(larval=True if args.larval else None))
 
 
 def _print(args: argparse.Namespace, items: Sequence[KernelState | Reservation]) -> None:

@@ -10,7 +10,7 @@ ours behind in the SAD (ip(8) is the witness: ``sad_count``).
 * EINTR storms (SIGALRM every 100 us) during single and batch allocations
 * another process deleting or flushing our larval states
 * a full range (SpiExhausted)
-* bad CLI values and environment (exit 1, one line, no traceback)
+* bad CLI values and environment (one line, no traceback; exit 2 for bad usage)
 """
 
 from __future__ import annotations
@@ -625,6 +625,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str)
 def test_cli_bad_value_one_line(args: list[str], needles: list[str]) -> None:
     proc = run_cli(*args, "--isolated")
     assert_one_line_error(proc, *needles)
+    assert proc.returncode == 2  # bad usage
     assert proc.stdout == ""
 
 
@@ -632,12 +633,14 @@ def test_cli_bad_value_one_line(args: list[str], needles: list[str]) -> None:
 def test_cli_bad_netns_one_line(netns_arg: str) -> None:
     proc = run_cli("list", "--netns", netns_arg)
     assert_one_line_error(proc)
+    assert proc.returncode == 2  # names no network namespace: bad usage
     assert repr(netns_arg) in proc.stderr or netns_arg in proc.stderr
 
 
 def test_cli_bad_backend_env_one_line() -> None:
     proc = run_cli("list", "--isolated", env={"SPIALLOC_BACKEND": "bogus"})
     assert_one_line_error(proc, "bogus")
+    assert proc.returncode == 2
 
 
 BLOCK_NATIVE = """
@@ -656,6 +659,7 @@ def test_cli_backend_c_without_extension_one_line() -> None:
     ImportError as a traceback (cli.run catches SpiallocError only)."""
     proc = run_cli("list", "--isolated", env={"SPIALLOC_BACKEND": "c"}, pre=BLOCK_NATIVE)
     assert_one_line_error(proc, "SPIALLOC_BACKEND=c")
+    assert proc.returncode == 1  # the installation, not the command line
 
 
 def test_cli_backend_auto_without_extension_still_works() -> None:

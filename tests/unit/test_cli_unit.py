@@ -1,5 +1,6 @@
-"""CLI usage errors: argparse rejects them before any namespace or socket is
-touched, exit status 2, one error line, no traceback."""
+"""CLI usage errors: rejected before any socket is made (argparse, or a
+--netns that names no network namespace), exit status 2, one line on stderr
+(no usage block), no traceback, no hang."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,7 +23,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         env=env,
-        timeout=60,
+        timeout=30,
         cwd="/",
     )
 
@@ -30,10 +32,10 @@ def assert_usage_error(proc: subprocess.CompletedProcess[str], *needles: str) ->
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr
     assert proc.stdout == ""
-    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1, proc.stderr
-    line = errors[0]
-    assert line.startswith("spialloc"), line
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    line = lines[0]
+    assert line.startswith("spialloc") and "error: " in line, line
     for n in needles:
         assert n in line, (n, line)
     return line
@@ -49,6 +51,10 @@ def assert_usage_error(proc: subprocess.CompletedProcess[str], *needles: str) ->
         (["alloc", "--dst", "10.0.0.1", "--mark", "5/zz"], ["--mark"]),
         (["alloc", "--dst", "10.0.0.1", "--if-id", "x"], ["--if-id", "'x'"]),
         (["release", "--dst", "10.0.0.1", "--spi", "nope"], ["--spi", "'nope'"]),
+        (["alloc", "--dst", "10.0.0.1", "--count", "99999999999999999999"], ["--count", "99999999999999999999"]),
+        (["alloc", "--dst", "10.0.0.1", "--count", str(1 << 32)], ["--count", str(1 << 32), "4294967295"]),
+        (["alloc", "--dst", "10.0.0.1", "--count", "0"], ["--count", "'0'", "from 1"]),
+        (["alloc", "--dst", "10.0.0.1", "--count", "-1"], ["--count", "'-1'", "from 1"]),
     ],
 )
 def test_bad_integer_exits_2_with_one_line(args: list[str], needles: list[str]) -> None:
@@ -79,10 +85,37 @@ def test_netns_and_isolated_conflict_exits_2(args: list[str]) -> None:
         (["frobnicate"], ["'frobnicate'"]),
         ([], ["command"]),
         (["list", "--bogus"], ["--bogus"]),
+        (["alloc", "--dst", "10.0.0.1", "--seq", "5", "--count", "2"], ["--seq", "--count 1"]),
     ],
 )
 def test_other_usage_errors_exit_2(args: list[str], needles: list[str]) -> None:
     assert_usage_error(run_cli(*args), *needles)
+
+
+@pytest.mark.parametrize(
+    "make, needles",
+    [
+        (lambda d: os.mkfifo(d / "ns") or str(d / "ns"), ["not a network namespace", "FIFO"]),
+        (lambda d: str(d), ["not a network namespace", "directory"]),
+        (lambda d: (d / "ns").write_text("x") and str(d / "ns"), ["not a network namespace", "regular file"]),
+        (lambda d: "/proc/self/ns/uts", ["not a network namespace", "another kind of namespace"]),
+        (lambda d: "spialloc-missing-zz9", ["/run/netns/spialloc-missing-zz9", "No such file"]),
+        (lambda d: str(d / "missing" / "ns"), ["No such file"]),
+        (lambda d: "", ["netns=''"]),
+    ],
+    ids=["fifo", "directory", "regular-file", "uts-namespace", "missing-name", "missing-path", "empty"],
+)
+@pytest.mark.parametrize("command", [["list"], ["alloc", "--dst", "10.0.0.1"]])
+def test_netns_not_a_network_namespace_exits_2(
+    tmp_path: Path, make: Any, needles: list[str], command: list[str]
+) -> None:
+    """--netns naming a FIFO used to hang forever (open(2) waits for a
+    writer); a file, a directory or another namespace type failed later as
+    "cannot enter network namespace" with exit status 1."""
+    spec = make(tmp_path)
+    line = assert_usage_error(run_cli(*command, "--netns", spec), *needles)
+    assert line.startswith("spialloc: error: ")
+    assert spec in line
 
 
 def test_help_exits_0() -> None:

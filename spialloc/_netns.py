@@ -12,12 +12,14 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import gc
 import os
+import signal
 import socket
 import stat
 import struct
 import threading
-from typing import Callable, TypeVar, Union
+from typing import Callable, NoReturn, TypeVar, Union
 
 from .errors import NamespaceError
 
@@ -30,6 +32,8 @@ CLONE_NEWUSER = 0x10000000
 NETNS_RUN_DIR = "/run/netns"
 #: ioctl(NS_GET_NSTYPE) (Linux 4.11): only nsfs answers it, with the CLONE_NEW* type.
 NS_GET_NSTYPE = 0xB703
+#: Above any fd number (close_range(2) stops at the highest open one).
+_FD_LIMIT = 0x7FFFFFFF
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -233,85 +237,179 @@ class Namespace:
 
 class _UserNsHelper:
     """A child process inside a fresh user + network namespace that makes
-    sockets on request and passes them back with SCM_RIGHTS."""
+    sockets on request and passes them back with SCM_RIGHTS.
+
+    The child keeps only its end of the channel and stdio on /dev/null: any
+    other fd of the parent's that it held would hide EOF from the parent's
+    readers (a pipe, or another helper's channel, whose close() would then
+    wait forever).  A thread reaps it as soon as it exits, so it is never left
+    a zombie, and from then on every request raises NamespaceError saying how
+    it ended."""
 
     def __init__(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ready_r, ready_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child
+        try:
+            ready_r, ready_w = os.pipe()
+        except BaseException:
             parent.close()
+            child.close()
+            raise
+        try:
+            pid = os.fork()
+        except BaseException:
+            for s in (parent, child):
+                s.close()
             os.close(ready_r)
-            code = 0
-            try:
-                if _libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) != 0:
-                    os.write(ready_w, struct.pack("=i", ctypes.get_errno()))
-                    os._exit(1)
-                os.write(ready_w, struct.pack("=i", 0))
-                while True:
-                    req = child.recv(4096)
-                    if not req:
-                        break
-                    try:
-                        if req[:1] == b"S":
-                            fam, kind, proto = struct.unpack("=iii", req[1:13])
-                            s = socket.socket(fam, kind, proto)
-                            socket.send_fds(child, [struct.pack("=i", 0)], [s.fileno()])
-                            s.close()
-                        elif req[:1] == b"R":
-                            with open(req[1:].decode()) as f:
-                                child.send(struct.pack("=i", 0) + f.read().encode())
-                        else:  # b"W": path NUL value
-                            path, _, value = req[1:].partition(b"\0")
-                            with open(path.decode(), "w") as f:
-                                f.write(value.decode())
-                            child.send(struct.pack("=i", 0))
-                    except OSError as exc:
-                        child.send(struct.pack("=i", exc.errno or 1))
-            except BaseException:
-                code = 1
-            os._exit(code)
+            os.close(ready_w)
+            raise
+        if pid == 0:  # pragma: no cover - runs in the child
+            _helper_main(child.fileno(), ready_w)
         child.close()
         os.close(ready_w)
-        status = os.read(ready_r, 4)
-        os.close(ready_r)
-        err = struct.unpack("=i", status)[0] if len(status) == 4 else 1
         self.pid = pid
         self.chan = parent
         self.refs = 1
         self.lock = threading.Lock()
+        self.status: int | None = None  # waitpid status once reaped
+        self._reaper = threading.Thread(target=self._reap, name="spialloc-userns-reaper", daemon=True)
+        self._reaper.start()
+        ready = b""
+        try:
+            # Up to EOF: the helper closes its end once it has answered, so
+            # after this it holds nothing but its channel.
+            while chunk := os.read(ready_r, 4):
+                ready += chunk
+        finally:
+            os.close(ready_r)
+        if len(ready) != 4:
+            self.close()
+            raise NamespaceError(errno.ESRCH, f"the helper process {self._ended()} before it was ready")
+        err = struct.unpack("=i", ready)[0]
         if err:
             self.close()
             raise OSError(err, os.strerror(err))
 
+    def _reap(self) -> None:
+        try:
+            self.status = os.waitpid(self.pid, 0)[1]
+        except ChildProcessError:
+            pass  # reaped by someone else: SIGCHLD ignored, or the application's waitpid(-1)
+
+    def _ended(self) -> str:
+        """How the helper ended, once its channel broke (it is exiting or gone)."""
+        self._reaper.join(5)
+        if self._reaper.is_alive():
+            return "stopped answering"
+        if self.status is None:
+            return "exited (its status was collected elsewhere)"
+        code = os.waitstatus_to_exitcode(self.status)
+        return f"was killed by signal {-code} ({_signal_name(-code)})" if code < 0 else f"exited with status {code}"
+
+    def _gone(self) -> NamespaceError:
+        return NamespaceError(
+            errno.ESRCH,
+            f"the helper process (pid {self.pid}) of the isolated network namespace {self._ended()}; "
+            "no more sockets can be made in that namespace",
+        )
+
+    def _ask(self, request: bytes) -> tuple[int, bytes, list[int]]:
+        """One request, one reply: (errno, payload, passed fds)."""
+        with self.lock:
+            try:
+                self.chan.send(request)
+                msg, fds, _, _ = socket.recv_fds(self.chan, 1 << 16, 1)
+            except OSError:  # EPIPE or ECONNRESET: the helper is gone
+                raise self._gone() from None
+        if len(msg) < 4:  # EOF: the helper exited after reading the request
+            for fd in fds:
+                os.close(fd)
+            raise self._gone()
+        return struct.unpack("=i", msg[:4])[0], msg[4:], fds
+
     def sysctl(self, path: str, value: str | None) -> str:
         """Read (value None) or write a file under /proc/sys as the child sees it."""
-        with self.lock:
-            if value is None:
-                self.chan.send(b"R" + path.encode())
-            else:
-                self.chan.send(b"W" + path.encode() + b"\0" + value.encode())
-            reply = self.chan.recv(4096)
-        err = struct.unpack("=i", reply[:4])[0] if len(reply) >= 4 else 1
+        if value is None:
+            err, reply, _ = self._ask(b"R" + path.encode())
+        else:
+            err, reply, _ = self._ask(b"W" + path.encode() + b"\0" + value.encode())
         if err:
             raise NamespaceError(err, f"{path} in isolated namespace: {os.strerror(err)}")
-        return reply[4:].decode()
+        return reply.decode()
 
     def socket(self, family: int, kind: int, proto: int) -> socket.socket:
-        with self.lock:
-            self.chan.send(b"S" + struct.pack("=iii", family, kind | socket.SOCK_CLOEXEC, proto))
-            msg, fds, _, _ = socket.recv_fds(self.chan, 4, 1)
-        err = struct.unpack("=i", msg)[0] if len(msg) == 4 else 1
+        err, _, fds = self._ask(b"S" + struct.pack("=iii", family, kind | socket.SOCK_CLOEXEC, proto))
         if err or not fds:
             raise NamespaceError(err, f"socket in isolated namespace: {os.strerror(err)}")
         return socket.socket(fileno=fds[0])
 
     def close(self) -> None:
-        self.chan.close()
-        try:
-            os.waitpid(self.pid, 0)
-        except ChildProcessError:
-            pass
+        self.chan.close()  # EOF ends the helper's loop
+        self._reaper.join()
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return "unknown signal"
+
+
+def _helper_main(chan_fd: int, ready_w: int) -> NoReturn:  # pragma: no cover - runs in the child
+    code = 1
+    try:
+        # The parent's objects are still here; a cyclic-GC finalizer among
+        # them could close an fd number this process has reused since.
+        gc.disable()
+        # A Ctrl-C at the parent's terminal is the parent's to handle; the
+        # helper ends when its channel does.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        chan_fd, ready_w = _keep_only(chan_fd, ready_w)
+        if _libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) != 0:
+            os.write(ready_w, struct.pack("=i", ctypes.get_errno()))
+            os._exit(1)
+        os.write(ready_w, struct.pack("=i", 0))
+        os.close(ready_w)
+        chan = socket.socket(fileno=chan_fd)
+        while True:
+            req = chan.recv(1 << 16)
+            if not req:
+                break
+            try:
+                if req[:1] == b"S":
+                    fam, kind, proto = struct.unpack("=iii", req[1:13])
+                    s = socket.socket(fam, kind, proto)
+                    socket.send_fds(chan, [struct.pack("=i", 0)], [s.fileno()])
+                    s.close()
+                elif req[:1] == b"R":
+                    with open(req[1:].decode()) as f:
+                        chan.send(struct.pack("=i", 0) + f.read().encode())
+                else:  # b"W": path NUL value
+                    path, _, value = req[1:].partition(b"\0")
+                    with open(path.decode(), "w") as f:
+                        f.write(value.decode())
+                    chan.send(struct.pack("=i", 0))
+            except OSError as exc:
+                chan.send(struct.pack("=i", exc.errno or 1))
+        code = 0
+    except BaseException:
+        code = 1
+    os._exit(code)
+
+
+def _keep_only(*keep: int) -> list[int]:  # pragma: no cover - runs in the helper
+    """Close every fd but ``keep`` (moved above stdio) and stdio (on /dev/null)."""
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, 3) for fd in keep]
+    null = os.open(os.devnull, os.O_RDWR)
+    for std in (0, 1, 2):
+        if std != null:
+            os.dup2(null, std)
+    low = 0
+    for fd in sorted({0, 1, 2, *moved}):
+        if low < fd:  # os.closerange(0, 0) is close_range(0, UINT_MAX): every fd
+            os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, _FD_LIMIT)
+    return moved
 
 
 def read_sysctl(ns: Namespace, name: str) -> str:

@@ -102,6 +102,8 @@ class Namespace:
         self.fd = fd
         self.description = description
         self._helper = helper
+        # A closed handle must not fall back to fd None, "the current namespace".
+        self.closed = False
 
     @classmethod
     def current(cls) -> Namespace:
@@ -177,13 +179,19 @@ class Namespace:
             ) from None
         return cls(None, "isolated network namespace (user namespace)", helper)
 
+    def _check_open(self) -> None:
+        if self.closed:
+            raise NamespaceError(errno.EBADF, f"{self.description}: the handle is closed")
+
     def dup(self) -> Namespace:
+        self._check_open()
         if self._helper is not None:
             self._helper.refs += 1
             return Namespace(None, self.description, self._helper)
         return Namespace(None if self.fd is None else os.dup(self.fd), self.description)
 
     def socket(self, family: int, kind: int, proto: int) -> socket.socket:
+        self._check_open()
         if self._helper is not None:
             return self._helper.socket(family, kind, proto)
         if self.fd is None:
@@ -203,6 +211,7 @@ class Namespace:
     def run(self, fn: Callable[..., T], *args: object) -> T:
         """Call fn(*args) in a thread that is inside this namespace (e.g. to
         read its sysctls under /proc/sys/net, which follow the caller's netns)."""
+        self._check_open()
         if self.fd is None:
             if self._helper is not None:
                 raise NamespaceError("cannot run code inside a user-namespace isolated namespace")
@@ -216,6 +225,7 @@ class Namespace:
         return _run_in_thread(body)
 
     def close(self) -> None:
+        self.closed = True
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None

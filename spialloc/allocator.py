@@ -300,6 +300,7 @@ class Allocator:
 
     def poll_events(self) -> int:
         """Process queued EXPIRE events now (the watcher thread does it too)."""
+        self.core.check_open()
         return self.core.poll()
 
     # --- reading the SAD --------------------------------------------------------
@@ -334,11 +335,13 @@ class Allocator:
     @property
     def acq_expires(self) -> int:
         """``net.core.xfrm_acq_expires`` of the namespace: larval lifetime, seconds."""
+        self.core.check_open()
         return self.core.kernel.acq_expires()
 
     @acq_expires.setter
     def acq_expires(self, seconds: int) -> None:
         check_int("acq_expires", seconds, 1, 1 << 31, "a positive integer (seconds)")
+        self.core.check_open()
         self.core.kernel.set_acq_expires(seconds)
 
     def __repr__(self) -> str:

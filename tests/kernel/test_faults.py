@@ -107,6 +107,17 @@ def test_isolated_namespace_handle_closed_while_allocator_open_keeps_working() -
         a.close()
 
 
+def test_closed_namespace_handle_is_never_the_current_namespace() -> None:
+    """A closed handle's fd is gone; it used to mean "the caller's namespace"
+    then, so an Allocator opened with it allocated in the host's SAD."""
+    ns = Namespace.isolated()
+    ns.close()
+    with pytest.raises(spialloc.NamespaceError, match="closed"):
+        Allocator(ns)
+    with pytest.raises(spialloc.NamespaceError, match="closed"):
+        ns.run(os.getpid)
+
+
 # --- close() under pending calls -------------------------------------------------------
 
 
@@ -692,6 +703,7 @@ def test_spiallocerror_only_from_closed_allocator(netns: Namespace) -> None:
     r = a.allocate(DST)
     a.close()
     a.close()  # idempotent
+    # acq_expires went through the closed namespace handle to the caller's own namespace.
     for call in (
         lambda: a.allocate(DST),
         lambda: a.allocate_many(3, DST),
@@ -700,6 +712,9 @@ def test_spiallocerror_only_from_closed_allocator(netns: Namespace) -> None:
         lambda: a.sync(),
         lambda: a.lookup(DST, r.spi),
         lambda: a.commit(r),
+        lambda: a.poll_events(),
+        lambda: a.acq_expires,
+        lambda: setattr(a, "acq_expires", 7),
     ):
         with pytest.raises(ClosedError):
             call()

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import os
 import selectors
+import sys
 import threading
 import time
 import warnings
+import weakref
 
 from . import _rules as rules
 from . import _wire as w
@@ -48,7 +50,12 @@ class ExpiryWatcher:
             self.sock.close()
             raise
         self._closing = False
-        self._thread = threading.Thread(target=self._run, name="spialloc-expiry", daemon=True)
+        self._thread = threading.Thread(
+            target=_watch,
+            args=(weakref.ref(self), self.sock.fileno(), self._wake_r),
+            name="spialloc-expiry",
+            daemon=True,
+        )
         self._thread.start()
 
     @property
@@ -60,32 +67,23 @@ class ExpiryWatcher:
             return
         self._closing = True
         os.write(self._wake_w, b"x")
-        if threading.current_thread() is not self._thread:  # close() from on_lost: no self-join
+        # No self-join (close() from on_lost, or a dropped Allocator collected
+        # in this thread), and none while the interpreter exits: a daemon
+        # thread may never run again then.
+        if threading.current_thread() is not self._thread and not sys.is_finalizing():
             self._thread.join()
         os.close(self._wake_r)
         os.close(self._wake_w)
         self.sock.close()
 
-    def _run(self) -> None:
-        # selectors, not select(): nothing may depend on fd numbers below 1024.
-        sel = selectors.DefaultSelector()
+    def step(self) -> bool:
+        """Handle what woke the thread; False when the watcher is closing."""
         try:
-            sel.register(self.sock.fileno(), selectors.EVENT_READ)
-            sel.register(self._wake_r, selectors.EVENT_READ)
-            while True:
-                ready = sel.select()
-                if any(key.fd == self._wake_r for key, _ in ready):
-                    return
-                try:
-                    self.poll()
-                except Exception as exc:  # the watcher must outlive any one bad event
-                    if self._closing:
-                        return
-                    warnings.warn(f"spialloc expiry watcher: {exc!r}", RuntimeWarning, stacklevel=1)
-        except (OSError, ValueError):
-            return  # closed under us
-        finally:
-            sel.close()
+            self.poll()
+        except Exception as exc:  # the watcher must outlive any one bad event
+            if not self._closing:
+                warnings.warn(f"spialloc expiry watcher: {exc!r}", RuntimeWarning, stacklevel=1)
+        return not self._closing
 
     def poll(self) -> int:
         """Handle the EXPIRE events queued now; returns how many."""
@@ -147,3 +145,27 @@ class ExpiryWatcher:
         present = rules.state_keys(self.kernel.dump_states())
         for r in rules.missing_from(self.book, present):
             self.book.lost(r)
+
+
+def _watch(ref: weakref.ref[ExpiryWatcher], sock_fd: int, wake_fd: int) -> None:
+    """The watcher thread.  It holds its watcher only while handling events:
+    a running thread is a GC root, and through the watcher's on_lost (often
+    a method of whoever holds the Allocator) it would keep a dropped
+    Allocator alive for ever, never closed."""
+    # selectors, not select(): nothing may depend on fd numbers below 1024.
+    sel = selectors.DefaultSelector()
+    try:
+        sel.register(sock_fd, selectors.EVENT_READ)
+        sel.register(wake_fd, selectors.EVENT_READ)
+        while True:
+            ready = sel.select()
+            if any(key.fd == wake_fd for key, _ in ready):
+                return
+            watcher = ref()
+            if watcher is None or not watcher.step():
+                return
+            del watcher
+    except (OSError, ValueError):
+        return  # closed under us
+    finally:
+        sel.close()

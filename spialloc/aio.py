@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import warnings
 from typing import Any, Callable, Iterable, TypeVar
 
 from . import _rules as rules
@@ -43,6 +44,8 @@ class AsyncAllocator:
 
     >>> async with AsyncAllocator() as alloc:
     ...     r = await alloc.allocate("192.0.2.1")
+
+    Closing and garbage collection as ``Allocator``.
     """
 
     def __init__(self, netns: NetnsSpec = None, **options: Any) -> None:
@@ -54,7 +57,8 @@ class AsyncAllocator:
         except BaseException:
             self._sync.close()
             raise
-        self._pending: dict[int, asyncio.Future[int]] = {}
+        self._replies = _Replies(self._sock, self._core)
+        self._pending = self._replies.pending
         self._loop: asyncio.AbstractEventLoop | None = None
         self._window = asyncio.Semaphore(1)  # replaced per loop in _attach
         self._closed = False
@@ -88,60 +92,13 @@ class AsyncAllocator:
             self._loop.remove_reader(self._sock.fileno())
         self._loop = loop
         self._window = asyncio.Semaphore(self._sock.window())
-        loop.add_reader(self._sock.fileno(), self._on_readable)
+        loop.add_reader(self._sock.fileno(), self._replies.on_readable)
         return loop
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking call in the loop's worker threads."""
         loop = self._attach()
         return await loop.run_in_executor(None, functools.partial(fn, *args))
-
-    def _on_readable(self) -> None:
-        while True:
-            try:
-                data = self._sock.recv_nowait()
-            except SpiallocError as exc:
-                for waiting in self._pending.values():
-                    if not waiting.done():
-                        waiting.set_exception(exc)
-                self._pending.clear()
-                return
-            if data is None:
-                if self._sock.overruns:
-                    self._sock.overruns = 0
-                    self._fail_unanswered()
-                return
-            for kind, flags, seq, pid, payload in w.iter_messages(data):
-                if pid != self._sock.portid:
-                    continue
-                fut: asyncio.Future[int] | None = self._pending.pop(seq, None)
-                if kind == w.XFRM_MSG_NEWSA:
-                    spi = w.decode_alloc_reply(payload)
-                    if fut is None or fut.done():
-                        # Its caller was cancelled: the state must not outlive it.
-                        self._delete_state(bytes(payload[w.SA_ID_DADDR : w.SA_ID_DADDR + 16]), spi, payload)
-                    else:
-                        fut.set_result(spi)
-                elif kind == w.NLMSG_ERROR and fut is not None and not fut.done():
-                    code, text, _ = w.decode_error(payload, flags)
-                    fut.set_exception(from_errno(code or errno.EPROTO, text, "allocspi"))
-
-    def _fail_unanswered(self) -> None:
-        """ENOBUFS: some replies were dropped.  The kernel answers inside
-        sendmsg, so every future still pending now will never be answered."""
-        for fut in self._pending.values():
-            if not fut.done():
-                fut.set_exception(NetlinkError(errno.ENOBUFS, "reply dropped: receive buffer full", "allocspi"))
-        self._pending.clear()
-
-    def _delete_state(self, daddr: bytes, spi: int, payload: memoryview) -> None:
-        # One DELSA on the loop: the kernel answers inside sendmsg, so it
-        # never waits (unlike a dump, which is never run here).
-        sa = w.decode_sa(payload)
-        try:
-            self._core.kernel.delete(daddr, spi, sa.family, sa.proto, sa.mark)
-        except SpiallocError:
-            pass
 
     async def _alloc_one(self, req: Request, lo: int, hi: int) -> int:
         self._attach()
@@ -168,7 +125,7 @@ class AsyncAllocator:
                 # The kernel answered inside sendmsg: the reply is queued now.
                 # Read it at once so the reader deletes the state (closing
                 # before the loop runs the reader again would orphan it).
-                self._on_readable()
+                self._replies.on_readable()
             elif fut.exception() is None:
                 # The reply arrived but our caller was cancelled: undo it.
                 self._core.kernel.delete(req.daddr, fut.result(), req.family, req.proto, req.mark)
@@ -282,23 +239,108 @@ class AsyncAllocator:
         if self._closed:
             return
         self._closed = True
-        for fut in self._pending.values():
-            if not fut.done():
-                fut.set_exception(ClosedError(errno.EBADF, "allocator closed"))
-        # Their replies are queued already: read them, so that the reader
-        # deletes the states nobody will get a Reservation for.
-        self._on_readable()
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.remove_reader(self._sock.fileno())
-        self._pending.clear()
-        self._sock.close()
-        self._sync.close()
+        self._replies.close(self._loop, self._sync)
+
+    def __del__(self) -> None:
+        if getattr(self, "_closed", True):  # True: __init__ failed, nothing to close
+            return
+        self._closed = True
+        loop, replies, sync = self._loop, self._replies, self._sync
+        try:
+            what = f"unclosed AsyncAllocator in {self._core.ns.description}"
+            warnings.warn(what, ResourceWarning, stacklevel=1, source=self)
+        finally:
+            if loop is not None and loop.is_running() and _running_loop() is not loop:
+                # Collected in another thread: the loop's reader is removed in
+                # the loop's own (the socket stays open until then).
+                loop.call_soon_threadsafe(replies.close, loop, sync)
+            else:
+                replies.close(loop, sync)
 
     async def __aenter__(self) -> AsyncAllocator:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self.close_now()
+
+
+class _Replies:
+    """The request socket's reader, which the loop holds while attached.
+    Kept apart from AsyncAllocator so that the loop's reference does not keep
+    a dropped AsyncAllocator alive (its __del__ closes it)."""
+
+    def __init__(self, sock: XfrmSocket, core: Core) -> None:
+        self.sock = sock
+        self.core = core
+        self.pending: dict[int, asyncio.Future[int]] = {}
+
+    def on_readable(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv_nowait()
+            except SpiallocError as exc:
+                for waiting in self.pending.values():
+                    if not waiting.done():
+                        waiting.set_exception(exc)
+                self.pending.clear()
+                return
+            if data is None:
+                if self.sock.overruns:
+                    self.sock.overruns = 0
+                    self.fail_unanswered()
+                return
+            for kind, flags, seq, pid, payload in w.iter_messages(data):
+                if pid != self.sock.portid:
+                    continue
+                fut: asyncio.Future[int] | None = self.pending.pop(seq, None)
+                if kind == w.XFRM_MSG_NEWSA:
+                    spi = w.decode_alloc_reply(payload)
+                    if fut is None or fut.done():
+                        # Its caller was cancelled: the state must not outlive it.
+                        self.delete_state(bytes(payload[w.SA_ID_DADDR : w.SA_ID_DADDR + 16]), spi, payload)
+                    else:
+                        fut.set_result(spi)
+                elif kind == w.NLMSG_ERROR and fut is not None and not fut.done():
+                    code, text, _ = w.decode_error(payload, flags)
+                    fut.set_exception(from_errno(code or errno.EPROTO, text, "allocspi"))
+
+    def fail_unanswered(self) -> None:
+        """ENOBUFS: some replies were dropped.  The kernel answers inside
+        sendmsg, so every future still pending now will never be answered."""
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(NetlinkError(errno.ENOBUFS, "reply dropped: receive buffer full", "allocspi"))
+        self.pending.clear()
+
+    def delete_state(self, daddr: bytes, spi: int, payload: memoryview) -> None:
+        # One DELSA on the loop: the kernel answers inside sendmsg, so it
+        # never waits (unlike a dump, which is never run here).
+        sa = w.decode_sa(payload)
+        try:
+            self.core.kernel.delete(daddr, spi, sa.family, sa.proto, sa.mark)
+        except SpiallocError:
+            pass
+
+    def close(self, loop: asyncio.AbstractEventLoop | None, sync: Allocator) -> None:
+        """``AsyncAllocator.close_now``'s work."""
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(ClosedError(errno.EBADF, "allocator closed"))
+        # Their replies are queued already: read them, so that the reader
+        # deletes the states nobody will get a Reservation for.
+        self.on_readable()
+        if loop is not None and not loop.is_closed():
+            loop.remove_reader(self.sock.fileno())
+        self.pending.clear()
+        self.sock.close()
+        sync.close()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 _BATCH_OPTIONS = frozenset({"src", "spi_range", "mode", "reqid", "mark", "if_id", "direction", "pcpu"})

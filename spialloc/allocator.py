@@ -9,6 +9,8 @@ are ``_rules``; the kernel I/O is ``_kernel``; both faces share a ``_core.Core``
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import replace
 from typing import Callable, Iterable, Literal, overload
 
@@ -44,6 +46,9 @@ class Allocator:
     (``/proc/PID/ns/net``), an open fd, or a ``Namespace``.
     ``guard``: True (a private Guard), False (no tracking: the kernel's answers
     as they are, duplicates included), or a Guard shared with other allocators.
+
+    Close it (or use ``with``); one dropped unclosed is closed when collected,
+    with a ResourceWarning.
     """
 
     def __init__(
@@ -100,12 +105,14 @@ class Allocator:
         self.close()
 
     def __del__(self) -> None:
-        core = getattr(self, "core", None)
-        if core is not None and not core.closed:
-            try:
+        core = getattr(self, "core", None)  # None: __init__ failed before making it
+        if core is None or core.closed:
+            return
+        try:
+            warnings.warn(f"unclosed Allocator in {core.ns.description}", ResourceWarning, stacklevel=1, source=self)
+        finally:
+            with contextlib.suppress(Exception):
                 core.close()
-            except Exception:
-                pass
 
     @property
     def closed(self) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from typing import AsyncIterator, Iterator, Union
@@ -129,6 +130,8 @@ class Monitor:
     >>> with Monitor() as mon:
     ...     for event in mon:          # blocks; or `async for event in mon`
     ...         print(event)
+
+    Closing and garbage collection as ``Allocator``.
     """
 
     def __init__(
@@ -177,6 +180,14 @@ class Monitor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_closed", True):  # True: __init__ failed, nothing to close
+            return
+        try:
+            warnings.warn(f"unclosed Monitor in {self.ns.description}", ResourceWarning, stacklevel=1, source=self)
+        finally:
+            self.close()
 
     def _dump(self) -> tuple[KernelState, ...]:
         return tuple(KernelState.from_wire(sa) for sa in self._requests.dump_sas())

@@ -17,12 +17,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Generator, Iterable, Literal, TypeVar
 
-from . import _backend
+from . import _backend, _lifecycle
 from . import _rules as rules
 from . import _wire as w
 from ._batch import BatchRun
 from ._expiry import ExpiryWatcher
 from ._kernel import Kernel
+from ._lifecycle import close_copy
 from ._model import (
     Address,
     Direction,
@@ -41,7 +42,7 @@ from ._model import (
     reservation_from,
 )
 from ._netns import Namespace, NetnsSpec
-from .errors import BatchError, ClosedError, InvalidRequest, SpiallocError
+from .errors import BatchError, ClosedError, ForkedError, InvalidRequest, SpiallocError
 from .guard import Guard
 from .ha import Partition
 
@@ -106,6 +107,10 @@ class Core:
                 partition.apply(lo, hi)  # validates: raises InvalidRequest if too small
         self.book = rules.Book(_make_guard(guard, scope), max_retries, on_lost)
         self.closed = False
+        #: In a fork child: the process that made this allocator (it is inert here).
+        self.forked_from: int | None = None
+        #: The face's name, for errors.
+        self.what = "Allocator"
         self._idle = threading.Condition()
         self._running = 0  # batches under way; close() waits for them
         self._req_cache: dict[tuple[object, ...], Request] = {}
@@ -122,6 +127,7 @@ class Core:
         except BaseException:
             self.close()
             raise
+        _lifecycle.track(self)
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -140,8 +146,22 @@ class Core:
             self.kernel.close()
         self.ns.close()
 
+    def _after_fork(self, parent: int) -> None:
+        """In a fork child (``_lifecycle``): closed, touching nothing of the
+        parent's.  No lock: a thread of the parent may have held one."""
+        if self.closed:
+            return
+        self.forked_from = parent
+        self.closed = True
+        close_copy(self.kernel.sock.sock)
+        if self.watcher is not None:
+            self.watcher.after_fork()
+        self.ns.close_copy()
+
     def check_open(self) -> None:
         if self.closed:
+            if self.forked_from is not None:
+                raise ForkedError(self.what, self.forked_from)
             raise ClosedError(errno.EBADF, "allocator is closed")
 
     def hold_until(self, hold: object) -> float | None:

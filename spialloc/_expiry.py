@@ -23,6 +23,7 @@ import weakref
 from . import _rules as rules
 from . import _wire as w
 from ._kernel import Kernel
+from ._lifecycle import close_copy
 from ._model import KernelState, address_key
 from ._netlink import XfrmSocket
 from ._netns import Namespace
@@ -75,6 +76,15 @@ class ExpiryWatcher:
         os.close(self._wake_r)
         os.close(self._wake_w)
         self.sock.close()
+
+    def after_fork(self) -> None:
+        """In a fork child (``_lifecycle``): the thread stayed in the parent,
+        and the pipe and socket are shared with it.  Close this process's
+        copies only: a byte on the pipe would stop the parent's watcher."""
+        self._closing = True
+        close_copy(self.sock.sock)
+        close_copy(self._wake_r)
+        close_copy(self._wake_w)
 
     def step(self) -> bool:
         """Handle what woke the thread; False when the watcher is closing."""

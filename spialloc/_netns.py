@@ -21,6 +21,8 @@ import struct
 import threading
 from typing import Callable, NoReturn, TypeVar, Union
 
+from . import _lifecycle
+from ._lifecycle import InertLock, close_copy
 from .errors import NamespaceError
 
 T = TypeVar("T")
@@ -235,6 +237,15 @@ class Namespace:
                 self._helper.close()
             self._helper = None
 
+    def close_copy(self) -> None:
+        """In a fork child, for an inherited allocator's namespace: close this
+        process's copy of the fd and leave the helper (the parent's) alone."""
+        self.closed = True
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self._helper = None
+
     def __enter__(self) -> Namespace:
         return self
 
@@ -279,7 +290,7 @@ class _UserNsHelper:
         self.pid = pid
         self.chan = parent
         self.refs = 1
-        self.lock = threading.Lock()
+        self.lock: threading.Lock | InertLock = threading.Lock()
         self.status: int | None = None  # waitpid status once reaped
         self._reaper = threading.Thread(target=self._reap, name="spialloc-userns-reaper", daemon=True)
         self._reaper.start()
@@ -298,6 +309,13 @@ class _UserNsHelper:
         if err:
             self.close()
             raise OSError(err, os.strerror(err))
+        _lifecycle.track(self)
+
+    def _after_fork(self, parent: int) -> None:
+        # One channel, one helper: a child's requests would interleave with
+        # the parent's and take its replies (and their fds).
+        self.lock = InertLock("Namespace", parent)
+        close_copy(self.chan)
 
     def _reap(self) -> None:
         try:

@@ -24,15 +24,17 @@ import functools
 import warnings
 from typing import Any, Callable, Iterable, TypeVar
 
+from . import _lifecycle
 from . import _rules as rules
 from . import _wire as w
 from ._core import BatchResult, Core
+from ._lifecycle import close_copy
 from ._model import Address, KernelState, MarkSpec, Proto, Request, Reservation
 from ._netlink import DEFAULT_RCVBUF, XfrmSocket
 from ._netns import NetnsSpec
 from ._rules import AllocatorStats
 from .allocator import Allocator
-from .errors import ClosedError, NetlinkError, SpiallocError, from_errno
+from .errors import ClosedError, ForkedError, NetlinkError, SpiallocError, from_errno
 from .guard import Guard
 
 T = TypeVar("T")
@@ -45,12 +47,13 @@ class AsyncAllocator:
     >>> async with AsyncAllocator() as alloc:
     ...     r = await alloc.allocate("192.0.2.1")
 
-    Closing and garbage collection as ``Allocator``.
+    Closing, garbage collection and fork() as ``Allocator``.
     """
 
     def __init__(self, netns: NetnsSpec = None, **options: Any) -> None:
         self._sync = Allocator(netns, **options)
         self._core: Core = self._sync.core
+        self._core.what = "AsyncAllocator"
         try:
             self._sock = XfrmSocket(self._core.ns, rcvbuf=options.get("rcvbuf", DEFAULT_RCVBUF))
             self._sock.sock.setblocking(False)
@@ -62,6 +65,17 @@ class AsyncAllocator:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._window = asyncio.Semaphore(1)  # replaced per loop in _attach
         self._closed = False
+        self._forked_from: int | None = None  # see _after_fork
+        _lifecycle.track(self)
+
+    def _after_fork(self, parent: int) -> None:
+        """In a fork child (``_lifecycle``): inert.  The loop it is attached
+        to is the parent's too (the epoll instance is shared): never touch it."""
+        if self._closed:
+            return
+        self._closed = True
+        self._forked_from = parent
+        close_copy(self._sock.sock)
 
     # --- plumbing ----------------------------------------------------------------
 
@@ -84,6 +98,8 @@ class AsyncAllocator:
 
     def _attach(self) -> asyncio.AbstractEventLoop:
         if self._closed:
+            if self._forked_from is not None:
+                raise ForkedError("AsyncAllocator", self._forked_from)
             raise ClosedError(errno.EBADF, "allocator is closed")
         loop = asyncio.get_running_loop()
         if self._loop is loop:

@@ -48,7 +48,8 @@ class Allocator:
     as they are, duplicates included), or a Guard shared with other allocators.
 
     Close it (or use ``with``); one dropped unclosed is closed when collected,
-    with a ResourceWarning.
+    with a ResourceWarning.  It does not survive fork(): in the child every
+    call raises ForkedError and close() touches nothing of the parent's.
     """
 
     def __init__(

@@ -102,6 +102,21 @@ class ClosedError(SpiallocError, OSError):
     """The allocator (or its socket) is closed."""
 
 
+class ForkedError(SpiallocError):
+    """An object that holds kernel resources was made before fork() and used in
+    the child.  Its sockets are the parent's too (same netlink port: the two
+    processes would read each other's replies and delete each other's
+    states), so in the child it is inert: open a new one there."""
+
+    def __init__(self, what: str, pid: int) -> None:
+        self.what = what
+        self.pid = pid
+        super().__init__(f"{what} created before fork() in process {pid}: open a new one in the child")
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (type(self), (self.what, self.pid))
+
+
 #: Kernel-internal "interrupted, restart" codes (ERESTARTSYS, ERESTARTNOINTR,
 #: ERESTARTNOHAND, ERESTART_RESTARTBLOCK) that netlink leaks to userspace when
 #: a signal is pending (6.17+ xfrm_alloc_spi checks between picks), and EINTR.

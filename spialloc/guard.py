@@ -54,6 +54,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
+from . import _lifecycle
+from ._lifecycle import InertLock
 from ._model import V4MAPPED, check_int
 from .errors import InvalidRequest, ReservationLost
 
@@ -114,7 +116,9 @@ def _lost_key(dst: bytes, proto: int, spi: int) -> int:
 
 
 class Guard:
-    """Outstanding (dst, proto, spi) tuples of a process; see the module doc."""
+    """Outstanding (dst, proto, spi) tuples of a process; see the module doc.
+    One made before fork() raises ForkedError in the child (make a new one):
+    its tuples are the parent's."""
 
     def __init__(
         self,
@@ -129,7 +133,7 @@ class Guard:
         self._by_dst = scope == "dst"
         self._lost_capacity = check_int("lost_capacity", lost_capacity, 0, 1 << 62)
         self._rng = rng if rng is not None else random.Random()
-        self._lock = threading.Lock()
+        self._lock: threading.Lock | InertLock = threading.Lock()
         self._table: dict[int, int] = {}
         self._counts: dict[int, int] = {}  # key >> 32 -> outstanding
         self._dst_index: dict[bytes, int] = {}
@@ -141,6 +145,12 @@ class Guard:
         self._collisions = 0
         self._lost_total = 0
         self._lost: OrderedDict[int, None] = OrderedDict()
+        _lifecycle.track(self)
+
+    def _after_fork(self, parent: int) -> None:
+        # The tuples are the parent's, perhaps half updated by a thread that
+        # held the lock at fork time (and holds it for ever in the child).
+        self._lock = InertLock("Guard", parent)
 
     @property
     def scope(self) -> str:

@@ -15,11 +15,13 @@ from collections import deque
 from dataclasses import dataclass
 from typing import AsyncIterator, Iterator, Union
 
+from . import _lifecycle
 from . import _wire as w
+from ._lifecycle import close_copy
 from ._model import IPAddress, KernelState, Mode, Proto, check_int, unpack_address
 from ._netlink import XfrmSocket, wait_readable
 from ._netns import Namespace, NetnsSpec
-from .errors import ClosedError, DecodeError
+from .errors import ClosedError, DecodeError, ForkedError
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +133,7 @@ class Monitor:
     ...     for event in mon:          # blocks; or `async for event in mon`
     ...         print(event)
 
-    Closing and garbage collection as ``Allocator``.
+    Closing, garbage collection and fork() as ``Allocator``.
     """
 
     def __init__(
@@ -153,14 +155,35 @@ class Monitor:
             raise
         self._queue: deque[Event] = deque()
         self._closed = False
+        self._forked_from: int | None = None  # see _after_fork
         self.lost = 0  # how many times events were dropped
         # aget(): one waiter on the fd at a time (add_reader replaces readers),
         # and close() must be able to wake it.
         self._alock: asyncio.Lock | None = None
         self._alock_loop: asyncio.AbstractEventLoop | None = None
         self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None], int] | None = None
+        _lifecycle.track(self)
+
+    def _after_fork(self, parent: int) -> None:
+        """In a fork child (``_lifecycle``): inert.  Its sockets are the
+        parent's too (an event read here is one the parent never sees), and
+        an aget() waiter's loop is the parent's: close copies, wake nobody."""
+        if self._closed:
+            return
+        self._closed = True
+        self._forked_from = parent
+        close_copy(self._events.sock)
+        close_copy(self._requests.sock)
+        self.ns.close_copy()
+
+    def _open(self) -> bool:
+        """Whether the monitor is open; ForkedError in a fork child."""
+        if self._forked_from is not None:
+            raise ForkedError("Monitor", self._forked_from)
+        return not self._closed
 
     def fileno(self) -> int:
+        self._open()
         return self._events.fileno()
 
     def close(self) -> None:
@@ -194,7 +217,7 @@ class Monitor:
 
     def _pump(self) -> None:
         """Move whatever is queued on the socket into the event queue."""
-        if self._closed:
+        if not self._open():
             raise ClosedError(errno.EBADF, "monitor is closed")
         while True:
             before = self._events.overruns
@@ -230,7 +253,7 @@ class Monitor:
                 raise ClosedError(errno.EBADF, "monitor is closed") from None
 
     def __iter__(self) -> Iterator[Event]:
-        while not self._closed:
+        while self._open():
             ev = self.get()
             if ev is not None:
                 yield ev
@@ -259,7 +282,7 @@ class Monitor:
                 loop.remove_reader(fd)
 
     async def __aiter__(self) -> AsyncIterator[Event]:
-        while not self._closed:
+        while self._open():
             try:
                 ev = await self.aget()
             except ClosedError:

@@ -1,22 +1,103 @@
-"""Garbage collection against the real kernel: an Allocator, Monitor or
-AsyncAllocator dropped without close() is collected, warned about (a
-ResourceWarning, as for unclosed files) and freed: fds, threads, the loop's
-reader, and no larval state left behind."""
+"""fork() and garbage collection against the real kernel.
+
+A child inherits every Allocator, AsyncAllocator, Monitor and Guard of its
+parent: the same netlink sockets (same port id), the watcher's wake pipe,
+the parent's event loop's epoll instance, and locks as the parent's threads
+held them.  These tests attack the promise that in the child they are inert
+(ForkedError on use, close() touches nothing of the parent's) while the
+parent goes on as if nothing happened, and that an Allocator, Monitor or
+AsyncAllocator dropped without close() is collected, warned about and freed.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import os
+import select
+import signal
 import threading
+import time
+import traceback
+from typing import Any, Callable
 
 import pytest
 from nsutil import sad_count, wait_for
 
 import spialloc
-from spialloc import AsyncAllocator, Monitor, Namespace, Reservation
+from spialloc import AsyncAllocator, Expire, ForkedError, Guard, Monitor, Namespace, Reservation
+from spialloc._netns import _UserNsHelper
 
 DST = "192.0.2.1"
+
+
+class Child:
+    """``fn`` run in a forked child, which always ends with os._exit; its
+    return value (JSON) or its traceback comes back through a pipe."""
+
+    def __init__(self, fn: Callable[[], object]) -> None:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never return into pytest
+            code = 1
+            try:
+                os.close(r)
+                try:
+                    out = json.dumps({"value": fn()}).encode()
+                    code = 0
+                except BaseException:  # noqa: BLE001 - reported to the parent
+                    out = json.dumps({"error": traceback.format_exc()}).encode()
+                while out:
+                    out = out[os.write(w, out) :]
+            finally:
+                os._exit(code)
+        os.close(w)
+        self.pid = pid
+        self._r = r
+
+    def result(self, timeout: float = 20.0) -> Any:
+        """The child's return value; fails the test if it raised or hung."""
+        data = bytearray()
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([self._r], [], [], left)[0]:
+                    os.kill(self.pid, signal.SIGKILL)
+                    os.waitpid(self.pid, 0)
+                    pytest.fail(f"the child hung for {timeout} s (a lock inherited held?)")
+                chunk = os.read(self._r, 1 << 16)
+                if not chunk:
+                    break
+                data += chunk
+        finally:
+            os.close(self._r)
+        _, status = os.waitpid(self.pid, 0)
+        reply = json.loads(data) if data else {"error": f"no report; exit status {status}"}
+        if "error" in reply:
+            pytest.fail(f"in the child:\n{reply['error']}")
+        assert os.waitstatus_to_exitcode(status) == 0
+        return reply["value"]
+
+
+def not_inert(calls: dict[str, Callable[[], object]], what: str) -> list[str]:
+    """Run each call in the child (inherited objects must raise ForkedError
+    naming ``what``); the calls that did something else.  Errors are
+    collected, not raised, so that whatever the calls did to the parent is
+    what the parent's own checks see."""
+    wrong = []
+    for name, call in calls.items():
+        try:
+            call()
+        except ForkedError as exc:
+            if not str(exc).startswith(f"{what} created before fork() in process {os.getppid()}: "):
+                wrong.append(f"{name}: {exc}")
+        except BaseException as exc:  # noqa: BLE001
+            wrong.append(f"{name}: {exc!r}")
+        else:
+            wrong.append(f"{name}: no error")
+    return wrong
 
 
 def fds() -> int:
@@ -25,6 +106,236 @@ def fds() -> int:
 
 def watchers() -> int:
     return sum(1 for t in threading.enumerate() if t.name == "spialloc-expiry")
+
+
+def wait_lost(lost: list[Reservation], r: Reservation, timeout: float = 10.0) -> bool:
+    return wait_for(lambda: r in lost, timeout)
+
+
+# --- fork: the parent goes on, the child's copies are inert -------------------------------------
+
+
+def test_child_close_leaves_the_parent_watcher_and_states_alone(netns: Namespace) -> None:
+    """The child's close() used to write the shared wake pipe: the parent's
+    watcher stopped and its reservations expired unnoticed."""
+    lost: list[Reservation] = []
+    guard = Guard()
+    with spialloc.Allocator(netns, guard=guard, on_lost=lost.append) as alloc:
+        before = alloc.allocate(DST)  # default lifetime (30 s): outlives the test
+
+        def child() -> list[str]:
+            wrong = not_inert(
+                {
+                    "allocate": lambda: alloc.allocate(DST),
+                    "allocate_many": lambda: alloc.allocate_many(4, DST),
+                    "release": lambda: alloc.release(before),
+                    "commit": lambda: alloc.commit(before),
+                    "lookup": lambda: alloc.lookup(DST, before.spi),
+                    "states": lambda: alloc.states(),
+                    "sync": lambda: alloc.sync(),
+                    "poll_events": lambda: alloc.poll_events(),
+                    "acq_expires": lambda: alloc.acq_expires,
+                    "acq_expires=": lambda: setattr(alloc, "acq_expires", 1),
+                },
+                "Allocator",
+            )
+            wrong += not_inert({"len(guard)": lambda: len(guard)}, "Guard")
+            if not (alloc.closed and alloc.core.kernel.sock.closed):
+                wrong.append("the child's copy of the request socket is still open")
+            alloc.close()
+            alloc.__exit__(None, None, None)
+            alloc.__del__()
+            return wrong
+
+        wrong = Child(child).result()
+        assert alloc.core.watcher is not None and alloc.core.watcher.alive, "the child's close() stopped the watcher"
+        assert alloc.lookup(DST, before.spi) is not None, "the child deleted the parent's state"
+        alloc.acq_expires = 1
+        after = alloc.allocate(DST)  # not held: its larval state dies in ~1 s
+        assert wait_lost(lost, after), "the parent's watcher no longer sees EXPIREs after the child's close()"
+        assert guard.state(*after.key) is None
+        assert before not in lost
+        assert alloc.release(before) == 1
+        r = alloc.allocate(DST)
+        assert alloc.release(r) == 1
+        assert wrong == []
+
+
+def _churn(alloc: spialloc.Allocator, seconds: float) -> list[int]:
+    """Allocate singles and batches, releasing half at once: the SPIs kept."""
+    kept: list[int] = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        rs = alloc.allocate_many(32, DST) + [alloc.allocate(DST)]
+        keep = 17 if len(kept) < 2000 else 0
+        alloc.release(rs[keep:])
+        kept += [r.spi for r in rs[:keep]]
+    return kept
+
+
+def test_parent_and_child_allocating_at_once_never_touch_each_others_states(netns: Namespace) -> None:
+    with spialloc.Allocator(netns) as alloc:
+        warm = alloc.allocate(DST)
+        alloc.release(warm)
+
+        def child() -> tuple[list[str], list[int]]:
+            # While the parent is mid-call on the same sockets:
+            calls = {"allocate": lambda: alloc.allocate(DST), "churn": lambda: _churn(alloc, 0.2)}
+            wrong = not_inert(calls, "Allocator")
+            alloc.close()
+            with spialloc.Allocator(netns) as mine:  # a new one in the child works
+                return wrong, _churn(mine, 1.5)  # its states stay: larval states outlive their socket
+
+        kid = Child(child)
+        ours = _churn(alloc, 1.5)
+        wrong, theirs = kid.result(timeout=30)
+        print(f"\nkept: parent {len(ours)}, child {len(theirs)}")
+        assert ours and theirs
+        assert len(set(ours)) == len(ours) and len(set(theirs)) == len(theirs)
+        assert set(ours).isdisjoint(theirs), "the same SPI was handed to both processes"
+        present = {s.spi for s in alloc.states(larval=True)}
+        assert set(ours) <= present, f"{len(set(ours) - present)} of the parent's states were deleted"
+        assert set(theirs) <= present, f"{len(set(theirs) - present)} of the child's states were deleted"
+        assert len(present) == len(ours) + len(theirs), "states left that nobody kept"
+        assert alloc.stats.lost == 0
+        assert alloc.core.watcher is not None and alloc.core.watcher.alive
+        assert wrong == []
+
+
+def test_inherited_monitor_and_async_allocator_are_inert(netns: Namespace) -> None:
+    """The child's AsyncAllocator.close() used to read replies from the
+    parent's socket and remove the reader from the parent's loop (epoll is
+    shared after fork): the parent's next allocate never got its answer."""
+    loop = asyncio.new_event_loop()
+    try:
+        with Monitor(netns, acquire=False) as mon:
+            aa = AsyncAllocator(netns)
+            try:
+                r0 = loop.run_until_complete(aa.allocate(DST))  # attached: its reader is on the loop
+
+                def child() -> list[str]:
+                    async def first_event() -> object:
+                        async for ev in mon:
+                            return ev
+                        return None
+
+                    def run(coro: Any) -> Callable[[], object]:
+                        return lambda: asyncio.run(asyncio.wait_for(coro, 1))
+
+                    wrong = not_inert(
+                        {
+                            "allocate": run(aa.allocate(DST)),
+                            "allocate_many": run(aa.allocate_many(3, DST)),
+                            "release": run(aa.release(r0)),
+                            "commit": run(aa.commit(r0)),
+                            "lookup": run(aa.lookup(DST, r0.spi)),
+                            "states": run(aa.states()),
+                            "sync": run(aa.sync()),
+                            "sync_allocator.allocate": lambda: aa.sync_allocator.allocate(DST),
+                        },
+                        "AsyncAllocator",
+                    )
+                    wrong += not_inert(
+                        {
+                            "get": lambda: mon.get(timeout=0),
+                            "iter": lambda: next(iter(mon)),
+                            "aiter": run(first_event()),
+                            "fileno": mon.fileno,
+                        },
+                        "Monitor",
+                    )
+                    asyncio.run(aa.close())
+                    aa.close_now()
+                    aa.__del__()
+                    mon.close()
+                    mon.__del__()
+                    return wrong
+
+                wrong = Child(child).result()
+                r1 = loop.run_until_complete(asyncio.wait_for(aa.allocate(DST), 5))
+                with spialloc.Allocator(netns, guard=False) as plain:
+                    plain.acq_expires = 1
+                    r2 = plain.allocate(DST)
+                    deadline = time.monotonic() + 10
+                    seen = None
+                    while seen is None and time.monotonic() < deadline:
+                        ev = mon.get(timeout=max(0.0, deadline - time.monotonic()))
+                        if isinstance(ev, Expire) and ev.spi == r2.spi:
+                            seen = ev
+                    assert seen is not None and seen.hard, "the parent's Monitor lost its events"
+                assert loop.run_until_complete(asyncio.wait_for(aa.release([r0, r1]), 5)) == 2
+                assert wrong == []
+            finally:
+                aa.close_now()
+    finally:
+        loop.close()
+
+
+def test_locks_held_by_parent_threads_at_fork_never_hang_the_child(netns: Namespace) -> None:
+    """A parent thread (the watcher, a batch) holding a lock at fork time
+    holds it for ever in the child: nothing inherited may wait for it."""
+    guard = Guard()
+    with spialloc.Allocator(netns, guard=guard) as alloc, Monitor(netns) as mon:
+        assert alloc.core.watcher is not None
+        holding, done = threading.Event(), threading.Event()
+
+        def holder() -> None:
+            core = alloc.core
+            assert core.watcher is not None
+            with core.kernel.sock.lock, core.watcher.sock.lock, core._idle, guard._lock:
+                holding.set()
+                done.wait(30)
+
+        t = threading.Thread(target=holder)
+        t.start()
+        try:
+            assert holding.wait(5)
+
+            def child() -> tuple[list[str], int]:
+                wrong = not_inert(
+                    {"allocate": lambda: alloc.allocate(DST), "poll_events": alloc.poll_events, "states": alloc.states},
+                    "Allocator",
+                )
+                wrong += not_inert({"stats": lambda: guard.stats}, "Guard")
+                alloc.close()
+                mon.close()
+                with spialloc.Allocator(netns) as mine:
+                    return wrong, mine.release(mine.allocate(DST))
+
+            assert Child(child).result() == [[], 1]
+        finally:
+            done.set()
+            t.join()
+        r = alloc.allocate(DST)
+        assert alloc.release(r) == 1
+        assert mon.get(timeout=0) is None
+
+
+def test_namespace_helper_is_inert_in_the_child() -> None:
+    """A namespace reached through a helper process (unprivileged
+    Namespace.isolated()) has one request channel: a child's requests would
+    interleave with the parent's and take its replies."""
+    try:
+        helper = _UserNsHelper()
+    except OSError as exc:
+        pytest.skip(f"no user namespaces here: {exc}")
+    ns = Namespace(None, "helper namespace", helper)
+    try:
+        with spialloc.Allocator(ns, watch_expiry=False) as alloc:
+
+            def child() -> list[str]:
+                wrong = not_inert({"Allocator": lambda: spialloc.Allocator(ns)}, "Namespace")
+                alloc.close()
+                ns.close()
+                return wrong
+
+            assert Child(child).result() == []
+            r = alloc.allocate(DST)
+            assert alloc.release(r) == 1
+        with spialloc.Allocator(ns, watch_expiry=False) as again:
+            assert again.release(again.allocate(DST)) == 1
+    finally:
+        ns.close()
 
 
 # --- garbage collection: dropped without close() -------------------------------------------------

@@ -14,6 +14,7 @@ from spialloc.errors import (
     ClosedError,
     DecodeError,
     DuplicateSpi,
+    ForkedError,
     InsufficientPrivilege,
     InvalidRequest,
     NamespaceError,
@@ -33,6 +34,7 @@ def test_every_error_derives_from_spialloc_error() -> None:
         ClosedError,
         DecodeError,
         DuplicateSpi,
+        ForkedError,
         InsufficientPrivilege,
         InvalidRequest,
         NamespaceError,
@@ -50,6 +52,15 @@ def test_public_names_are_the_same_classes() -> None:
     assert spialloc.InvalidRequest is InvalidRequest
     assert spialloc.BatchError is BatchError
     assert spialloc.NamespaceError is NamespaceError
+    assert spialloc.ForkedError is ForkedError
+    assert "ForkedError" in spialloc.__all__
+
+
+def test_forked_error_names_the_object_and_process_and_pickles() -> None:
+    e = ForkedError("Allocator", 4242)
+    assert str(e) == "Allocator created before fork() in process 4242: open a new one in the child"
+    back = pickle.loads(pickle.dumps(e))
+    assert (type(back), back.what, back.pid, str(back)) == (ForkedError, "Allocator", 4242, str(e))
 
 
 def test_netlink_error_is_oserror_keeping_errno_and_kernel_text() -> None:

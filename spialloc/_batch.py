@@ -118,11 +118,14 @@ class BatchRun:
             # handle (Core.run_batch releases a finished batch's states).
             self.finished = True
         except BaseException:
-            yield ReleaseOp(self._abandon())  # interrupted (Ctrl-C, close, a bug): every state goes
+            try:
+                yield ReleaseOp(self._abandon())  # interrupted (Ctrl-C, close, a bug): every state goes
+            finally:
+                self.hand_over()
             raise
-        finally:
-            self.book.inflight.difference_update(self.keys)
-        self._late_deaths()
+        # A finished batch's keys stay in flight until Core has handed its
+        # states out (hand_over) or released them: a death before then is
+        # the batch's, never on_lost's (the caller may never see them).
 
     def _pick(self, pending: list[int]) -> Generator[Op, object, list[int] | None]:
         """The indices to ask for this round; with directed picks, their
@@ -338,13 +341,17 @@ class BatchRun:
                         self.guard.release(req.gdst, self.proto, c)
         return [(req.daddr, spi, req.family, self.proto, req.mark) for spi in doomed if spi]
 
-    def _late_deaths(self) -> None:
-        late = self.keys & self.book.died
-        if late:
-            # Died between the last check and now: the caller gets them, and
-            # hears of their loss as for any other reservation.
-            self.book.died.difference_update(self.keys)
-            self.late = [i for i, key in self.owned.items() if key in late]
+    def dead(self) -> set[int]:
+        """Indices whose state died since their last check (the watcher saw it)."""
+        died = self.keys & self.book.died
+        return {i for i, key in self.owned.items() if key in died} if died else set()
+
+    def hand_over(self) -> None:
+        """The batch is over: its deaths go to on_lost from now on.  Those
+        noted until now are ``late``: handed out, they are reported as lost."""
+        self.late = sorted(self.dead())
+        self.book.inflight.difference_update(self.keys)
+        self.book.died.difference_update(self.keys)
 
     def good(self) -> Sequence[int]:
         """Indices that got an SPI, in order."""

@@ -326,6 +326,7 @@ class Core:
         except BaseException:
             if run is not None and run.finished and not run.settled:
                 self.release_all(self._keys(run, req))
+                run.hand_over()
             raise
         finally:
             if running:
@@ -340,13 +341,16 @@ class Core:
     def _keys(run: BatchRun, req: Request) -> list[rules.DelKey]:
         """The DELSA keys of a finished batch's states (the late dead are
         gone already: their SPIs may be someone else's now)."""
-        late = set(run.late)
+        late = set(run.late) | run.dead()
         return [(req.daddr, run.spis[i], req.family, int(req.proto), req.mark) for i in run.good() if i not in late]
 
     def _deliver(self, run: BatchRun, req: Request, count: int, strict: bool) -> list[Reservation] | BatchResult:
         if run.errors and strict:
             run.settled = True  # by release_all, which a second Ctrl-C does not cut short
-            raise BatchError(count, run.errors, self.release_all(self._keys(run, req)))
+            released = self.release_all(self._keys(run, req))
+            run.hand_over()  # after the release: nothing of this batch reaches on_lost
+            raise BatchError(count, run.errors, released)
+        run.hand_over()
         now = time.time()
         spis = run.spis
         reservations = [reservation_from(req, spis[i], now) for i in run.good()]

@@ -530,10 +530,13 @@ def test_batch_larger_than_the_free_part_of_a_range(alloc: Allocator, netns: Nam
 # same situation cheap.
 
 
-def _batch_or_clean_failure(a: Allocator, count: int, **kw: object) -> list[Reservation] | None:
+def _batch_or_clean_failure(
+    a: Allocator, count: int, lost: list[Reservation], **kw: object
+) -> list[Reservation] | None:
     """A batch that outlives the larval lifetime either returns live,
     guarded reservations, or fails whole with ReservationLost for the indices
-    it could not keep alive, leaving nothing behind."""
+    it could not keep alive, leaving nothing behind, and without one on_lost
+    call: the caller never received any of its reservations (item 7)."""
     try:
         return a.allocate_many(count, "10.0.0.1", **kw)  # type: ignore[arg-type]
     except BatchError as exc:
@@ -541,6 +544,9 @@ def _batch_or_clean_failure(a: Allocator, count: int, **kw: object) -> list[Rese
         assert kinds <= {"ReservationLost"}, f"unexpected failure kinds {kinds}: {exc}"
         assert a.guard is not None and a.guard.stats.reserved == 0, a.guard.stats
         assert wait_for(lambda: not a.states(), timeout=15.0), "states left behind"
+        time.sleep(0.5)
+        a.poll_events()
+        assert not lost, f"on_lost called {len(lost)} times for reservations never returned"
         return None
 
 
@@ -555,7 +561,7 @@ def test_batch_outliving_the_lifetime_leaves_no_silently_dead_reservation(netns:
         assert a.guard is not None
         a.acq_expires = 1
         t = time.monotonic()
-        rs = _batch_or_clean_failure(a, 12000)
+        rs = _batch_or_clean_failure(a, 12000, lost)
         took = time.monotonic() - t
         if rs is None:
             return
@@ -596,7 +602,7 @@ def test_directed_batch_outliving_the_lifetime_keeps_the_guard_true(netns: Names
     with Allocator(netns, on_lost=lost.append) as a:
         assert a.guard is not None
         a.acq_expires = 1
-        rs = _batch_or_clean_failure(a, 12000, spi_range=(lo, hi))
+        rs = _batch_or_clean_failure(a, 12000, lost, spi_range=(lo, hi))
         if rs is None:
             return
         held = {r.spi for r in rs if a.guard.is_outstanding(*r.key)}

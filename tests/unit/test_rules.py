@@ -307,6 +307,7 @@ def batch(book: rules.Book, k: FakeKernel, req: Request, count: int, **kw: Any) 
     closed = kw.pop("closed", lambda: False)
     run = BatchRun(book, req, count, since=0.0, began=0.0, chunk=kw.pop("chunk", 64))
     drive(run.plan(clock, closed), k.execute)
+    run.hand_over()  # as Core does once the states are handed out
     return run
 
 

@@ -32,6 +32,7 @@ from ._model import (
     Proto,
     Request,
     Reservation,
+    address_key,
     build_request,
     check_int,
     pack_address,
@@ -288,6 +289,28 @@ class Core:
         for r in rules.missing_from(book, rules.state_keys(states)):
             book.lost(r)
         return foreign
+
+    def purge(self, reqid: object, mark: MarkSpec, if_id: object) -> int:
+        if reqid is None and mark is None and if_id is None:
+            raise InvalidRequest(
+                "purge needs reqid=, mark= or if_id=: what identifies this daemon's states "
+                "(without one it would delete every other daemon's larval states too)"
+            )
+        rq = None if reqid is None else check_int("reqid", reqid)
+        mk = parse_mark(mark)
+        ii = None if if_id is None else check_int("if_id", if_id)
+        self.check_open()
+        doomed = rules.leftovers(self.book, self.kernel.dump_states(), rq, mk, ii)
+        keys = [
+            (pack_address(st.dst), st.spi, w.AF_INET if st.dst.version == 4 else w.AF_INET6, int(st.proto), st.mark)
+            for st in doomed
+        ]
+        deleted = self.kernel.delete_all(keys)
+        if self.book.guard is not None:
+            for st in doomed:  # marked foreign by a sync: free again
+                if isinstance(st.proto, Proto):
+                    self.book.guard.release(address_key(st.dst), st.proto, st.spi)
+        return deleted
 
     # --- batches ------------------------------------------------------------------------------
 

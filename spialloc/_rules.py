@@ -509,6 +509,36 @@ def seed_foreign(book: Book, states: Sequence[KernelState]) -> int:
     return foreign
 
 
+def leftovers(
+    book: Book,
+    states: Iterable[KernelState],
+    reqid: int | None,
+    mark: tuple[int, int] | None,
+    if_id: int | None,
+) -> list[KernelState]:
+    """Larval states a previous run of the daemon left (it crashed, or was
+    killed, before releasing them): an SPI given, not bound to an ACQUIRE
+    (the kernel's ACQ states are the kernel's), matching every selector
+    given - what the daemon, and only it, puts in its requests - and not
+    reserved or committed in this allocator's guard."""
+    guard = book.guard
+    out = []
+    for st in states:
+        if not st.larval or not st.spi or st.acquire_seq:
+            continue
+        if reqid is not None and st.reqid != reqid:
+            continue
+        if mark is not None and (st.mark or (0, 0)) != mark:
+            continue
+        if if_id is not None and (st.if_id or 0) != if_id:
+            continue
+        if guard is not None and isinstance(st.proto, Proto):
+            if guard.state(address_key(st.dst), st.proto, st.spi) in (State.RESERVED, State.COMMITTED):
+                continue
+        out.append(st)
+    return out
+
+
 def guard_key(k: DelKey) -> Key:
     """The guard's tuple for the state a DELSA key names."""
     return (guard_dst(k[2], k[0]), k[3], k[1])

@@ -248,6 +248,10 @@ class AsyncAllocator:
     async def sync(self) -> int:
         return await self._in_thread(self._sync.sync)
 
+    async def purge(self, *, reqid: int | None = None, mark: MarkSpec = None, if_id: int | None = None) -> int:
+        """``Allocator.purge``, in a worker thread (a SAD dump)."""
+        return await self._in_thread(functools.partial(self._sync.purge, reqid=reqid, mark=mark, if_id=if_id))
+
     async def close(self) -> None:
         self.close_now()
 

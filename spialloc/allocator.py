@@ -338,6 +338,19 @@ class Allocator:
         gone are marked lost.  Returns the number of foreign tuples."""
         return self.core.sync()
 
+    def purge(self, *, reqid: int | None = None, mark: MarkSpec = None, if_id: int | None = None) -> int:
+        """Delete the larval states a previous run of this daemon left behind
+        (killed or crashed before releasing them: they would otherwise live
+        until ``acq_expires``), and return how many.
+
+        A state goes if it is larval with an SPI, is not bound to an ACQUIRE,
+        matches every selector given, and is not reserved or committed here.
+        At least one selector is required: give what only this daemon puts in
+        its requests (its reqid range is the usual one).  Call it at start,
+        before handing out SPIs, or at any time: this allocator's own
+        reservations are never touched."""
+        return self.core.purge(reqid, mark, if_id)
+
     # --- namespace settings -----------------------------------------------------
 
     @property

@@ -720,3 +720,49 @@ def test_spiallocerror_only_from_closed_allocator(netns: Namespace) -> None:
             call()
     with Allocator(netns) as b:
         assert b.release(r) == 1
+
+
+# --- a crashed daemon's leftovers -------------------------------------------------------------
+
+CRASHER = r"""
+import sys, time
+from spialloc import Allocator
+a = Allocator(None)
+a.acq_expires = 3600
+rs = a.allocate_many(3000, sys.argv[1], reqid=42)
+print(len(rs), flush=True)
+time.sleep(60)
+"""
+
+
+def test_killed_daemon_leaves_larval_states_that_purge_removes(netns: Namespace) -> None:
+    """kill -9 right after a batch: its 3,000 larval states stay (nothing in
+    the kernel ties them to the dead process).  A restarted daemon's
+    purge(reqid=42) deletes exactly those: not another daemon's state, not
+    what the new allocator has reserved (ACQ states: tests/unit/test_rules.py)."""
+    assert netns.fd is not None
+    proc = subprocess.Popen(
+        ["nsenter", f"--net=/proc/self/fd/{netns.fd}", sys.executable, "-c", CRASHER, DST],
+        pass_fds=[netns.fd],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "3000"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert sad_count(netns) == 3000
+    with Allocator(netns, guard=False) as other:
+        theirs = other.allocate(DST, reqid=7)
+    with Allocator(netns, sync=True) as a:
+        mine = a.allocate(DST, reqid=42)
+        with pytest.raises(spialloc.InvalidRequest):
+            a.purge()  # no selector: it would take every daemon's states
+        assert a.purge(reqid=42) == 3000
+        assert sad_spis(netns) == {theirs.spi, mine.spi}
+        assert a.purge(reqid=42) == 0
+        assert a.release(mine) == 1
+        assert a.guard is not None and len(a.guard) == 1  # only the other daemon's, marked foreign

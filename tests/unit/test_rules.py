@@ -543,3 +543,20 @@ def test_orphans_are_deleted_only_when_provably_ours() -> None:
     assert rules.orphans(op, mine, g) == [0x1000, 0x1002]
     # Directed: only the SPIs the dropped requests named.
     assert rules.orphans(op._replace(spis=frozenset({0x1002})), mine, g) == [0x1002]
+
+
+def test_leftovers_are_only_this_daemons_unheld_larval_states(book: rules.Book) -> None:
+    req = build_request("10.0.0.1", reqid=42, mark=(5, 0xFFFFFFFF))
+    dead = [_state(req, 0x1000 + i) for i in range(3)]
+    kept = [
+        _state(req, 0x2000, reqid=7),  # another daemon's
+        _state(req, 0x2001, acquire_seq=9),  # bound to an ACQUIRE: the kernel's
+        _state(req, 0),  # SPI 0: a refused request's, DELSA cannot name it
+        _state(req, 0x2002, larval=False),  # a full SA
+        _state(req, 0x2003, mark=(6, 0xFFFFFFFF)),
+        _state(req, 0x2004),  # reserved here
+    ]
+    assert book.guard is not None and book.guard.reserve(req.gdst, req.proto, 0x2004)
+    got = rules.leftovers(book, dead + kept, 42, (5, 0xFFFFFFFF), None)
+    assert [st.spi for st in got] == [0x1000, 0x1001, 0x1002]
+    assert [st.spi for st in rules.leftovers(book, dead + kept, None, None, None)][:3] == [0x1000, 0x1001, 0x1002]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+import resource
 
 
 class SpiallocError(Exception):
@@ -61,6 +62,24 @@ class InsufficientPrivilege(NetlinkError, PermissionError):
 
 class NamespaceError(SpiallocError, OSError):
     """The network namespace could not be opened or entered."""
+
+
+class ResourceError(SpiallocError, OSError):
+    """Out of file descriptors (EMFILE: the process's RLIMIT_NOFILE; ENFILE:
+    the system's limit) while making a socket, a pipe or a namespace handle."""
+
+
+def out_of_fds(code: int | None, doing: str) -> ResourceError | None:
+    """A ResourceError naming ``doing`` if ``code`` is EMFILE or ENFILE, else
+    None: ``raise out_of_fds(exc.errno, ...) or OtherError(...)``."""
+    if code == _errno.EMFILE:
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return ResourceError(
+            code, f"{doing}: EMFILE, this process has reached its limit of {limit} open files (RLIMIT_NOFILE)"
+        )
+    if code == _errno.ENFILE:
+        return ResourceError(code, f"{doing}: ENFILE, the system's limit on open files is reached")
+    return None
 
 
 class DecodeError(SpiallocError, ValueError):

@@ -20,9 +20,11 @@ from spialloc.errors import (
     NamespaceError,
     NetlinkError,
     ReservationLost,
+    ResourceError,
     SpiallocError,
     SpiExhausted,
     from_errno,
+    out_of_fds,
 )
 
 KTEXT = "No SPI available in the requested range"
@@ -40,6 +42,7 @@ def test_every_error_derives_from_spialloc_error() -> None:
         NamespaceError,
         NetlinkError,
         ReservationLost,
+        ResourceError,
         SpiExhausted,
     ):
         assert issubclass(cls, SpiallocError), cls
@@ -54,6 +57,8 @@ def test_public_names_are_the_same_classes() -> None:
     assert spialloc.NamespaceError is NamespaceError
     assert spialloc.ForkedError is ForkedError
     assert "ForkedError" in spialloc.__all__
+    assert spialloc.ResourceError is ResourceError
+    assert "ResourceError" in spialloc.__all__
 
 
 def test_forked_error_names_the_object_and_process_and_pickles() -> None:
@@ -153,6 +158,25 @@ def test_namespace_and_closed_errors_are_oserrors() -> None:
     assert e.errno == errno.ENOENT
     assert "'blue'" in str(e)
     assert isinstance(ClosedError(errno.EBADF, "closed"), OSError)
+
+
+def test_out_of_fds_names_emfile_and_the_limit() -> None:
+    e = out_of_fds(errno.EMFILE, "socket in current network namespace")
+    assert isinstance(e, ResourceError) and isinstance(e, OSError)
+    assert e.errno == errno.EMFILE
+    assert "EMFILE" in str(e) and "RLIMIT_NOFILE" in str(e)
+    assert str(e).startswith("[Errno 24] socket in current network namespace: ")
+
+
+def test_out_of_fds_names_enfile() -> None:
+    e = out_of_fds(errno.ENFILE, "expiry watcher")
+    assert isinstance(e, ResourceError)
+    assert e.errno == errno.ENFILE and "ENFILE" in str(e)
+
+
+@pytest.mark.parametrize("code", [None, 0, errno.ENOENT, errno.EPERM, errno.ENOMEM])
+def test_out_of_fds_is_none_for_other_codes(code: int | None) -> None:
+    assert out_of_fds(code, "x") is None
 
 
 def test_batch_error_fields_and_message() -> None:

@@ -31,6 +31,7 @@ from .errors import (
     SpiExhausted,
     UnsupportedByKernel,
     from_errno,
+    out_of_fds,
 )
 
 ACQ_SYSCTL = "net.core.xfrm_acq_expires"
@@ -339,8 +340,11 @@ def _delsa(daddr: bytes, spi: int, family: int, proto: int, mark: tuple[int, int
     return w.delsa(0, w.usersa_id(daddr, spi, family, proto), w.sa_attrs(mark, None, None, None))
 
 
-def _no_acq_sysctl(exc: OSError | NamespaceError) -> NamespaceError:
+def _no_acq_sysctl(exc: OSError | NamespaceError) -> SpiallocError:
     code = exc.errno or errno.EIO
+    full = out_of_fds(code, ACQ_SYSCTL)
+    if full is not None:
+        return full
     if code == errno.ENOENT:
         return NamespaceError(
             code,

@@ -3,8 +3,8 @@
 A netlink socket belongs to the namespace its creator was in when it was made,
 and the capability check for ALLOCSPI is done against that namespace.  Setting
 the namespace is per thread on Linux, so sockets for another namespace are made
-in a short-lived thread that enters it (pyroute2's ``setns``), which leaves
-every other thread of the daemon where it was and needs no fork.
+in a short-lived thread that enters it (``setns``), which leaves every other
+thread of the daemon where it was and needs no fork.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Callable, NoReturn, TypeVar, Union
 
 from . import _lifecycle
 from ._lifecycle import InertLock, close_copy
-from .errors import NamespaceError
+from .errors import NamespaceError, NetlinkError, out_of_fds
 
 T = TypeVar("T")
 
@@ -66,10 +66,20 @@ def _check_netns(fd: int, what: str) -> None:
 
 
 def _setns_thread(fd: int) -> None:
-    from pyroute2 import netns as _pyroute2_netns
+    # libc's setns, not pyroute2's: importing pyroute2 on first use needs file
+    # descriptors (and 0.2 s), so out of them it failed as "cannot enter".
+    # CLONE_NEWNET: the kernel refuses any other kind of namespace.
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
-    # flags=0: never create a namespace as a side effect of a typo.
-    _pyroute2_netns.setns(fd, flags=0)
+
+def _new_socket(family: int, kind: int, proto: int, where: str) -> socket.socket:
+    try:
+        return socket.socket(family, kind | socket.SOCK_CLOEXEC, proto)
+    except OSError as exc:
+        doing = f"socket in {where}"
+        raise out_of_fds(exc.errno, doing) or NetlinkError(exc.errno or errno.EIO, None, doing) from None
 
 
 def _run_in_thread(fn: Callable[..., T], *args: object) -> T:
@@ -125,7 +135,9 @@ class Namespace:
             try:
                 fd = os.dup(spec)
             except OSError as exc:
-                raise NamespaceError(exc.errno, f"netns fd {spec}: {exc.strerror}") from None
+                raise out_of_fds(exc.errno, f"netns fd {spec}") or NamespaceError(
+                    exc.errno, f"netns fd {spec}: {exc.strerror}"
+                ) from None
             return cls._checked(fd, f"netns fd {spec}", f"netns fd {spec}")
         path = os.fspath(spec)
         if not isinstance(path, str) or not path or "\0" in path:
@@ -136,7 +148,9 @@ class Namespace:
             # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
         except OSError as exc:
-            raise NamespaceError(exc.errno, f"network namespace {spec!r} ({path}): {exc.strerror}") from None
+            raise out_of_fds(exc.errno, f"network namespace {spec!r}") or NamespaceError(
+                exc.errno, f"network namespace {spec!r} ({path}): {exc.strerror}"
+            ) from None
         named = f"netns {spec!r}" if path == spec else f"netns {spec!r} ({path})"
         return cls._checked(fd, f"network namespace {spec!r}", named)
 
@@ -166,15 +180,19 @@ class Namespace:
                 raise OSError(err, os.strerror(err))
             return os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
 
+        doing = "isolated network namespace"
         try:
             fd = _run_in_thread(unshare_net)
             return cls(fd, "isolated network namespace")
         except OSError as exc:
             first = exc
+        # Out of fds is no reason to try a user namespace instead.
+        if (full := out_of_fds(first.errno, doing)) is not None:
+            raise full from None
         try:
             helper = _UserNsHelper()
         except OSError as exc:
-            raise NamespaceError(
+            raise out_of_fds(exc.errno, doing) or NamespaceError(
                 exc.errno,
                 f"cannot make an isolated network namespace: unshare: {first.strerror}; "
                 f"user namespace: {exc.strerror} (are unprivileged user namespaces disabled?)",
@@ -190,25 +208,31 @@ class Namespace:
         if self._helper is not None:
             self._helper.refs += 1
             return Namespace(None, self.description, self._helper)
-        return Namespace(None if self.fd is None else os.dup(self.fd), self.description)
+        if self.fd is None:
+            return Namespace(None, self.description)
+        try:
+            return Namespace(os.dup(self.fd), self.description)
+        except OSError as exc:
+            raise out_of_fds(exc.errno, self.description) or NamespaceError(
+                exc.errno, f"{self.description}: {exc.strerror}"
+            ) from None
 
     def socket(self, family: int, kind: int, proto: int) -> socket.socket:
         self._check_open()
         if self._helper is not None:
             return self._helper.socket(family, kind, proto)
         if self.fd is None:
-            return socket.socket(family, kind | socket.SOCK_CLOEXEC, proto)
+            return _new_socket(family, kind, proto, self.description)
         fd = self.fd
 
         def make() -> socket.socket:
-            _setns_thread(fd)
-            return socket.socket(family, kind | socket.SOCK_CLOEXEC, proto)
+            try:
+                _setns_thread(fd)
+            except OSError as exc:
+                raise NamespaceError(exc.errno, f"cannot enter {self.description}: {exc.strerror}") from None
+            return _new_socket(family, kind, proto, self.description)
 
-        try:
-            sock: socket.socket = _run_in_thread(make)
-        except OSError as exc:
-            raise NamespaceError(exc.errno, f"cannot enter {self.description}: {exc.strerror}") from None
-        return sock
+        return _run_in_thread(make)
 
     def run(self, fn: Callable[..., T], *args: object) -> T:
         """Call fn(*args) in a thread that is inside this namespace (e.g. to
@@ -345,14 +369,18 @@ class _UserNsHelper:
         with self.lock:
             try:
                 self.chan.send(request)
-                msg, fds, _, _ = socket.recv_fds(self.chan, 1 << 16, 1)
+                msg, fds, flags, _ = socket.recv_fds(self.chan, 1 << 16, 1)
             except OSError:  # EPIPE or ECONNRESET: the helper is gone
                 raise self._gone() from None
         if len(msg) < 4:  # EOF: the helper exited after reading the request
             for fd in fds:
                 os.close(fd)
             raise self._gone()
-        return struct.unpack("=i", msg[:4])[0], msg[4:], fds
+        err = struct.unpack("=i", msg[:4])[0]
+        if flags & socket.MSG_CTRUNC and not fds:
+            # The kernel drops a passed fd it cannot install here: out of fds.
+            err = errno.EMFILE
+        return err, msg[4:], fds
 
     def sysctl(self, path: str, value: str | None) -> str:
         """Read (value None) or write a file under /proc/sys as the child sees it."""
@@ -367,7 +395,9 @@ class _UserNsHelper:
     def socket(self, family: int, kind: int, proto: int) -> socket.socket:
         err, _, fds = self._ask(b"S" + struct.pack("=iii", family, kind | socket.SOCK_CLOEXEC, proto))
         if err or not fds:
-            raise NamespaceError(err, f"socket in isolated namespace: {os.strerror(err)}")
+            raise out_of_fds(err, "socket in isolated namespace") or NamespaceError(
+                err, f"socket in isolated namespace: {os.strerror(err)}"
+            )
         return socket.socket(fileno=fds[0])
 
     def close(self) -> None:
@@ -426,18 +456,23 @@ def _helper_main(chan_fd: int, ready_w: int) -> NoReturn:  # pragma: no cover - 
 
 def _keep_only(*keep: int) -> list[int]:  # pragma: no cover - runs in the helper
     """Close every fd but ``keep`` (moved above stdio) and stdio (on /dev/null)."""
+    _close_all_but(0, 1, 2, *keep)  # first: the table may be full, as the parent's was
     moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, 3) for fd in keep]
     null = os.open(os.devnull, os.O_RDWR)
     for std in (0, 1, 2):
         if std != null:
             os.dup2(null, std)
+    _close_all_but(0, 1, 2, *moved)
+    return moved
+
+
+def _close_all_but(*keep: int) -> None:  # pragma: no cover - runs in the helper
     low = 0
-    for fd in sorted({0, 1, 2, *moved}):
+    for fd in sorted(set(keep)):
         if low < fd:  # os.closerange(0, 0) is close_range(0, UINT_MAX): every fd
             os.closerange(low, fd)
         low = fd + 1
     os.closerange(low, _FD_LIMIT)
-    return moved
 
 
 def read_sysctl(ns: Namespace, name: str) -> str:

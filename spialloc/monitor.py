@@ -149,7 +149,11 @@ class Monitor:
         self.ns = Namespace.open(netns)
         try:
             self._events = XfrmSocket(self.ns, groups=groups, rcvbuf=rcvbuf)
-            self._requests = XfrmSocket(self.ns, rcvbuf=None)
+            try:
+                self._requests = XfrmSocket(self.ns, rcvbuf=None)
+            except BaseException:
+                self._events.close()
+                raise
         except BaseException:
             self.ns.close()
             raise

@@ -27,7 +27,7 @@ from ._lifecycle import close_copy
 from ._model import KernelState, address_key
 from ._netlink import XfrmSocket
 from ._netns import Namespace
-from .errors import DecodeError, SpiallocError
+from .errors import DecodeError, SpiallocError, out_of_fds
 from .guard import State
 from .monitor import Expire, decode_event
 
@@ -45,15 +45,31 @@ class ExpiryWatcher:
         self.book = book
         self.kernel = kernel
         self.sock = XfrmSocket(ns, groups=EXPIRE_GROUP, rcvbuf=EVENT_RCVBUF)
+        opened: list[int] = []
+        sel: selectors.BaseSelector | None = None
         try:
+            # Both made here, not in the thread: out of fds must fail the
+            # constructor, not leave a watcher that died unseen.
             self._wake_r, self._wake_w = os.pipe()
-        except BaseException:
+            opened += (self._wake_r, self._wake_w)
+            # selectors (epoll), not select(): nothing may depend on fd numbers below 1024.
+            sel = selectors.DefaultSelector()
+            sel.register(self.sock.fileno(), selectors.EVENT_READ)
+            sel.register(self._wake_r, selectors.EVENT_READ)
+        except BaseException as exc:
+            for fd in opened:
+                os.close(fd)
+            if sel is not None:
+                sel.close()
             self.sock.close()
+            if isinstance(exc, OSError):  # pipe(2) and epoll_create(2) fail only for want of fds
+                raise out_of_fds(exc.errno, "expiry watcher") or exc from None
             raise
+        self._sel = sel
         self._closing = False
         self._thread = threading.Thread(
             target=_watch,
-            args=(weakref.ref(self), self.sock.fileno(), self._wake_r),
+            args=(weakref.ref(self), sel, self._wake_r),
             name="spialloc-expiry",
             daemon=True,
         )
@@ -85,6 +101,7 @@ class ExpiryWatcher:
         close_copy(self.sock.sock)
         close_copy(self._wake_r)
         close_copy(self._wake_w)
+        close_copy(self._sel.fileno())
 
     def step(self) -> bool:
         """Handle what woke the thread; False when the watcher is closing."""
@@ -157,16 +174,12 @@ class ExpiryWatcher:
             self.book.lost(r)
 
 
-def _watch(ref: weakref.ref[ExpiryWatcher], sock_fd: int, wake_fd: int) -> None:
+def _watch(ref: weakref.ref[ExpiryWatcher], sel: selectors.BaseSelector, wake_fd: int) -> None:
     """The watcher thread.  It holds its watcher only while handling events:
     a running thread is a GC root, and through the watcher's on_lost (often
     a method of whoever holds the Allocator) it would keep a dropped
     Allocator alive for ever, never closed."""
-    # selectors, not select(): nothing may depend on fd numbers below 1024.
-    sel = selectors.DefaultSelector()
     try:
-        sel.register(sock_fd, selectors.EVENT_READ)
-        sel.register(wake_fd, selectors.EVENT_READ)
         while True:
             ready = sel.select()
             if any(key.fd == wake_fd for key, _ in ready):

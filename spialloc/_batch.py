@@ -164,11 +164,12 @@ class BatchRun:
         if res.overran:
             # The window overflowed the receive buffer: step down to what came back.
             self.chunk = max(1, min(self.chunk, sum(1 for e in res.errs if e != LOST)) // 2)
-        ok = self._reserve_round(res)
-        if ok:
-            # In flight before anything else can run (a poll of a collision
-            # below): a death of one of these is the batch's, never on_lost's.
-            self._in_flight([(self.req.gdst, self.proto, res.got[j]) for j, o in enumerate(ok) if o])
+        with self.book.lock:
+            ok = self._reserve_round(res)
+            if ok:
+                # In flight as they are reserved (one step for the watcher): a
+                # death of one of these is the batch's, never on_lost's.
+                self._in_flight([(self.req.gdst, self.proto, res.got[j]) for j, o in enumerate(ok) if o])
         if self._clean(res, ok):
             self._book_all(asked, res.got)
             retry: list[int] = []
@@ -259,9 +260,10 @@ class BatchRun:
     def _reserve_late(self, key: Key) -> bool:
         """Directed, and the kernel answered another SPI than asked: reserve it now."""
         assert self.guard is not None
-        if not self.guard.reserve(*key):
-            return False
-        self._in_flight([key])
+        with self.book.lock:
+            if not self.guard.reserve(*key):
+                return False
+            self._in_flight([key])
         return True
 
     def _collided(self, i: int, spi: int, retry: list[int]) -> Generator[Op, object, bool]:

@@ -383,7 +383,7 @@ class Core:
             book.origin.update(((gdst, proto, r.spi), req) for r in reservations)
         book.stats.allocated += len(reservations)
         for i in sorted(run.late):
-            book.lost(reservation_from(req, spis[i], now))
+            book.lost(rules.lost_reservation(book, (req.gdst, int(req.proto), spis[i])))
         return reservations if strict else BatchResult(reservations, run.errors)
 
     def release_all(self, keys: list[rules.DelKey]) -> int:

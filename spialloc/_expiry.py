@@ -145,7 +145,7 @@ class ExpiryWatcher:
         if book.held and self._renew(key):
             return
         if rules.expired(book, key) is State.RESERVED:
-            book.lost(rules.lost_reservation(book, key, state))
+            book.lost(rules.lost_reservation(book, key))
         else:
             book.origin.pop(key, None)
 

@@ -18,8 +18,8 @@ batch is given its start times and asks for the larval lifetime as an op.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import random
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, Generic, Iterable, NamedTuple, Sequence, TypeVar, Union
@@ -31,7 +31,6 @@ from ._model import (
     Reservation,
     address_key,
     guard_dst,
-    guard_dst_address,
     pack_address,
     reservation_from,
 )
@@ -258,16 +257,21 @@ class Book:
     #: noted in ``died`` (the batch asks again) instead of going to on_lost.
     inflight: set[Key] = field(default_factory=set)
     died: set[Key] = field(default_factory=set)
+    #: Makes "reserve a batch's keys and put them in flight" one step for the
+    #: expiry watcher, which checks "in flight?" and expires under it too: in
+    #: between, a death would go to on_lost for a reservation never returned.
+    lock: threading.RLock = field(default_factory=threading.RLock)
 
     def won(self, req: Request, spi: int) -> Reservation:
         """A single allocation succeeded: count it, and hand it out."""
         self.stats.allocated += 1
         return reservation_from(req, spi)
 
-    def lost(self, r: Reservation) -> None:
-        """A reservation the caller holds lost its state: count it, tell on_lost."""
+    def lost(self, r: Reservation | None) -> None:
+        """A reserved tuple lost its state: count it, tell on_lost of the
+        reservation the caller holds (None: nobody was handed one)."""
         self.stats.lost += 1
-        if self.on_lost is not None:
+        if self.on_lost is not None and r is not None:
             try:
                 self.on_lost(r)
             except Exception as exc:  # a callback bug must not kill the watcher
@@ -443,11 +447,12 @@ def expired(book: Book, key: Key) -> State | None:
     A key of a running batch is noted for the batch instead."""
     guard = book.guard
     assert guard is not None
-    if key in book.inflight:
-        book.died.add(key)
-        guard.expire(*key)
-        return None
-    return guard.expire(*key)
+    with book.lock:
+        if key in book.inflight:
+            book.died.add(key)
+            guard.expire(*key)
+            return None
+        return guard.expire(*key)
 
 
 def renewable(book: Book, key: Key, now: float) -> Request | None:
@@ -462,21 +467,16 @@ def renewable(book: Book, key: Key, now: float) -> Request | None:
     return held[0]
 
 
-def lost_reservation(book: Book, key: Key, state: KernelState | None) -> Reservation:
-    """The reservation to report lost: as allocated when on_lost was set at
-    allocation time, else from the kernel's record of the state, else from the
-    tuple alone (dst, proto, spi) when the event itself was dropped."""
+def lost_reservation(book: Book, key: Key) -> Reservation | None:
+    """The reservation to report lost, as it was handed out; None if it was
+    not handed out while on_lost was set (``Book.note`` and batches keep the
+    request of each one they hand out then), e.g. a batch's state that died
+    before the caller got it: on_lost only reports reservations you hold."""
     origin = book.origin.pop(key, None)
-    if origin is not None:
-        return reservation_from(origin, key[2])
-    if state is not None:
-        return state.reservation()
-    dst = guard_dst_address(key[0])
-    src = ipaddress.ip_address(0) if dst.version == 4 else ipaddress.IPv6Address(0)
-    return Reservation(spi=key[2], dst=dst, src=src, proto=Proto(key[1]))
+    return None if origin is None else reservation_from(origin, key[2])
 
 
-def missing_from(book: Book, present: set[Key]) -> list[Reservation]:
+def missing_from(book: Book, present: set[Key]) -> list[Reservation | None]:
     """Reserved tuples whose state is not in the SAD died unseen: the
     reservations lost with them."""
     guard = book.guard
@@ -484,7 +484,7 @@ def missing_from(book: Book, present: set[Key]) -> list[Reservation]:
     lost = []
     for key in guard.reserved():
         if key not in present and expired(book, key) is State.RESERVED:
-            lost.append(lost_reservation(book, key, None))
+            lost.append(lost_reservation(book, key))
     return lost
 
 

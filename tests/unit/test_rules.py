@@ -18,7 +18,7 @@ import pytest
 
 from spialloc import _rules as rules
 from spialloc._batch import BatchRun
-from spialloc._model import KernelState, Request, build_request
+from spialloc._model import KernelState, Request, Reservation, build_request
 from spialloc.errors import ClosedError, DuplicateSpi, NetlinkError, SpiExhausted
 from spialloc.guard import Guard, State
 
@@ -87,7 +87,7 @@ class FakeKernel:
             n = len(self.expire_on_poll)
             for key in self.expire_on_poll:
                 if rules.expired(self.book, key) is State.RESERVED:
-                    self.book.lost(rules.lost_reservation(self.book, key, None))
+                    self.book.lost(rules.lost_reservation(self.book, key))
             self.expire_on_poll.clear()
             return n
         if isinstance(op, rules.SyncOp):
@@ -470,12 +470,26 @@ def test_renewable_only_while_held_and_reserved(book: rules.Book) -> None:
 
 def test_missing_from_reports_reserved_tuples_not_in_the_sad(book: rules.Book) -> None:
     k = FakeKernel(book)
-    rs = [single(book, k, req_for()) for _ in range(3)]
+    book.on_lost = lambda r: None  # the requests of reservations handed out are kept from now on
+    req = req_for()
+    rs = [book.note(req, single(book, k, req), None) for _ in range(3)]  # handed out, as Core does
     assert book.guard is not None
     book.guard.commit(*rs[2].key)
     lost = rules.missing_from(book, {rs[0].key})
-    assert [r.spi for r in lost] == [rs[1].spi]  # committed ones are not "lost"
+    assert [r.spi for r in lost if r] == [rs[1].spi]  # committed ones are not "lost"
     assert book.guard.is_lost(*rs[1].key)
+
+
+def test_on_lost_only_hears_of_reservations_handed_out(book: rules.Book) -> None:
+    """A reserved tuple nobody was handed (a batch's state that died before
+    the batch returned) is counted lost but never reported to on_lost."""
+    heard: list[Reservation] = []
+    book.on_lost = heard.append
+    req = req_for()
+    assert book.guard is not None and book.guard.reserve(req.gdst, req.proto, 0x4242)
+    (r,) = rules.missing_from(book, set())
+    book.lost(r)
+    assert r is None and heard == [] and book.stats.lost == 1
 
 
 def test_releasable_skips_lost_reservations(book: rules.Book) -> None:

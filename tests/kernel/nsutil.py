@@ -102,3 +102,26 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: f
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+#: For a child process's script: after the first chunk of its first engine
+#: call, print "running" and wait where the engine checks for interrupts
+#: between chunks.  A SIGINT sent on "running" then always lands mid-batch,
+#: however loaded the machine is (a fixed delay, or waiting for states to show
+#: up in a dump, lets a fast batch finish first).  Moments elsewhere in a
+#: batch: test_interrupt_at_random_moments_delivers_all_or_leaves_nothing.
+MID_BATCH_HOOK = r"""
+import time as _time
+from spialloc._kernel import Kernel as _Kernel
+_real_stop = _Kernel._stop_if_closing
+_chunks = [0]
+def _hook(self):
+    _chunks[0] += 1
+    if _chunks[0] == 1:
+        print("running", flush=True)
+        _deadline = _time.monotonic() + 60
+        while _time.monotonic() < _deadline:
+            _time.sleep(0.01)
+    _real_stop(self)
+_Kernel._stop_if_closing = _hook
+"""

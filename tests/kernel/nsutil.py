@@ -111,7 +111,11 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: f
 #: up in a dump, lets a fast batch finish first).  Moments elsewhere in a
 #: batch: test_interrupt_at_random_moments_delivers_all_or_leaves_nothing.
 MID_BATCH_HOOK = r"""
+import signal as _signal
 import time as _time
+# A shell starts background jobs with SIGINT ignored, and Python then keeps
+# it ignored: the child must raise KeyboardInterrupt however it was started.
+_signal.signal(_signal.SIGINT, _signal.default_int_handler)
 from spialloc._kernel import Kernel as _Kernel
 _real_stop = _Kernel._stop_if_closing
 _chunks = [0]

@@ -156,8 +156,9 @@ class BatchRun:
     def _round(self, asked: list[int]) -> Generator[Op, object, tuple[list[int], int]]:
         """One engine call and its booking: (indices to ask again, directed misses)."""
         cands = self.cands if self.directed else None
+        self.box: list[tuple[Sequence[int], Sequence[int]] | None] = [None]
         self.in_round = (asked, None, self.cands)
-        res = yield RoundOp(self.req, len(asked), cands, self.since, self.chunk)
+        res = yield RoundOp(self.req, len(asked), cands, self.since, self.chunk, self.box)
         assert isinstance(res, RoundResult)
         self.in_round = (asked, res, self.cands)
         self.refused = errno.ENOENT in res.errs  # leaves an SPI-0 larval state, unless reused later
@@ -335,8 +336,10 @@ class BatchRun:
         doomed = {self.spis[i] for i in self.owned}
         if self.in_round is not None:
             _, res, cands = self.in_round
-            if res is not None:
-                doomed.update(g for g, e in zip(res.got, res.errs, strict=True) if e == 0)
+            # Interrupted before the plan had the round's result: the kernel side boxed it.
+            got_errs = (res.got, res.errs) if res is not None else self.box[0]
+            if got_errs is not None:
+                doomed.update(g for g, e in zip(*got_errs, strict=True) if e == 0)
             if self.guard is not None:
                 for c in cands:
                     if (req.gdst, self.proto, c) not in self.holder:

@@ -101,11 +101,13 @@ def _alloc_once(args: BatchArgs) -> Result:
     _check_init(lib.spialloc_batch_init_allocspi(b), "alloc_batch")
     try:
         _run(b, check_interrupt)
+        # Inside the try: an interrupt while the result is made still
+        # hands the caller what the kernel allocated.
+        result = spis.tolist(), errs.tolist(), ffi.string(b.errmsg).decode("utf-8", "replace") or None, b.overruns
     except BaseException as exc:
         exc.spialloc_partial = (spis.tolist(), errs.tolist())  # type: ignore[attr-defined]
         raise
-    text = ffi.string(b.errmsg).decode("utf-8", "replace") or None
-    return spis.tolist(), errs.tolist(), text, b.overruns
+    return result
 
 
 alloc_batch = engine_entry(_alloc_once)

@@ -251,7 +251,7 @@ class Core:
             k.claim_stray(op.req)
             return None
         if isinstance(op, rules.RoundOp):
-            return k.round(op.req, op.n, op.cands, op.since, op.chunk)
+            return k.round(op.req, op.n, op.cands, op.since, op.chunk, op.box)
         if isinstance(op, rules.RecoverOp):
             return k.recover_lost(op)
         if isinstance(op, rules.PresentOp):
@@ -272,7 +272,14 @@ class Core:
             except BaseException as exc:
                 step.throw(exc)
             else:
-                step.send(result)
+                try:
+                    step.send(result)
+                except BaseException as exc:
+                    if not step.suspended():
+                        raise  # the plan's own exception
+                    # An interrupt (Ctrl-C) between the op and the plan: the
+                    # plan cleans up as for an exception of the op itself.
+                    step.throw(exc)
         return step.value
 
     def poll(self) -> int:

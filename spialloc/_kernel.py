@@ -150,7 +150,15 @@ class Kernel:
         except SpiallocError:
             pass  # nothing free at all: it expires on its own
 
-    def round(self, req: Request, n: int, cands: list[int] | None, since: float, chunk: int) -> RoundResult:
+    def round(
+        self,
+        req: Request,
+        n: int,
+        cands: list[int] | None,
+        since: float,
+        chunk: int,
+        box: list[tuple[Sequence[int], Sequence[int]] | None] | None = None,
+    ) -> RoundResult:
         """One engine call for ``n`` requests (exact SPIs when ``cands``).  If
         it is interrupted, what the kernel allocated is deleted first."""
         ranges = None if cands is None else (array.array("I", cands), array.array("I", cands))
@@ -162,6 +170,8 @@ class Kernel:
                 got, errs, text, overruns = self.engine.alloc_batch(
                     sock.sock, sock.portid, req.template, n, seq0, ranges, window, self._stop_if_closing
                 )
+                if box is not None:
+                    box[0] = (got, errs)  # no call since the engine returned
             except BaseException as exc:
                 self._abandon_round(req, getattr(exc, "spialloc_partial", None), since, cands)
                 raise

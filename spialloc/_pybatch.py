@@ -225,31 +225,38 @@ def restart_interrupted(once: AllocOnce, args: BatchArgs) -> Result:
     sequence numbers from ``seq0`` on: every reply of the previous round was
     read or dropped inside its sendmsg, none can arrive late."""
     spis, errs, text, overruns = once(args)
-    ranges = args.ranges
-    again = [i for i, e in enumerate(errs) if e == ERESTARTSYS]
-    stalled = 0
-    while again and stalled < MAX_RESTARTS:
-        sub = None
-        if ranges is not None:
-            sub = (array.array("I", [ranges[0][i] for i in again]), array.array("I", [ranges[1][i] for i in again]))
-        try:
-            s2, e2, t2, o2 = once(args._replace(n=len(again), ranges=sub))
-        except BaseException as exc:
-            partial = getattr(exc, "spialloc_partial", None)
-            if partial is not None:
-                for j, i in enumerate(again):
-                    if partial[1][j] != PENDING:  # PENDING: not re-sent, ERESTARTSYS stands
-                        spis[i], errs[i] = partial[0][j], partial[1][j]
-                exc.spialloc_partial = (spis, errs)  # type: ignore[attr-defined]
-            raise
-        for j, i in enumerate(again):
-            spis[i], errs[i] = s2[j], e2[j]
-        overruns += o2
-        if text is None:
-            text = t2
-        left = [i for i in again if errs[i] == ERESTARTSYS]
-        stalled = stalled + 1 if len(left) == len(again) else 0
-        again = left
+    try:
+        ranges = args.ranges
+        again = [i for i, e in enumerate(errs) if e == ERESTARTSYS]
+        stalled = 0
+        while again and stalled < MAX_RESTARTS:
+            sub = None
+            if ranges is not None:
+                sub = (array.array("I", [ranges[0][i] for i in again]), array.array("I", [ranges[1][i] for i in again]))
+            try:
+                s2, e2, t2, o2 = once(args._replace(n=len(again), ranges=sub))
+            except BaseException as exc:
+                partial = getattr(exc, "spialloc_partial", None)
+                if partial is not None:
+                    for j, i in enumerate(again):
+                        if partial[1][j] != PENDING:  # PENDING: not re-sent, ERESTARTSYS stands
+                            spis[i], errs[i] = partial[0][j], partial[1][j]
+                    exc.spialloc_partial = (spis, errs)  # type: ignore[attr-defined]
+                raise
+            for j, i in enumerate(again):
+                spis[i], errs[i] = s2[j], e2[j]
+            overruns += o2
+            if text is None:
+                text = t2
+            left = [i for i in again if errs[i] == ERESTARTSYS]
+            stalled = stalled + 1 if len(left) == len(again) else 0
+            again = left
+    except BaseException as exc:
+        # Interrupted between engine calls: the caller must still learn
+        # what the kernel allocated, to release it.
+        if not hasattr(exc, "spialloc_partial"):
+            exc.spialloc_partial = (spis, errs)  # type: ignore[attr-defined]
+        raise
     return spis, errs, text, overruns
 
 

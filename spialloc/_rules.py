@@ -18,6 +18,7 @@ batch is given its start times and asks for the larval lifetime as an op.
 from __future__ import annotations
 
 import errno
+import inspect
 import random
 import threading
 import warnings
@@ -104,6 +105,10 @@ class RoundOp(NamedTuple):
     cands: list[int] | None
     since: float
     chunk: int
+    #: Filled by the kernel side with (got, errs) the moment the engine
+    #: returns, before anything can be interrupted: an interrupt between
+    #: there and the plan resuming still finds the round's states.
+    box: list[tuple[Sequence[int], Sequence[int]] | None] | None = None
 
 
 class RecoverOp(NamedTuple):
@@ -205,6 +210,10 @@ class Stepper(Generic[T]):
 
     def send(self, result: object) -> None:
         self._advance(self._plan.send, result)
+
+    def suspended(self) -> bool:
+        """The plan waits at a yield (not finished, not running)."""
+        return not self.done and inspect.getgeneratorstate(self._plan) == inspect.GEN_SUSPENDED
 
     def throw(self, exc: BaseException) -> None:
         self._advance(self._plan.throw, exc)

@@ -595,12 +595,14 @@ del g, rs
 tracemalloc.start()
 base = tracemalloc.get_traced_memory()[0]
 g = Guard()
-for s in spis:
-    g.reserve(dst, proto, s)
-guard_bytes = tracemalloc.get_traced_memory()[0] - base
+tokens = [g.reserve(dst, proto, s) for s in spis]
+guard_bytes = tracemalloc.get_traced_memory()[0] - base - sys.getsizeof(tokens)  # the tokens go to the reservations
 assert len(g) == n
 base = tracemalloc.get_traced_memory()[0]
-rs = [reservation_from(req, s) for s in spis]
+try:  # each reservation holds its token (an int object of its own)
+    rs = [reservation_from(req, s, None, t) for s, t in zip(spis, tokens)]
+except TypeError:  # a version without tokens
+    rs = [reservation_from(req, s) for s in spis]
 res_bytes = tracemalloc.get_traced_memory()[0] - base
 tracemalloc.stop()
 print(json.dumps({

@@ -73,6 +73,7 @@ class BatchRun:
         self.owned: dict[int, Key] = {}  # index -> guard key
         self.holder: dict[Key, int] = {}  # guard key -> index
         self.keys: set[Key] = set()  # every key this batch put in flight
+        self.tokens: dict[Key, int] = {}  # the guard's token of each key this batch reserved
         self.why: dict[int, SpiallocError] = {}  # why an index is being asked again
         self.directed = is_directed(book, req)
         self.resynced = False
@@ -134,13 +135,15 @@ class BatchRun:
             self.cands: list[int] = []
             return pending
         req = self.req
-        cands = take_candidates(self.book, req, len(pending))
+        picked = take_candidates(self.book, req, len(pending))
+        cands = [c for c, _ in picked]
         if len(cands) < len(pending) and not self.resynced and self.guard is not None and self.guard.stats.foreign:
             self.resynced = True  # foreign marks may be stale: look again once
             for c in cands:
-                self.guard.release(req.gdst, self.proto, c)
+                self._unreserve((req.gdst, self.proto, c))
             yield SyncOp()
             return None
+        self.tokens.update(((req.gdst, self.proto, c), t) for c, t in picked)
         self._in_flight([(req.gdst, self.proto, c) for c in cands])
         for i in pending[len(cands) :]:
             self.errors[i] = all_outstanding(req)
@@ -193,9 +196,13 @@ class BatchRun:
             return []
         succ = [j for j, e in enumerate(res.errs) if e == 0]
         ok = [False] * len(res.errs)
-        held = self.guard.reserve_many_trusted(self.req.gdst, self.proto, [res.got[j] for j in succ])
-        for j, o in zip(succ, held, strict=True):
-            ok[j] = o
+        gdst, proto, got = self.req.gdst, self.proto, res.got
+        held = self.guard.reserve_many_trusted(gdst, proto, [got[j] for j in succ], self.book.owner)
+        tokens = self.tokens
+        for j, t in zip(succ, held, strict=True):
+            if t:
+                ok[j] = True
+                tokens[(gdst, proto, got[j])] = t
         return ok
 
     def _clean(self, res: RoundResult, ok: list[bool]) -> bool:
@@ -212,6 +219,13 @@ class BatchRun:
         self.holder.update(zip(ks, asked, strict=True))
         for i, spi in zip(asked, got, strict=True):
             self.spis[i] = spi
+
+    def _unreserve(self, key: Key) -> None:
+        """Free this batch's own reservation of ``key`` (by its token: once
+        it died, the tuple may be another reservation's)."""
+        token = self.tokens.pop(key, 0)
+        if self.guard is not None and token:
+            self.guard.release(*key, token)
 
     def _own(self, i: int, key: Key) -> None:
         self.owned[i] = key
@@ -238,7 +252,7 @@ class BatchRun:
                     misses += 1
                     retry.append(i)
                     continue
-                guard.release(req.gdst, self.proto, c)
+                self._unreserve((req.gdst, self.proto, c))
             if e == 0:
                 key = (req.gdst, self.proto, spi)
                 if guard is not None and not (ok[j] if ok else self._reserve_late(key)):
@@ -262,8 +276,10 @@ class BatchRun:
         """Directed, and the kernel answered another SPI than asked: reserve it now."""
         assert self.guard is not None
         with self.book.lock:
-            if not self.guard.reserve(*key):
+            token = self.guard.reserve_trusted(*key, self.book.owner)
+            if not token:
                 return False
+            self.tokens[key] = token
             self._in_flight([key])
         return True
 
@@ -276,9 +292,13 @@ class BatchRun:
         self.book.stats.collisions += 1
         yield PollOp()  # the EXPIRE is queued before the kernel can hand the SPI out again
         retry.extend(self.reap())
-        if guard.reserve(req.gdst, self.proto, spi):
-            self._in_flight([(req.gdst, self.proto, spi)])  # the death just seen was its holder's
-            return True
+        key = (req.gdst, self.proto, spi)
+        with self.book.lock:
+            token = guard.reserve_trusted(*key, self.book.owner)
+            if token:
+                self.tokens[key] = token
+                self._in_flight([key])  # the death just seen was its holder's
+                return True
         yield DeleteOp(req.daddr, spi, req.family, self.proto, req.mark)
         self.why[i] = DuplicateSpi(f"the kernel kept returning outstanding SPIs (last {spi:#010x})")
         retry.append(i)
@@ -292,8 +312,7 @@ class BatchRun:
             i = self.holder.pop(key)
             self.owned.pop(i, None)
             self.book.died.discard(key)
-            if self.guard is not None:
-                self.guard.release(*key)  # expired by the watcher already; make sure
+            self._unreserve(key)  # expired by the watcher already; make sure
             self.spis[i] = 0
             dead.append(i)
         self.book.stats.expired_in_batch += len(dead)
@@ -319,8 +338,7 @@ class BatchRun:
                 key = self.owned.pop(i)
                 if self.holder.get(key) == i:
                     del self.holder[key]
-                    if self.guard is not None:
-                        self.guard.release(*key)
+                    self._unreserve(key)
                 self.spis[i] = 0
                 self.book.stats.expired_in_batch += 1
             dead.extend(sorted(set(missing)))
@@ -343,7 +361,7 @@ class BatchRun:
             if self.guard is not None:
                 for c in cands:
                     if (req.gdst, self.proto, c) not in self.holder:
-                        self.guard.release(req.gdst, self.proto, c)
+                        self._unreserve((req.gdst, self.proto, c))
         return [(req.daddr, spi, req.family, self.proto, req.mark) for spi in doomed if spi]
 
     def dead(self) -> set[int]:

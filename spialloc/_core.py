@@ -36,14 +36,14 @@ from ._model import (
     build_request,
     check_int,
     pack_address,
-    parse_address,
+    parse_dst,
     parse_mark,
     parse_proto,
     parse_range,
     reservation_from,
 )
 from ._netns import Namespace, NetnsSpec
-from .errors import BatchError, ClosedError, ForkedError, InvalidRequest, SpiallocError
+from .errors import BatchError, ClosedError, ForkedError, InvalidRequest, ReservationLost, SpiallocError
 from .guard import Guard
 from .ha import Partition
 
@@ -266,21 +266,30 @@ class Core:
         """Run a plan to its end: each op's result is sent back in, each
         op's exception thrown in (the plan cleans up and re-raises)."""
         step = rules.Stepper(plan)
-        while not step.done:
+        pending: BaseException | None = None
+        while True:
             try:
-                result = self.execute(step.op)
-            except BaseException as exc:
-                step.throw(exc)
-            else:
-                try:
+                while not step.done:
+                    if pending is not None:
+                        exc, pending = pending, None
+                        step.throw(exc)
+                        continue
+                    try:
+                        result = self.execute(step.op)
+                    except BaseException as exc:
+                        pending = exc
+                        continue
                     step.send(result)
-                except BaseException as exc:
-                    if not step.suspended():
-                        raise  # the plan's own exception
-                    # An interrupt (Ctrl-C) between the op and the plan: the
-                    # plan cleans up as for an exception of the op itself.
-                    step.throw(exc)
-        return step.value
+                return step.value
+            except BaseException as exc:
+                if not step.suspended():
+                    raise  # the plan's own exception, or it has finished
+                # An interrupt (Ctrl-C, a timer's exception) that landed in
+                # this loop, wherever, while the plan waits at a yield: the
+                # plan cleans up as for an exception of its op.  Leaving
+                # instead would drop a suspended plan, whose states then
+                # belong to nobody.
+                pending = exc
 
     def poll(self) -> int:
         """Process queued EXPIRE events now (the watcher thread does it too)."""
@@ -293,8 +302,7 @@ class Core:
             return 0
         states = self.kernel.dump_states()
         foreign = rules.seed_foreign(book, states)
-        for r in rules.missing_from(book, rules.state_keys(states)):
-            book.lost(r)
+        rules.missing_from(book, rules.state_keys(states))
         return foreign
 
     def purge(self, reqid: object, mark: MarkSpec, if_id: object) -> int:
@@ -383,14 +391,19 @@ class Core:
         run.hand_over()
         now = time.time()
         spis = run.spis
-        reservations = [reservation_from(req, spis[i], now) for i in run.good()]
         book = self.book
-        if book.on_lost is not None and book.guard is not None:
-            gdst, proto = req.gdst, int(req.proto)
-            book.origin.update(((gdst, proto, r.spi), req) for r in reservations)
+        gdst, proto = req.gdst, int(req.proto)
+        if book.guard is None:
+            reservations = [reservation_from(req, spis[i], now) for i in run.good()]
+        else:
+            tokens = run.tokens
+            reservations = [reservation_from(req, spis[i], now, tokens[(gdst, proto, spis[i])]) for i in run.good()]
+            if book.on_lost is not None:
+                book.origin.update(((gdst, proto, r.spi), (req, r.token)) for r in reservations)
         book.stats.allocated += len(reservations)
         for i in sorted(run.late):
-            book.lost(rules.lost_reservation(book, (req.gdst, int(req.proto), spis[i])))
+            key = (gdst, proto, spis[i])
+            book.lost(rules.lost_reservation(book, key, run.tokens.get(key, 0)))
         return reservations if strict else BatchResult(reservations, run.errors)
 
     def release_all(self, keys: list[rules.DelKey]) -> int:
@@ -421,21 +434,46 @@ class Core:
         else:
             raise InvalidRequest(f"release takes a Reservation or an iterable of them, got {reservations!r}")
         keys = [_release_key(r) for r in items]  # all validated before any syscall
-        return self.release_keys(rules.releasable(self.book, keys))
+        book = self.book
+        if book.guard is None:
+            return self.release_keys(keys)
+        self.check_issued(items)
+        # Deaths already queued first: a state that died has no EXPIRE left to
+        # come, and its SPI may be another allocator's state by now.
+        self.poll()
+        stale = rules.stale(book, items)
+        if stale:
+            raise ReservationLost(
+                f"{len(stale)} of {len(items)} reservations are not current (their state expired, or they "
+                f"were released; the SPI may be another's now), e.g. {stale[0]}: nothing was released",
+                stale,
+            )
+        return self.release_keys(keys, [r.token for r in items])
 
-    def release_keys(self, keys: list[rules.DelKey]) -> int:
+    def release_keys(self, keys: list[rules.DelKey], tokens: list[int] | None = None) -> int:
         deleted = self.kernel.delete_all(keys)
-        rules.forget(self.book, keys)
+        rules.forget(self.book, keys, tokens)
         self.book.stats.released += deleted
         return deleted
+
+    def check_issued(self, items: Iterable[Reservation]) -> None:
+        """Refuse a reservation this allocator did not hand out (another
+        allocator's, unpickled, built by hand): its state is not ours to touch."""
+        for r in items:
+            if not self.book.issued(r):
+                raise InvalidRequest(
+                    f"{r} (token {r.token!r}) was not issued by this {self.what}: release or commit "
+                    "it with the allocator that allocated it"
+                )
 
     def commit(self, reservation: Reservation) -> None:
         if not isinstance(reservation, Reservation):
             raise InvalidRequest(f"commit takes a Reservation, got {reservation!r}")
         if self.book.guard is None:
             return
+        self.check_issued([reservation])
         self.poll()
-        rules.committed(self.book, reservation.key)
+        rules.committed(self.book, reservation)
 
 
 def check_callback(on_lost: object) -> None:
@@ -457,7 +495,7 @@ def _release_key(r: object) -> rules.DelKey:
     """The DELSA key of a reservation, validated."""
     if not isinstance(r, Reservation):
         raise InvalidRequest(f"release takes Reservations, got {r!r}")
-    dst = parse_address("dst", r.dst)
+    dst = parse_dst(r.dst)
     proto = int(parse_proto(r.proto))
     spi = check_int("spi", r.spi, 0, 0xFFFFFFFF)
     family = w.AF_INET if dst.version == 4 else w.AF_INET6

@@ -28,7 +28,6 @@ from ._model import KernelState, address_key
 from ._netlink import XfrmSocket
 from ._netns import Namespace
 from .errors import DecodeError, SpiallocError, out_of_fds
-from .guard import State
 from .monitor import Expire, decode_event
 
 EXPIRE_GROUP = 1 << (w.XFRMNLGRP_EXPIRE - 1)
@@ -140,28 +139,26 @@ class ExpiryWatcher:
         return handled
 
     def died(self, key: rules.Key, state: KernelState | None) -> None:
-        """One state is gone: renew it if held, else free it and report a loss."""
-        book = self.book
-        if book.held and self._renew(key):
+        """One state is gone: renew it if held, else free it and report a loss
+        (to the allocator that issued the reservation)."""
+        if self._renew(key):
             return
-        if rules.expired(book, key) is State.RESERVED:
-            book.lost(rules.lost_reservation(book, key))
-        else:
-            book.origin.pop(key, None)
+        rules.died(self.book, key)
 
     def _renew(self, key: rules.Key) -> bool:
         """A held reservation's larval state expired: allocate its SPI again.
         The guard keeps the tuple reserved meanwhile, so no thread of ours
         can take it; another process could, and then it is lost after all."""
-        req = rules.renewable(self.book, key, time.monotonic())
-        if req is None:
+        found = rules.renewable(self.book, key, time.monotonic())
+        if found is None:
             return False
+        owner, req = found
         try:
             self.kernel.alloc_one(req, key[2], key[2])
         except SpiallocError:
-            self.book.held.pop(key, None)
+            owner.held.pop(key, None)
             return False
-        self.book.stats.renewed += 1
+        owner.stats.renewed += 1
         return True
 
     def resync(self) -> None:
@@ -169,9 +166,7 @@ class ExpiryWatcher:
         that is no longer in the SAD has died unseen."""
         if self.book.guard is None:
             return
-        present = rules.state_keys(self.kernel.dump_states())
-        for r in rules.missing_from(self.book, present):
-            self.book.lost(r)
+        rules.missing_from(self.book, rules.state_keys(self.kernel.dump_states()))
 
 
 def _watch(ref: weakref.ref[ExpiryWatcher], sel: selectors.BaseSelector, wake_fd: int) -> None:

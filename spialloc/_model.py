@@ -128,6 +128,21 @@ def parse_address(name: str, value: object) -> IPAddress:
     raise InvalidRequest(f"{name}={value!r} is not an IPv4 or IPv6 address")
 
 
+def parse_dst(value: object) -> IPAddress:
+    """A destination, refusing IPv4-mapped IPv6 ones: the kernel keeps
+    ``::ffff:192.0.2.1`` (AF_INET6) and ``192.0.2.1`` (AF_INET) as two states,
+    but the guard keys IPv4 in the mapped form, so the two would share (and
+    free) one guard entry.  Refused rather than keyed apart: no IPsec peer is
+    reached through a mapped address."""
+    addr = parse_address("dst", value)
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        raise InvalidRequest(
+            f"dst={value!r} is an IPv4-mapped IPv6 address: use the IPv4 address {addr.ipv4_mapped} "
+            "(the kernel keeps the two as different states)"
+        )
+    return addr
+
+
 def parse_mark(mark: MarkSpec) -> tuple[int, int] | None:
     if mark is None:
         return None
@@ -291,7 +306,7 @@ def build_request(
     allow_reserved: bool = False,
 ) -> Request:
     """Validate everything ALLOCSPI takes; raise InvalidRequest naming the bad value."""
-    dst_a = parse_address("dst", dst)
+    dst_a = parse_dst(dst)
     if src is None:
         src_a: IPAddress = ipaddress.ip_address(0) if dst_a.version == 4 else ipaddress.IPv6Address(0)
     else:
@@ -334,6 +349,12 @@ class Reservation:
     ``spi`` is in host order.  Hand ``spi`` to your peer and install the SA
     with UPDSA using the same dst, proto, mark and direction; then call
     ``Allocator.commit(reservation)`` so the guard knows it is in use.
+
+    ``token`` makes it this one reservation: the guard of the allocator that
+    issued it keeps the token of the reservation current for its tuple, and
+    ``commit``/``release`` refuse a handle that is not current (its state
+    expired and the SPI was handed out again, or it was released) or was
+    not issued by that allocator.  0 for an allocator without a guard.
     """
 
     spi: int
@@ -347,6 +368,7 @@ class Reservation:
     direction: Direction | None = None
     seq: int = 0
     allocated_at: float = field(default_factory=time.time, compare=False)
+    token: int = 0
 
     @property
     def family(self) -> int:
@@ -366,12 +388,12 @@ class Reservation:
 # in a third of the time.  Used for the objects the library itself makes from
 # validated requests; user code still goes through __init__.
 _new = object.__new__
-(_s_spi, _s_dst, _s_src, _s_proto, _s_mode, _s_reqid, _s_mark, _s_if_id, _s_dir, _s_seq, _s_at) = (
+(_s_spi, _s_dst, _s_src, _s_proto, _s_mode, _s_reqid, _s_mark, _s_if_id, _s_dir, _s_seq, _s_at, _s_tok) = (
     Reservation.__dict__[f.name].__set__ for f in dataclasses.fields(Reservation)
 )
 
 
-def reservation_from(req: Request, spi: int, now: float | None = None) -> Reservation:
+def reservation_from(req: Request, spi: int, now: float | None = None, token: int = 0) -> Reservation:
     r = _new(Reservation)
     _s_spi(r, spi)
     _s_dst(r, req.dst)
@@ -384,6 +406,7 @@ def reservation_from(req: Request, spi: int, now: float | None = None) -> Reserv
     _s_dir(r, req.direction)
     _s_seq(r, req.seq)
     _s_at(r, time.time() if now is None else now)
+    _s_tok(r, token)
     return r
 
 
@@ -432,6 +455,9 @@ class KernelState:
         )
 
     def reservation(self) -> Reservation:
+        """A handle for this state, with no identity (token 0): what an
+        allocator without a guard releases by key; a guarded allocator
+        refuses it (it did not issue it)."""
         proto = self.proto if isinstance(self.proto, Proto) else Proto(self.proto)
         return Reservation(
             spi=self.spi,

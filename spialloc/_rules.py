@@ -22,6 +22,7 @@ import inspect
 import random
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, Generic, Iterable, NamedTuple, Sequence, TypeVar, Union
 
@@ -39,7 +40,7 @@ from .errors import (
     DuplicateSpi,
     SpiExhausted,
 )
-from .guard import Guard, State
+from .guard import OWNER_MASK, Guard, State, owner_of
 
 T = TypeVar("T")
 #: (guard dst key, proto, spi): one tuple the guard tracks.
@@ -247,6 +248,33 @@ class AllocatorStats:
     expired_in_batch: int = 0  # states that died before their batch ended (asked again)
 
 
+#: Every open allocator's Book by owner id: a guard entry's token names the
+#: owner that reserved it, so a death seen by any allocator sharing the guard
+#: is booked, and reported, to the one that issued the reservation.
+_BOOKS: weakref.WeakValueDictionary[int, Book] = weakref.WeakValueDictionary()
+_owners_lock = threading.Lock()
+#: Random ids, not a count from 1: a handle from another process (pickled)
+#: then names an owner here only by a 1 in 2**20 chance, and is refused.
+_owner_rng = random.SystemRandom()
+
+
+def _new_owner(book: Book) -> int:
+    with _owners_lock:
+        if len(_BOOKS) >= OWNER_MASK // 2:
+            raise RuntimeError(f"more than {OWNER_MASK // 2} allocators open in one process")
+        while True:
+            owner = _owner_rng.getrandbits(20)
+            if owner and owner not in _BOOKS:
+                _BOOKS[owner] = book
+                return owner
+
+
+def book_of(token: int) -> Book | None:
+    """The Book of the allocator that issued a token, if it is still open."""
+    owner = owner_of(token)
+    return _BOOKS.get(owner) if owner else None
+
+
 @dataclass(eq=False)
 class Book:
     """One allocator's bookkeeping: its guard and what the guard alone does
@@ -257,11 +285,13 @@ class Book:
     on_lost: Callable[[Reservation], None] | None = None
     stats: AllocatorStats = field(default_factory=AllocatorStats)
     rng: random.Random = field(default_factory=random.Random)
-    #: Held reservations: the request to make their state again, and until when.
-    held: dict[Key, tuple[Request, float]] = field(default_factory=dict)
-    #: With on_lost set: the request of each reserved tuple, so a loss found
-    #: by a resync (events dropped) reports the reservation as allocated.
-    origin: dict[Key, Request] = field(default_factory=dict)
+    #: Held reservations: the request to make their state again, until when,
+    #: and the token of the reservation held.
+    held: dict[Key, tuple[Request, float, int]] = field(default_factory=dict)
+    #: With on_lost set: the request and token of each reservation handed
+    #: out, so a loss found by a resync (events dropped) reports the
+    #: reservation as the caller holds it.
+    origin: dict[Key, tuple[Request, int]] = field(default_factory=dict)
     #: Keys of running batches, not yet seen by the caller: their deaths are
     #: noted in ``died`` (the batch asks again) instead of going to on_lost.
     inflight: set[Key] = field(default_factory=set)
@@ -270,11 +300,16 @@ class Book:
     #: expiry watcher, which checks "in flight?" and expires under it too: in
     #: between, a death would go to on_lost for a reservation never returned.
     lock: threading.RLock = field(default_factory=threading.RLock)
+    #: This allocator's id in the tokens it issues (see ``book_of``).
+    owner: int = 0
 
-    def won(self, req: Request, spi: int) -> Reservation:
+    def __post_init__(self) -> None:
+        self.owner = _new_owner(self)
+
+    def won(self, req: Request, spi: int, token: int) -> Reservation:
         """A single allocation succeeded: count it, and hand it out."""
         self.stats.allocated += 1
-        return reservation_from(req, spi)
+        return reservation_from(req, spi, token=token)
 
     def lost(self, r: Reservation | None) -> None:
         """A reserved tuple lost its state: count it, tell on_lost of the
@@ -290,10 +325,14 @@ class Book:
         """Remember what on_lost and hold renewal need of a guarded reservation."""
         key = (req.gdst, int(req.proto), r.spi)
         if self.on_lost is not None:
-            self.origin[key] = req
+            self.origin[key] = (req, r.token)
         if hold_until is not None:
-            self.held[key] = (req.with_seq(0), hold_until)
+            self.held[key] = (req.with_seq(0), hold_until, r.token)
         return r
+
+    def issued(self, r: Reservation) -> bool:
+        """Whether this allocator handed ``r`` out (its token names us)."""
+        return type(r.token) is int and r.token > 0 and owner_of(r.token) == self.owner
 
 
 def is_directed(book: Book, req: Request) -> bool:
@@ -318,17 +357,12 @@ def all_outstanding(req: Request) -> SpiExhausted:
     )
 
 
-def take_candidates(book: Book, req: Request, n: int) -> list[int]:
-    """Up to ``n`` free values of ``req``'s range, reserved in the guard."""
+def take_candidates(book: Book, req: Request, n: int) -> list[tuple[int, int]]:
+    """Up to ``n`` free values of ``req``'s range, reserved in the guard, as
+    (spi, token)."""
     guard = book.guard
     assert guard is not None
-    out: list[int] = []
-    for _ in range(n):
-        c = guard.reserve_free(req.gdst, req.proto, req.spi_min, req.spi_max, book.rng)
-        if c is None:
-            break
-        out.append(c)
-    return out
+    return guard.reserve_free_many(req.gdst, req.proto, req.spi_min, req.spi_max, n, book.rng, owner=book.owner)
 
 
 def refused_pick(book: Book, req: Request, cand: int) -> None:
@@ -370,7 +404,9 @@ class _Single:
         """A free value, reserved; one resync when foreign marks may be stale."""
         req = self.req
         while True:
-            cand = self.guard.reserve_free(req.gdst, req.proto, req.spi_min, req.spi_max, self.book.rng)
+            cand = self.guard.reserve_free(
+                req.gdst, req.proto, req.spi_min, req.spi_max, self.book.rng, owner=self.book.owner
+            )
             if cand is not None:
                 return cand
             if not self.resynced and self.guard.stats.foreign:
@@ -417,21 +453,24 @@ def single_plan(book: Book, req: Request, first: int | None = None) -> Plan:
     """
     s = _Single(book, req)
     guard = s.guard
+    owner = book.owner
     spi = first
     while True:
         if spi is None:
             spi, cand = yield from s.ask()
             if cand is not None:
                 if spi == cand:
-                    return book.won(s.req, spi)  # reserved when picked
+                    return book.won(s.req, spi, guard.token(s.req.gdst, s.req.proto, spi))  # reserved when picked
                 guard.release(s.req.gdst, s.req.proto, cand)
-            if guard.reserve(s.req.gdst, s.req.proto, spi):
-                return book.won(s.req, spi)
+            token = guard.reserve_trusted(s.req.gdst, s.req.proto, spi, owner)
+            if token:
+                return book.won(s.req, spi, token)
             book.stats.collisions += 1
         # A collision: the kernel returned an SPI that is still out.
         yield PollOp()  # maybe its holder's state just expired
-        if guard.reserve(s.req.gdst, s.req.proto, spi):
-            return book.won(s.req, spi)
+        token = guard.reserve_trusted(s.req.gdst, s.req.proto, spi, owner)
+        if token:
+            return book.won(s.req, spi, token)
         if may_delete_duplicate(book, s.req, spi):
             yield DeleteOp(s.req.daddr, spi, s.req.family, s.req.proto, s.req.mark)
         s.retries += 1
@@ -450,51 +489,80 @@ def single_plan(book: Book, req: Request, first: int | None = None) -> Plan:
 # --- what the kernel's events and dumps mean -----------------------------------------------
 
 
-def expired(book: Book, key: Key) -> State | None:
-    """A state died (EXPIRE, or missing from a dump): free its tuple.  Returns
-    the state it had in the guard; RESERVED means a reservation was lost.
-    A key of a running batch is noted for the batch instead."""
+def owner_book(book: Book, key: Key) -> tuple[Book, int]:
+    """The Book of the allocator whose reservation holds ``key`` (``book``
+    itself when the holder is not an open allocator), and its token."""
+    assert book.guard is not None
+    token = book.guard.token(*key)
+    return (book_of(token) or book), token
+
+
+def expired(book: Book, key: Key) -> tuple[Book, State, int] | None:
+    """A state died (EXPIRE, or missing from a dump): free its tuple.
+    Returns the Book of the allocator whose reservation it was (with a
+    shared guard, not necessarily ``book``, whose watcher saw it), the state
+    it had in the guard (RESERVED: a reservation was lost) and its token.
+    A key of a running batch is noted for the batch instead (None)."""
     guard = book.guard
     assert guard is not None
-    with book.lock:
-        if key in book.inflight:
-            book.died.add(key)
-            guard.expire(*key)
+    owner, token = owner_book(book, key)
+    with owner.lock:
+        # By token: if the entry changed since (released and reserved again),
+        # the new reservation has a new state, which did not die.
+        found = guard.expire_entry(*key, token=token)
+        if key in owner.inflight:
+            owner.died.add(key)
             return None
-        return guard.expire(*key)
+    return None if found is None else (owner, found[0], found[1])
 
 
-def renewable(book: Book, key: Key, now: float) -> Request | None:
-    """A held reservation's state expired: the request to make it again
-    (same SPI), or None when the hold ran out or it is not ours any more."""
-    held = book.held.pop(key, None)
-    if held is None or now >= held[1] or book.guard is None:
+def died(book: Book, key: Key) -> None:
+    """A state died: free its tuple; a reservation lost goes to its issuer's on_lost."""
+    gone = expired(book, key)
+    if gone is None:
+        return
+    owner, state, token = gone
+    if state is State.RESERVED:
+        owner.lost(lost_reservation(owner, key, token))
+    else:
+        owner.origin.pop(key, None)
+
+
+def renewable(book: Book, key: Key, now: float) -> tuple[Book, Request] | None:
+    """A held reservation's state expired: its issuer's Book and the request
+    to make it again (same SPI), or None when the hold ran out or the
+    reservation is not current any more."""
+    if book.guard is None:
+        return None
+    owner, token = owner_book(book, key)
+    held = owner.held.pop(key, None)
+    if held is None or now >= held[1] or held[2] != token:
         return None
     if book.guard.state(*key) is not State.RESERVED:
         return None
-    book.held[key] = held
-    return held[0]
+    owner.held[key] = held
+    return owner, held[0]
 
 
-def lost_reservation(book: Book, key: Key) -> Reservation | None:
+def lost_reservation(book: Book, key: Key, token: int) -> Reservation | None:
     """The reservation to report lost, as it was handed out; None if it was
     not handed out while on_lost was set (``Book.note`` and batches keep the
     request of each one they hand out then), e.g. a batch's state that died
     before the caller got it: on_lost only reports reservations you hold."""
     origin = book.origin.pop(key, None)
-    return None if origin is None else reservation_from(origin, key[2])
+    if origin is None or origin[1] != token:
+        return None
+    return reservation_from(origin[0], key[2], token=token)
 
 
-def missing_from(book: Book, present: set[Key]) -> list[Reservation | None]:
-    """Reserved tuples whose state is not in the SAD died unseen: the
-    reservations lost with them."""
+def missing_from(book: Book, present: set[Key]) -> None:
+    """Reserved tuples whose state is not in the SAD died unseen: each goes
+    as ``died`` says."""
     guard = book.guard
     assert guard is not None
-    lost = []
     for key in guard.reserved():
-        if key not in present and expired(book, key) is State.RESERVED:
-            lost.append(lost_reservation(book, key))
-    return lost
+        if key not in present:
+            died(book, key)
 
 
 def state_keys(states: Iterable[KernelState]) -> set[Key]:
@@ -553,32 +621,35 @@ def guard_key(k: DelKey) -> Key:
     return (guard_dst(k[2], k[0]), k[3], k[1])
 
 
-def releasable(book: Book, keys: list[DelKey]) -> list[DelKey]:
-    """What ``release`` may delete: not a reservation the guard knows as lost
-    (its state is gone, and its SPI may be someone else's by now)."""
+def stale(book: Book, reservations: Iterable[Reservation]) -> list[Reservation]:
+    """Those of ``reservations`` (issued by this allocator) that are not
+    current: their state died or they were released, perhaps with the SPI
+    handed out again since.  Releasing them could delete another's state."""
     guard = book.guard
-    if guard is None:
-        return keys
-    return [k for k in keys if not guard.is_lost(*guard_key(k))]
+    assert guard is not None
+    return [r for r in reservations if not guard.is_current(*r.key, r.token)]
 
 
-def forget(book: Book, keys: Iterable[DelKey]) -> None:
-    """Released: the tuples are free again."""
+def forget(book: Book, keys: Iterable[DelKey], tokens: Sequence[int] | None = None) -> None:
+    """Released: the tuples are free again (given tokens, only those
+    reservations' entries)."""
     guard = book.guard
     if guard is None:
         return
-    for k in keys:
+    for n, k in enumerate(keys):
         key = guard_key(k)
-        guard.release(*key)
+        guard.release(*key, None if tokens is None else tokens[n])
         if book.held:
             book.held.pop(key, None)
         if book.origin:
             book.origin.pop(key, None)
 
 
-def committed(book: Book, key: Key) -> None:
-    """The caller installed the SA: raises ReservationLost if it is not ours."""
+def committed(book: Book, r: Reservation) -> None:
+    """The caller installed the SA: raises ReservationLost if ``r`` is not
+    the current reservation of its tuple."""
     assert book.guard is not None
-    book.guard.commit(*key)
+    key = r.key
+    book.guard.commit(*key, r.token)
     book.held.pop(key, None)
     book.origin.pop(key, None)

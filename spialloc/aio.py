@@ -189,7 +189,7 @@ class AsyncAllocator:
         req = core.request(dst, proto, src, spi_range, mode, reqid, mark, if_id, direction, seq, pcpu)
         book = core.book
         if book.guard is None:
-            return book.won(req, await self._alloc_one(req, req.spi_min, req.spi_max))
+            return book.won(req, await self._alloc_one(req, req.spi_min, req.spi_max), 0)
         return book.note(req, await self._drive(rules.single_plan(book, req)), until)
 
     async def allocate_many(

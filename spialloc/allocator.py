@@ -206,9 +206,10 @@ class Allocator:
                 core.kernel.claim_stray(req)
                 raise
             if guard is None:
-                return book.won(req, spi)
-            if guard.reserve_trusted(req.gdst, req.proto, spi):
-                r = book.won(req, spi)
+                return book.won(req, spi, 0)
+            token = guard.reserve_trusted(req.gdst, req.proto, spi, book.owner)
+            if token:
+                r = book.won(req, spi, token)
             else:
                 book.stats.collisions += 1
                 r = core.drive(rules.single_plan(book, req, first=spi))

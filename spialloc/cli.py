@@ -140,7 +140,12 @@ def run(argv: Sequence[str] | None = None) -> int:
     except SpiallocError as exc:  # out of file descriptors
         return _error(exc, FAILED)
     try:
-        with Allocator(ns, watch_expiry=False, allow_reserved=getattr(args, "allow_reserved", False)) as alloc:
+        # release deletes the states the user names, by (dst, spi, proto, mark):
+        # no guard, so no reservation identity to check (each run is a new process).
+        guard = args.command != "release"
+        with Allocator(
+            ns, guard=guard, watch_expiry=False, allow_reserved=getattr(args, "allow_reserved", False)
+        ) as alloc:
             _command(args, alloc)
     except InvalidRequest as exc:
         return _error(exc, USAGE)

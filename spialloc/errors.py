@@ -9,6 +9,10 @@ from __future__ import annotations
 import errno as _errno
 import os
 import resource
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from ._model import Reservation
 
 
 class SpiallocError(Exception):
@@ -109,8 +113,13 @@ class BatchError(SpiallocError):
 
 
 class ReservationLost(SpiallocError):
-    """The reservation's larval state expired or was deleted before commit;
-    its SPI may already belong to someone else."""
+    """The reservation is not current: its larval state expired or was
+    deleted before commit, or it was released; its SPI may already belong to
+    someone else.  ``reservations``: the handles concerned, where known."""
+
+    def __init__(self, message: str, reservations: Sequence[Reservation] = ()) -> None:
+        super().__init__(message)
+        self.reservations = list(reservations)
 
 
 class DuplicateSpi(SpiallocError):

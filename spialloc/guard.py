@@ -22,20 +22,34 @@ dst is a 16-byte destination key; the allocator passes ``_model.guard_dst``
 lengths are refused: a 4-byte key would silently differ from the 16-byte key of
 the same address.
 
-Layout.  One dict maps an int key to a small int code.  Key: ``proto << 32 |
-spi`` (scope "spi") or ``dst_index << 40 | proto << 32 | spi`` (scope "dst"),
-so ``key >> 32`` is also the ``count_in`` bucket.  Code: ``dst_index << 2 |
-state``, taken from a per-dst table of three prebuilt ints so that every entry
-shares its value object.  dsts are interned to reference-counted indices that
-are recycled when their last tuple goes.  A tuple therefore costs one dict
-entry plus its key int.  Measured with tracemalloc (Python 3.11; 1,000,000
-random distinct SPIs of 0xC0000000-0xCFFFFFFF reserved one by one; traced
-bytes after minus before, divided by 1M):
+Identity.  Every reservation gets a token, unique in this guard: a serial
+number (from a random start, so a handle from another guard or process
+practically never matches) and the reserving owner's id (``owner``, an
+allocator's; 0 for direct callers).  ``commit``, ``release`` and ``expire``
+given a token act only if it is the token of the current entry: a stale
+handle (its state expired and the SPI was reserved again, or it was
+released) can neither commit nor free its successor.  ``owner_of`` tells
+whose a token is, so a loss is reported to the allocator that issued it.
+FOREIGN entries have no token.
 
-    scope "spi", 1 dst                    74 bytes per tuple
+Layout.  One dict maps an int key to an int code.  Key: ``proto << 32 |
+spi`` (scope "spi") or ``dst_index << 40 | proto << 32 | spi`` (scope "dst"),
+so ``key >> 32`` is also the ``count_in`` bucket.  Code: ``token << 32 |
+dst_index << 2 | state``; FOREIGN codes (token 0) come from a per-dst table
+of prebuilt ints so those entries share their value object.  dsts are
+interned to reference-counted indices that are recycled when their last
+tuple goes.  A reserved tuple therefore costs one dict entry, its key int
+and its code int.  Measured with tracemalloc (Python 3.11; 1,000,000 random
+distinct SPIs of 0xC0000000-0xCFFFFFFF reserved one by one; traced bytes
+after minus before, divided by 1M; the child of ``benchmarks/_harness.memory``):
+scope "spi", one dst: 110 bytes per tuple, plus 36 for the token int the
+Reservation keeps (74 bytes before tokens).  Before tokens, also measured:
+
     scope "dst", 16 dsts                  74 bytes per tuple
     scope "spi", 1M dsts (one tuple each) 329 bytes per tuple
     scope "dst", 1M dsts (one tuple each) 399 bytes per tuple
+
+(the code int adds the same 36 bytes to each).
 
 With a dst per tuple the interned dst, its index and code table dominate (plus
 49 bytes for the dst bytes object, unless the caller keeps it anyway); the
@@ -59,7 +73,7 @@ from ._lifecycle import InertLock
 from ._model import V4MAPPED, check_int
 from .errors import InvalidRequest, ReservationLost
 
-__all__ = ["Guard", "GuardStats", "State", "LOST_CAPACITY"]
+__all__ = ["Guard", "GuardStats", "State", "LOST_CAPACITY", "owner_of"]
 
 #: How many expired tuples ``commit`` can still name as lost; a bound, so that
 #: a daemon whose SAs expire for months does not grow without limit.
@@ -70,6 +84,10 @@ PROBES = 32
 
 _SPI_MAX = 0xFFFFFFFF
 _R, _C, _F = 0, 1, 2
+#: Low bits of a token: the owner that reserved it.
+OWNER_BITS = 20
+OWNER_MASK = (1 << OWNER_BITS) - 1
+_IDX_MASK = (1 << 30) - 1  # dst_index bits of a code (below the token)
 
 
 class State(enum.Enum):
@@ -92,6 +110,11 @@ class GuardStats:
     foreign: int
     collisions: int
     lost: int
+
+
+def owner_of(token: int) -> int:
+    """The owner id a token was issued to (0: a direct ``reserve`` caller)."""
+    return token & OWNER_MASK
 
 
 def _check(dst: object, proto: object, spi: object) -> tuple[bytes, int, int]:
@@ -145,6 +168,9 @@ class Guard:
         self._collisions = 0
         self._lost_total = 0
         self._lost: OrderedDict[int, None] = OrderedDict()
+        # Random start: a token from another guard or process (pickled, or
+        # built by hand) practically never equals a live one here.
+        self._serial = self._rng.getrandbits(40) + 1
         _lifecycle.track(self)
 
     def _after_fork(self, parent: int) -> None:
@@ -177,13 +203,14 @@ class Guard:
             return None
         key = self._key(idx, proto, spi)
         code = self._table.get(key)
-        if code is None or code >> 2 != idx:
+        if code is None or code >> 2 & _IDX_MASK != idx:
             return None
         return key, code
 
-    def _claim(self, dst: bytes, proto: int, spi: int, state: int) -> bool:
+    def _claim(self, dst: bytes, proto: int, spi: int, state: int, owner: int = 0) -> int:
+        """The new entry's token (1 for FOREIGN), or 0 if the SPI is outstanding."""
         if self._scoped(dst, proto, spi) is not None:
-            return False
+            return 0
         idx = self._dst_index.get(dst)
         if idx is None:
             if self._free_indices:
@@ -196,7 +223,14 @@ class Guard:
                 self._codes.append((idx << 2 | _R, idx << 2 | _C, idx << 2 | _F))
             self._dst_index[dst] = idx
         key = self._key(idx, proto, spi)
-        code = self._codes[idx][state]
+        if state == _F:
+            token = 1
+            code = self._codes[idx][_F]
+        else:
+            serial = self._serial
+            self._serial = serial + 1
+            token = serial << OWNER_BITS | owner
+            code = token << 32 | idx << 2 | state
         bucket = key >> 32
         count = self._counts.get(bucket, 0) + 1
         # No call from here on: Python delivers a signal (KeyboardInterrupt)
@@ -206,12 +240,12 @@ class Guard:
         self._counts[bucket] = count
         self._dst_refs[idx] += 1
         self._by_state[state] += 1
-        return True
+        return token
 
     def _drop(self, key: int, code: int) -> None:
         bucket = key >> 32
         left = self._counts[bucket] - 1
-        idx = code >> 2
+        idx = code >> 2 & _IDX_MASK
         # No call until the counters agree with the table again (see _claim).
         del self._table[key]
         self._by_state[code & 3] -= 1
@@ -225,13 +259,24 @@ class Guard:
             self._dsts[idx] = b""
             self._free_indices.append(idx)
 
-    def _reserve(self, dst: bytes, proto: int, spi: int) -> bool:
-        if not self._claim(dst, proto, spi, _R):
+    def _reserve(self, dst: bytes, proto: int, spi: int, owner: int = 0) -> int:
+        token = self._claim(dst, proto, spi, _R, owner)
+        if not token:
             self._collisions += 1
-            return False
+            return 0
         if self._lost:
             self._lost.pop(_lost_key(dst, proto, spi), None)
-        return True
+        return token
+
+    def _current(self, dst: bytes, proto: int, spi: int, token: int | None) -> tuple[int, int] | None:
+        """(key, code) of the tuple's entry if it is ours (not FOREIGN) and,
+        given a token, that reservation's."""
+        found = self._exact(dst, proto, spi)
+        if found is None or found[1] & 3 == _F:
+            return None
+        if token is not None and found[1] >> 32 != token:
+            return None
+        return found
 
     def _pick(self, proto: int, dst: bytes, lo: int, hi: int, step: int, rng: random.Random) -> int | None:
         size = (hi - lo) // step + 1
@@ -274,31 +319,49 @@ class Guard:
 
     # -- public API ----------------------------------------------------------
 
-    def reserve(self, dst: bytes, proto: int, spi: int) -> bool:
-        """Mark the tuple RESERVED if it is free under the scope; False (a
-        collision, counted) if it is outstanding in any state."""
+    def reserve(self, dst: bytes, proto: int, spi: int, *, owner: int = 0) -> int:
+        """Mark the tuple RESERVED if it is free under the scope and return
+        the reservation's token (never 0); 0 (a collision, counted) if it is
+        outstanding in any state.  ``owner``: an id below 2**20 that
+        ``owner_of(token)`` gives back."""
         dst, proto, spi = _check(dst, proto, spi)
+        owner = check_int("owner", owner, 0, OWNER_MASK)
         with self._lock:
-            return self._reserve(dst, proto, spi)
+            return self._reserve(dst, proto, spi, owner)
 
-    def reserve_many(self, dst: bytes, proto: int, spis: Sequence[int]) -> list[bool]:
+    def reserve_many(self, dst: bytes, proto: int, spis: Sequence[int], *, owner: int = 0) -> list[int]:
         """``reserve`` for a batch under one lock; a repeated SPI collides with
         its first occurrence.  All SPIs are checked before any is reserved."""
         checked = [_check(dst, proto, spi) for spi in spis]
+        owner = check_int("owner", owner, 0, OWNER_MASK)
         with self._lock:
-            return [self._reserve(d, p, s) for d, p, s in checked]
+            return [self._reserve(d, p, s, owner) for d, p, s in checked]
 
-    def reserve_trusted(self, dst: bytes, proto: int, spi: int) -> bool:
+    def reserve_trusted(self, dst: bytes, proto: int, spi: int, owner: int = 0) -> int:
         """``reserve`` without argument checks, for a caller that validated
-        dst, proto and spi already (the allocator's per-SPI hot path)."""
+        dst, proto, spi and owner already (the allocator's per-SPI hot path)."""
         with self._lock:
-            return self._reserve(dst, proto, spi)
+            return self._reserve(dst, proto, spi, owner)
 
-    def reserve_many_trusted(self, dst: bytes, proto: int, spis: Sequence[int]) -> list[bool]:
+    def reserve_many_trusted(self, dst: bytes, proto: int, spis: Sequence[int], owner: int = 0) -> list[int]:
         """``reserve_many`` without argument checks (see ``reserve_trusted``)."""
         with self._lock:
             reserve = self._reserve
-            return [reserve(dst, proto, spi) for spi in spis]
+            return [reserve(dst, proto, spi, owner) for spi in spis]
+
+    def token(self, dst: bytes, proto: int, spi: int) -> int:
+        """The token of exactly this tuple's RESERVED or COMMITTED entry; 0 if
+        it has none (free, FOREIGN, or another dst's under scope "spi")."""
+        dst, proto, spi = _check(dst, proto, spi)
+        with self._lock:
+            found = self._current(dst, proto, spi, None)
+            return 0 if found is None else found[1] >> 32
+
+    def is_current(self, dst: bytes, proto: int, spi: int, token: int) -> bool:
+        """Whether ``token`` is the reservation outstanding for this tuple."""
+        dst, proto, spi = _check(dst, proto, spi)
+        with self._lock:
+            return self._current(dst, proto, spi, token) is not None
 
     def owner_dst(self, proto: int, spi: int, dst: bytes) -> bytes | None:
         """The dst recorded for the tuple outstanding under the scope, or None:
@@ -307,7 +370,7 @@ class Guard:
         dst, proto, spi = _check(dst, proto, spi)
         with self._lock:
             code = self._scoped(dst, proto, spi)
-            return None if code is None else self._dsts[code >> 2]
+            return None if code is None else self._dsts[code >> 2 & _IDX_MASK]
 
     def is_outstanding(self, dst: bytes, proto: int, spi: int) -> bool:
         dst, proto, spi = _check(dst, proto, spi)
@@ -327,35 +390,42 @@ class Guard:
         with self._lock:
             return _lost_key(dst, proto, spi) in self._lost
 
-    def commit(self, dst: bytes, proto: int, spi: int) -> None:
+    def commit(self, dst: bytes, proto: int, spi: int, token: int | None = None) -> None:
         """RESERVED -> COMMITTED (already COMMITTED: nothing to do).  Raise
-        ReservationLost when the tuple is not ours any more."""
+        ReservationLost when the tuple is not ours any more or, given a
+        token, is no longer that reservation's."""
         dst, proto, spi = _check(dst, proto, spi)
         with self._lock:
             found = self._exact(dst, proto, spi)
-            if found is not None and found[1] & 3 != _F:
+            if found is not None and found[1] & 3 != _F and (token is None or found[1] >> 32 == token):
                 key, code = found
                 if code & 3 == _R:
-                    self._table[key] = self._codes[code >> 2][_C]
+                    self._table[key] = code | _C
                     self._by_state[_R] -= 1
                     self._by_state[_C] += 1
                 return
             what = f"proto {proto} spi {spi:#010x} dst {_dst_text(dst)}"
+            if found is not None and found[1] & 3 != _F:
+                raise ReservationLost(
+                    f"{what}: this reservation is not current (its state expired or it was released, "
+                    "and the SPI was reserved again since)"
+                )
             if found is not None:
                 raise ReservationLost(f"{what} is held by someone else, not reserved by us")
             if _lost_key(dst, proto, spi) in self._lost:
                 raise ReservationLost(f"{what}: the larval state expired or was deleted before commit")
             holder = self._scoped(dst, proto, spi)
             if holder is not None:
-                other = self._dsts[holder >> 2]
+                other = self._dsts[holder >> 2 & _IDX_MASK]
                 raise ReservationLost(f"{what} is not reserved: the SPI is held for dst {_dst_text(other)}")
             raise ReservationLost(f"{what} is not reserved (never reserved, released or expired)")
 
-    def release(self, dst: bytes, proto: int, spi: int) -> bool:
-        """Free the tuple, whatever its state; whether it was tracked."""
+    def release(self, dst: bytes, proto: int, spi: int, token: int | None = None) -> bool:
+        """Free the tuple, whatever its state (given a token: only if it is
+        that reservation's); whether it was freed."""
         dst, proto, spi = _check(dst, proto, spi)
         with self._lock:
-            found = self._exact(dst, proto, spi)
+            found = self._exact(dst, proto, spi) if token is None else self._current(dst, proto, spi, token)
             if found is None:
                 return False
             self._drop(*found)
@@ -365,10 +435,16 @@ class Guard:
         """The kernel says the state died: free it and return the state it had
         (RESERVED means a reservation was lost).  Our own tuples are
         remembered so a later ``commit`` raises ReservationLost."""
+        found = self.expire_entry(dst, proto, spi)
+        return None if found is None else found[0]
+
+    def expire_entry(self, dst: bytes, proto: int, spi: int, token: int | None = None) -> tuple[State, int] | None:
+        """``expire`` (given a token: only that reservation's entry), returning
+        the state and the token it had (0 for FOREIGN)."""
         dst, proto, spi = _check(dst, proto, spi)
         with self._lock:
             found = self._exact(dst, proto, spi)
-            if found is None:
+            if found is None or (token is not None and found[1] >> 32 != token):
                 return None
             key, code = found
             self._drop(key, code)
@@ -379,7 +455,7 @@ class Guard:
                 self._lost[_lost_key(dst, proto, spi)] = None
                 if len(self._lost) > self._lost_capacity:
                     self._lost.popitem(last=False)
-            return _STATES[state]
+            return _STATES[state], code >> 32
 
     def mark_foreign(self, dst: bytes, proto: int, spi: int) -> None:
         """Record a tuple someone else holds (seen in a SAD dump, or the kernel
@@ -426,16 +502,38 @@ class Guard:
         rng: random.Random | None = None,
         *,
         step: int = 1,
+        owner: int = 0,
     ) -> int | None:
         """``pick_free`` and ``reserve`` in one atomic step, so threads sharing
-        the guard never pick the same value; None if the range is full."""
+        the guard never pick the same value; None if the range is full (the
+        reservation's token: ``token``)."""
         _, proto, _ = _check(dst, proto, 0)
         lo, hi, step = self._check_range(lo, hi, step)
+        owner = check_int("owner", owner, 0, OWNER_MASK)
         with self._lock:
             spi = self._pick(proto, dst, lo, hi, step, rng or self._rng)
             if spi is not None:
-                self._reserve(dst, proto, spi)
+                self._reserve(dst, proto, spi, owner)
             return spi
+
+    def reserve_free_many(
+        self, dst: bytes, proto: int, lo: int, hi: int, n: int, rng: random.Random | None = None, *, owner: int = 0
+    ) -> list[tuple[int, int]]:
+        """Up to ``n`` ``reserve_free`` picks under one lock, as (spi, token);
+        fewer once the range is full."""
+        _, proto, _ = _check(dst, proto, 0)
+        lo, hi, _ = self._check_range(lo, hi, 1)
+        owner = check_int("owner", owner, 0, OWNER_MASK)
+        n = check_int("n", n, 0, 1 << 32)
+        rng = rng or self._rng
+        out: list[tuple[int, int]] = []
+        with self._lock:
+            for _ in range(n):
+                spi = self._pick(proto, dst, lo, hi, 1, rng)
+                if spi is None:
+                    break
+                out.append((spi, self._reserve(dst, proto, spi, owner)))
+        return out
 
     def reserved(self) -> list[tuple[bytes, int, int]]:
         """A snapshot of the RESERVED tuples as (dst, proto, spi), e.g. to find
@@ -443,7 +541,7 @@ class Guard:
         with self._lock:
             dsts = self._dsts
             return [
-                (dsts[code >> 2], key >> 32 & 0xFF, key & _SPI_MAX)
+                (dsts[code >> 2 & _IDX_MASK], key >> 32 & 0xFF, key & _SPI_MAX)
                 for key, code in self._table.items()
                 if code & 3 == _R
             ]

@@ -23,6 +23,7 @@ from spialloc import (
     Namespace,
     Proto,
     Reservation,
+    ReservationLost,
     SpiExhausted,
     State,
 )
@@ -267,7 +268,8 @@ def test_release_lookup_states_sync_commit_are_coroutines(netns: Namespace) -> N
             assert alloc.guard.state(*r.key) is State.COMMITTED
 
             assert await alloc.release(r) == 1
-            assert await alloc.release(r) == 0  # already gone: not an error
+            with pytest.raises(ReservationLost, match="not current"):
+                await alloc.release(r)  # released already: a stale handle touches nothing
             assert alloc.guard.state(*r.key) is None
             assert sad_count(netns) == 0
 

@@ -560,13 +560,13 @@ def test_interrupt_after_the_engine_returned_leaves_no_orphans(netns: Namespace,
         real = alloc.guard.reserve_trusted
         calls = [0]
 
-        def reserve_many(dst: bytes, proto: int, spis: list[int]) -> list[bool]:
+        def reserve_many(dst: bytes, proto: int, spis: list[int], owner: int = 0) -> list[int]:
             out = []
             for spi in spis:
                 calls[0] += 1
                 if calls[0] == at:
                     raise KeyboardInterrupt
-                out.append(real(dst, proto, spi))
+                out.append(real(dst, proto, spi, owner))
             return out
 
         alloc.guard.reserve_many_trusted = reserve_many  # type: ignore[method-assign]

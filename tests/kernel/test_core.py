@@ -11,6 +11,7 @@ import os
 import secrets
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from spialloc import (
     NamespaceError,
     NetlinkError,
     Proto,
+    ReservationLost,
     SpiExhausted,
 )
 from spialloc import _wire as w
@@ -265,22 +267,25 @@ def test_everything_at_once_ipv6(alloc: Allocator, netns: Namespace) -> None:
         5,
         Direction.IN,
     )
-    assert st.reservation() == r
+    assert replace(st.reservation(), token=r.token) == r  # the kernel knows no token
 
 
 # --- release -----------------------------------------------------------------------------
 
 
-def test_release_removes_state_and_second_release_returns_zero(alloc: Allocator, netns: Namespace) -> None:
+def test_release_removes_state_and_second_release_is_refused(alloc: Allocator, netns: Namespace) -> None:
     r = alloc.allocate("10.0.0.1")
     keep = alloc.allocate("10.0.0.1")
     assert sad_spis(netns) == {r.spi, keep.spi}
     assert alloc.release(r) == 1
     assert sad_spis(netns) == {keep.spi}
     assert alloc.lookup("10.0.0.1", r.spi) is None
-    assert alloc.release(r) == 0  # already gone: not an error
-    assert alloc.release([r]) == 0
+    with pytest.raises(ReservationLost, match="not current"):
+        alloc.release(r)  # released already: a stale handle, refused, touches nothing
+    with pytest.raises(ReservationLost):
+        alloc.release([r])
     assert alloc.release([]) == 0
+    assert sad_spis(netns) == {keep.spi}
 
 
 def test_release_of_marked_state(alloc: Allocator, netns: Namespace) -> None:
@@ -304,13 +309,20 @@ def test_release_many(netns: Namespace, guarded: bool) -> None:
         assert sad_count(netns) == 50
         assert a.release(v4 + v6 + comp) == 50
         assert sad_count(netns) == 0
-        assert a.release(v4 + v6 + comp) == 0
+        if guarded:  # released already: stale handles
+            with pytest.raises(ReservationLost):
+                a.release(v4 + v6 + comp)
+        else:  # no guard, no identity: by key, as ip xfrm state delete
+            assert a.release(v4 + v6 + comp) == 0
 
 
 def test_release_many_partly_gone(alloc: Allocator, netns: Namespace) -> None:
     rs = alloc.allocate_many(10, "10.0.0.1")
     assert alloc.release(rs[:4]) == 4
-    assert alloc.release(rs) == 6
+    with pytest.raises(ReservationLost):
+        alloc.release(rs)  # four of them are released already: nothing is released
+    assert sad_count(netns) == 6
+    assert alloc.release(rs[4:]) == 6
     assert sad_count(netns) == 0
 
 

@@ -100,7 +100,8 @@ def test_isolated_namespace_handle_closed_while_allocator_open_keeps_working() -
         rs = asyncio.run(b.allocate_many(10, DST))
         assert isinstance(rs, list) and len(rs) == 10
         assert len(a.states()) == 11
-        assert a.release([r, *rs]) == 11
+        assert a.release(r) == 1
+        assert asyncio.run(b.release(rs)) == 10  # each by the allocator that issued it
         assert a.states() == []
     finally:
         b.close_now()
@@ -162,7 +163,7 @@ def _hammer_then_close(
 def _left_over(netns: Namespace, got: list[Reservation]) -> set[int]:
     """Release what callers got through a fresh allocator; return the SPIs of
     any state left (orphans), then clean up whatever is there."""
-    with Allocator(netns, watch_expiry=False) as b:
+    with Allocator(netns, guard=False, watch_expiry=False) as b:  # deletes by key, whoever allocated
         b.release(got)
         left = {s.spi for s in b.states()}
         for s in b.states():
@@ -502,7 +503,8 @@ def test_eintr_storm_async(netns: Namespace) -> None:
 
 def test_states_deleted_behind_our_back(netns: Namespace) -> None:
     """ip xfrm state delete / flush from another process: release() of those
-    is no error, sync() marks them lost (commit then raises ReservationLost),
+    still current is no error, sync() marks them lost (commit and release
+    then raise ReservationLost),
     new allocations work, and nothing is left."""
     a = Allocator(netns)
     try:
@@ -522,7 +524,9 @@ def test_states_deleted_behind_our_back(netns: Namespace) -> None:
         a.commit(rs[3])
         ns_run(netns, ["ip", "xfrm", "state", "flush"])
         assert sad_count(netns) == 0
-        assert a.release(rs) == 0  # all gone already: not an error
+        with pytest.raises(spialloc.ReservationLost):
+            a.release(rs)  # rs[:3] are known lost: not current, so nothing is released
+        assert a.release(rs[3:]) == 0  # current, their states gone already: not an error
         new = a.allocate_many(20, DST) + [a.allocate(DST)]
         assert sad_count(netns) == 21
         assert a.release(new) == 21
@@ -722,7 +726,7 @@ def test_spiallocerror_only_from_closed_allocator(netns: Namespace) -> None:
     ):
         with pytest.raises(ClosedError):
             call()
-    with Allocator(netns) as b:
+    with Allocator(netns, guard=False) as b:  # by key: r is not b's reservation
         assert b.release(r) == 1
 
 

@@ -682,13 +682,15 @@ def test_commit_then_release(alloc: Allocator, netns: Namespace) -> None:
     assert alloc.guard.state(*again.key) is State.RESERVED
 
 
-def test_release_twice_is_fine(alloc: Allocator, netns: Namespace) -> None:
+def test_release_twice_is_refused_and_touches_nothing(alloc: Allocator, netns: Namespace) -> None:
     assert alloc.guard is not None
     r = alloc.allocate("10.0.0.1", spi_range=(0x5002, 0x5002))
     other = alloc.allocate("10.0.0.1", spi_range=(0x5003, 0x5003))
     assert alloc.release(r) == 1
-    assert alloc.release(r) == 0
-    assert alloc.release([r]) == 0
+    with pytest.raises(ReservationLost, match="not current"):
+        alloc.release(r)
+    with pytest.raises(ReservationLost, match="not current"):
+        alloc.release([r])
     assert alloc.guard.is_outstanding(*r.key) is False
     # the other reservation is untouched
     assert alloc.guard.state(*other.key) is State.RESERVED

@@ -113,7 +113,7 @@ def test_owner_dst_tells_same_state_from_other_destination() -> None:
 def test_reserve_many_one_batch() -> None:
     g = Guard()
     g.reserve(D1, ESP, 3)
-    assert g.reserve_many(D1, ESP, [1, 2, 3, 2, 4]) == [True, True, False, False, True]
+    assert [bool(t) for t in g.reserve_many(D1, ESP, [1, 2, 3, 2, 4])] == [True, True, False, False, True]
     assert len(g) == 4
     assert g.stats.collisions == 2
 
@@ -483,6 +483,9 @@ class GuardMachine(RuleBasedStateMachine):
         self.guard = Guard(self.scope)  # type: ignore[arg-type]
         # scope key -> (dst, state): what is outstanding
         self.model: dict[tuple[object, ...], tuple[bytes, State]] = {}
+        # (dst, proto, spi) -> the current reservation's token; every token issued
+        self.tokens: dict[tuple[bytes, int, int], int] = {}
+        self.issued: list[tuple[bytes, int, int, int]] = []
         self.lost: set[tuple[bytes, int, int]] = set()
         self.collisions = 0
         self.lost_count = 0
@@ -497,10 +500,12 @@ class GuardMachine(RuleBasedStateMachine):
     @rule(dst=dsts, proto=protos, spi=spis)
     def reserve(self, dst: bytes, proto: int, spi: int) -> None:
         expected = self.skey(dst, proto, spi) not in self.model
-        assert self.guard.reserve(dst, proto, spi) is expected
+        token = self.guard.reserve(dst, proto, spi)
+        assert bool(token) is expected
         if expected:
             self.model[self.skey(dst, proto, spi)] = (dst, State.RESERVED)
             self.lost.discard((dst, proto, spi))
+            self.issued_token(dst, proto, spi, token)
         else:
             self.collisions += 1
 
@@ -509,12 +514,53 @@ class GuardMachine(RuleBasedStateMachine):
         got = self.guard.reserve_many(dst, proto, batch)
         for spi, ok in zip(batch, got, strict=True):
             expected = self.skey(dst, proto, spi) not in self.model
-            assert ok is expected
+            assert bool(ok) is expected
             if expected:
                 self.model[self.skey(dst, proto, spi)] = (dst, State.RESERVED)
                 self.lost.discard((dst, proto, spi))
+                self.issued_token(dst, proto, spi, ok)
             else:
                 self.collisions += 1
+
+    def issued_token(self, dst: bytes, proto: int, spi: int, token: int) -> None:
+        assert all(token != t for *_, t in self.issued), "a token was issued twice"
+        self.tokens[(dst, proto, spi)] = token
+        self.issued.append((dst, proto, spi, token))
+
+    def forget(self, dst: bytes, proto: int, spi: int) -> None:
+        del self.model[self.skey(dst, proto, spi)]
+        self.tokens.pop((dst, proto, spi), None)
+
+    @precondition(lambda self: self.issued)
+    @rule(data=st.data())
+    def with_token(self, data: st.DataObject) -> None:
+        """A handle, current or stale, acts only if it is current."""
+        dst, proto, spi, token = data.draw(st.sampled_from(self.issued))
+        current = self.tokens.get((dst, proto, spi)) == token
+        assert self.guard.is_current(dst, proto, spi, token) is current
+        action = data.draw(st.sampled_from(["commit", "release", "expire"]))
+        if action == "commit":
+            if current:
+                self.guard.commit(dst, proto, spi, token)
+                self.model[self.skey(dst, proto, spi)] = (dst, State.COMMITTED)
+            else:
+                with pytest.raises(ReservationLost):
+                    self.guard.commit(dst, proto, spi, token)
+        elif action == "release":
+            assert self.guard.release(dst, proto, spi, token) is current
+            if current:
+                self.forget(dst, proto, spi)
+        else:
+            state = self.exact(dst, proto, spi)
+            got = self.guard.expire_entry(dst, proto, spi, token)
+            if not current:
+                assert got is None
+                return
+            assert got == (state, token)
+            self.forget(dst, proto, spi)
+            if state is State.RESERVED:
+                self.lost_count += 1
+            self.lost.add((dst, proto, spi))
 
     @rule(dst=dsts, proto=protos, spi=spis)
     def commit(self, dst: bytes, proto: int, spi: int) -> None:
@@ -531,14 +577,14 @@ class GuardMachine(RuleBasedStateMachine):
         tracked = self.exact(dst, proto, spi) is not None
         assert self.guard.release(dst, proto, spi) is tracked
         if tracked:
-            del self.model[self.skey(dst, proto, spi)]
+            self.forget(dst, proto, spi)
 
     @rule(dst=dsts, proto=protos, spi=spis)
     def expire(self, dst: bytes, proto: int, spi: int) -> None:
         state = self.exact(dst, proto, spi)
         assert self.guard.expire(dst, proto, spi) is state
         if state is not None:
-            del self.model[self.skey(dst, proto, spi)]
+            self.forget(dst, proto, spi)
             if state is State.RESERVED:
                 self.lost_count += 1
             if state is not State.FOREIGN:
@@ -588,6 +634,7 @@ class GuardMachine(RuleBasedStateMachine):
                     assert self.guard.owner_dst(proto, spi, dst) == (entry and entry[0])
                     assert self.guard.is_outstanding(dst, proto, spi) is (entry is not None)
                     assert self.guard.is_lost(dst, proto, spi) is ((dst, proto, spi) in self.lost)
+                    assert self.guard.token(dst, proto, spi) == self.tokens.get((dst, proto, spi), 0)
 
     @invariant()
     def counts_and_reserved(self) -> None:

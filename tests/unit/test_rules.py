@@ -86,8 +86,7 @@ class FakeKernel:
         if isinstance(op, rules.PollOp):
             n = len(self.expire_on_poll)
             for key in self.expire_on_poll:
-                if rules.expired(self.book, key) is State.RESERVED:
-                    self.book.lost(rules.lost_reservation(self.book, key))
+                rules.died(self.book, key)
             self.expire_on_poll.clear()
             return n
         if isinstance(op, rules.SyncOp):
@@ -459,24 +458,27 @@ def test_renewable_only_while_held_and_reserved(book: rules.Book) -> None:
     assert book.guard is not None
     req = req_for()
     key = (req.gdst, 50, 0xC0000002)
-    book.guard.reserve(*key)
-    book.held[key] = (req, 100.0)
-    assert rules.renewable(book, key, 50.0) is req and key in book.held
+    token = book.guard.reserve(*key, owner=book.owner)
+    book.held[key] = (req, 100.0, token)
+    assert rules.renewable(book, key, 50.0) == (book, req) and key in book.held
     assert rules.renewable(book, key, 150.0) is None and key not in book.held
-    book.held[key] = (req, 100.0)
+    book.held[key] = (req, 100.0, token - 1)  # another reservation's hold: not this one's to renew
+    assert rules.renewable(book, key, 50.0) is None
+    book.held[key] = (req, 100.0, token)
     book.guard.commit(*key)
     assert rules.renewable(book, key, 50.0) is None
 
 
 def test_missing_from_reports_reserved_tuples_not_in_the_sad(book: rules.Book) -> None:
     k = FakeKernel(book)
-    book.on_lost = lambda r: None  # the requests of reservations handed out are kept from now on
+    lost: list[Reservation] = []
+    book.on_lost = lost.append  # the requests of reservations handed out are kept from now on
     req = req_for()
     rs = [book.note(req, single(book, k, req), None) for _ in range(3)]  # handed out, as Core does
     assert book.guard is not None
     book.guard.commit(*rs[2].key)
-    lost = rules.missing_from(book, {rs[0].key})
-    assert [r.spi for r in lost if r] == [rs[1].spi]  # committed ones are not "lost"
+    rules.missing_from(book, {rs[0].key})
+    assert lost == [rs[1]]  # committed ones are not "lost"; the very reservation handed out
     assert book.guard.is_lost(*rs[1].key)
 
 
@@ -486,20 +488,22 @@ def test_on_lost_only_hears_of_reservations_handed_out(book: rules.Book) -> None
     heard: list[Reservation] = []
     book.on_lost = heard.append
     req = req_for()
-    assert book.guard is not None and book.guard.reserve(req.gdst, req.proto, 0x4242)
-    (r,) = rules.missing_from(book, set())
-    book.lost(r)
-    assert r is None and heard == [] and book.stats.lost == 1
+    assert book.guard is not None and book.guard.reserve(req.gdst, req.proto, 0x4242, owner=book.owner)
+    rules.missing_from(book, set())
+    assert heard == [] and book.stats.lost == 1
 
 
-def test_releasable_skips_lost_reservations(book: rules.Book) -> None:
+def test_stale_finds_reservations_that_are_not_current(book: rules.Book) -> None:
     k = FakeKernel(book)
-    a, b = single(book, k, req_for()), single(book, k, req_for())
+    a, b, c = single(book, k, req_for()), single(book, k, req_for()), single(book, k, req_for())
     assert book.guard is not None
     book.guard.expire(*a.key)
+    book.guard.release(*c.key)
+    again = book.guard.reserve(*c.key, owner=book.owner)  # the SPI handed out again: a new reservation
+    assert again and again != c.token
+    assert rules.stale(book, [a, b, c]) == [a, c]
     dk = [(r.dst.packed.ljust(16, b"\0"), r.spi, 2, 50, None) for r in (a, b)]
     assert [rules.guard_key(k) for k in dk] == [a.key, b.key]
-    assert [k[1] for k in rules.releasable(book, dk)] == [b.spi]
 
 
 def test_committed_forgets_hold_and_origin(book: rules.Book) -> None:
@@ -508,7 +512,7 @@ def test_committed_forgets_hold_and_origin(book: rules.Book) -> None:
     req = req_for()
     r = book.note(req, single(book, k, req), 99.0)
     assert r.key in book.held and r.key in book.origin
-    rules.committed(book, r.key)
+    rules.committed(book, r)
     assert r.key not in book.held and r.key not in book.origin
 
 

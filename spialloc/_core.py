@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Generator, Iterable, Literal, TypeVar
 
-from . import _backend, _lifecycle
+from . import _backend, _lifecycle, _shared
 from . import _rules as rules
 from . import _wire as w
 from ._batch import BatchRun
@@ -43,8 +43,8 @@ from ._model import (
     reservation_from,
 )
 from ._netns import Namespace, NetnsSpec
+from ._shared import GuardSpec
 from .errors import BatchError, ClosedError, ForkedError, InvalidRequest, ReservationLost, SpiallocError
-from .guard import Guard
 from .ha import Partition
 
 T = TypeVar("T")
@@ -78,7 +78,7 @@ class Core:
         self,
         netns: NetnsSpec,
         *,
-        guard: bool | Guard,
+        guard: GuardSpec,
         scope: Literal["spi", "dst"],
         backend: str | None,
         spi_range: tuple[int, int] | None,
@@ -106,7 +106,7 @@ class Core:
         if partition is not None:
             for lo, hi in self.ranges.values():
                 partition.apply(lo, hi)  # validates: raises InvalidRequest if too small
-        self.book = rules.Book(_make_guard(guard, scope), max_retries, on_lost)
+        _shared.check(guard)
         self.closed = False
         #: In a fork child: the process that made this allocator (it is inert here).
         self.forked_from: int | None = None
@@ -116,9 +116,14 @@ class Core:
         self._running = 0  # batches under way; close() waits for them
         self._req_cache: dict[tuple[object, ...], Request] = {}
         self.ns = Namespace.open(netns)
+        self._shared = False
         try:
+            chosen, self._shared = _shared.attach(guard, scope, self.ns)
+            self.book = rules.Book(chosen, max_retries, on_lost)
             self.kernel = Kernel(self.ns, engine, self.book, rcvbuf)
         except BaseException:
+            if self._shared:
+                _shared.detach(chosen)
             self.ns.close()
             raise
         self.watcher: ExpiryWatcher | None = None
@@ -145,6 +150,8 @@ class Core:
             self.watcher.close()
         if hasattr(self, "kernel"):
             self.kernel.close()
+        if getattr(self, "_shared", False) and self.book.guard is not None:
+            _shared.detach(self.book.guard)
         self.ns.close()
 
     def _after_fork(self, parent: int) -> None:
@@ -300,9 +307,11 @@ class Core:
         book = self.book
         if book.guard is None:
             return 0
+        before = book.guard.mark()
         states = self.kernel.dump_states()
-        foreign = rules.seed_foreign(book, states)
-        rules.missing_from(book, rules.state_keys(states))
+        with book.guard.deaths_lock:
+            foreign = rules.seed_foreign(book, states)
+            rules.missing_from(book, rules.state_keys(states), before)
         return foreign
 
     def purge(self, reqid: object, mark: MarkSpec, if_id: object) -> int:
@@ -439,9 +448,12 @@ class Core:
             return self.release_keys(keys)
         self.check_issued(items)
         # Deaths already queued first: a state that died has no EXPIRE left to
-        # come, and its SPI may be another allocator's state by now.
-        self.poll()
-        stale = rules.stale(book, items)
+        # come, and its SPI may be another allocator's state by now.  Under
+        # the guard's deaths lock: another allocator's watcher may be acting
+        # on the same death.
+        with book.guard.deaths_lock:
+            self.poll()
+            stale = rules.stale(book, items)
         if stale:
             raise ReservationLost(
                 f"{len(stale)} of {len(items)} reservations are not current (their state expired, or they "
@@ -472,23 +484,14 @@ class Core:
         if self.book.guard is None:
             return
         self.check_issued([reservation])
-        self.poll()
-        rules.committed(self.book, reservation)
+        with self.book.guard.deaths_lock:
+            self.poll()
+            rules.committed(self.book, reservation)
 
 
 def check_callback(on_lost: object) -> None:
     if on_lost is not None and not callable(on_lost):
         raise InvalidRequest(f"on_lost={on_lost!r} must be a callable taking a Reservation, or None")
-
-
-def _make_guard(guard: object, scope: Literal["spi", "dst"]) -> Guard | None:
-    if isinstance(guard, Guard):
-        return guard
-    if guard is True:
-        return Guard(scope)
-    if guard is False or guard is None:
-        return None
-    raise InvalidRequest(f"guard={guard!r} must be True, False or a Guard")
 
 
 def _release_key(r: object) -> rules.DelKey:

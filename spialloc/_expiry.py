@@ -12,6 +12,7 @@ finds the reservations that died unseen.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import sys
@@ -24,7 +25,7 @@ from . import _rules as rules
 from . import _wire as w
 from ._kernel import Kernel
 from ._lifecycle import close_copy
-from ._model import KernelState, address_key
+from ._model import address_key
 from ._netlink import XfrmSocket
 from ._netns import Namespace
 from .errors import DecodeError, SpiallocError, out_of_fds
@@ -114,7 +115,8 @@ class ExpiryWatcher:
     def poll(self) -> int:
         """Handle the EXPIRE events queued now; returns how many."""
         handled = 0
-        with self.sock.lock:
+        guard = self.book.guard
+        with guard.deaths_lock if guard is not None else contextlib.nullcontext(), self.sock.lock:
             while True:
                 data = self.sock.recv_nowait()
                 if data is None:
@@ -135,10 +137,12 @@ class ExpiryWatcher:
             if not isinstance(ev, Expire) or not ev.hard or self.book.guard is None:
                 continue
             handled += 1
-            self.died((address_key(ev.dst), int(ev.proto), ev.spi), ev.state)
+            key = (address_key(ev.dst), int(ev.proto), ev.spi)
+            if self.book.guard.first_death(*key, ev.state.added):
+                self.died(key)
         return handled
 
-    def died(self, key: rules.Key, state: KernelState | None) -> None:
+    def died(self, key: rules.Key) -> None:
         """One state is gone: renew it if held, else free it and report a loss
         (to the allocator that issued the reservation)."""
         if self._renew(key):
@@ -166,7 +170,8 @@ class ExpiryWatcher:
         that is no longer in the SAD has died unseen."""
         if self.book.guard is None:
             return
-        rules.missing_from(self.book, rules.state_keys(self.kernel.dump_states()))
+        before = self.book.guard.mark()
+        rules.missing_from(self.book, rules.state_keys(self.kernel.dump_states()), before)
 
 
 def _watch(ref: weakref.ref[ExpiryWatcher], sel: selectors.BaseSelector, wake_fd: int) -> None:

@@ -217,6 +217,22 @@ class Namespace:
                 exc.errno, f"{self.description}: {exc.strerror}"
             ) from None
 
+    def identity(self) -> tuple[int, int] | None:
+        """(st_dev, st_ino) of the namespace: equal for every handle on the
+        same namespace, whoever opened it and how (the kernel's nsfs inode).
+        None when it cannot be told (no /proc): then nothing is shared."""
+        self._check_open()
+        try:
+            if self.fd is not None:
+                st = os.fstat(self.fd)
+            elif self._helper is not None:
+                st = os.stat(f"/proc/{self._helper.pid}/ns/net")
+            else:
+                st = os.stat("/proc/thread-self/ns/net")
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino)
+
     def socket(self, family: int, kind: int, proto: int) -> socket.socket:
         self._check_open()
         if self._helper is not None:

@@ -555,12 +555,13 @@ def lost_reservation(book: Book, key: Key, token: int) -> Reservation | None:
     return reservation_from(origin[0], key[2], token=token)
 
 
-def missing_from(book: Book, present: set[Key]) -> None:
+def missing_from(book: Book, present: set[Key], before: int) -> None:
     """Reserved tuples whose state is not in the SAD died unseen: each goes
-    as ``died`` says."""
+    as ``died`` says.  ``before``: the guard's ``mark()`` taken before the
+    dump (a reservation made since may be missing only for being newer)."""
     guard = book.guard
     assert guard is not None
-    for key in guard.reserved():
+    for key in guard.reserved(before):
         if key not in present:
             died(book, key)
 

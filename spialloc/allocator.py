@@ -32,6 +32,7 @@ from ._model import (
 from ._netlink import DEFAULT_RCVBUF
 from ._netns import Namespace, NetnsSpec
 from ._rules import AllocatorStats
+from ._shared import GuardSpec
 from .errors import SpiExhausted
 from .guard import Guard
 from .ha import Partition
@@ -44,8 +45,13 @@ class Allocator:
 
     ``netns``: None (the caller's namespace), a name from ``ip netns``, a path
     (``/proc/PID/ns/net``), an open fd, or a ``Namespace``.
-    ``guard``: True (a private Guard), False (no tracking: the kernel's answers
-    as they are, duplicates included), or a Guard shared with other allocators.
+    ``guard``: True (the default: this process's guard for the namespace,
+    shared by every Allocator and AsyncAllocator open on it with the same
+    ``scope``, so no two of them can hand out one SPI), ``"private"`` (a
+    guard of this allocator's own), False (no tracking: the kernel's answers
+    as they are, duplicates included), or a Guard (bound to the first
+    namespace it is used in).  Nothing is shared across processes: see the
+    README's "Guard" section for running several.
 
     Close it (or use ``with``); one dropped unclosed is closed when collected,
     with a ResourceWarning.  It does not survive fork(): in the child every
@@ -56,7 +62,7 @@ class Allocator:
         self,
         netns: NetnsSpec = None,
         *,
-        guard: bool | Guard = True,
+        guard: GuardSpec = True,
         scope: Literal["spi", "dst"] = "spi",
         backend: str | None = None,
         spi_range: tuple[int, int] | None = None,

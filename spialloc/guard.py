@@ -78,6 +78,9 @@ __all__ = ["Guard", "GuardStats", "State", "LOST_CAPACITY", "owner_of"]
 #: How many expired tuples ``commit`` can still name as lost; a bound, so that
 #: a daemon whose SAs expire for months does not grow without limit.
 LOST_CAPACITY = 65536
+#: Deaths remembered for ``first_death``: far more than a watcher's socket
+#: buffer queues (about 1,000 events) before it overruns and resyncs.
+DEATHS_KEPT = 16384
 #: Random probes before ``pick_free`` falls back to a scan: even at 97%
 #: density 32 probes find a free value 62% of the time (1 - 0.97**32).
 PROBES = 32
@@ -168,6 +171,13 @@ class Guard:
         self._collisions = 0
         self._lost_total = 0
         self._lost: OrderedDict[int, None] = OrderedDict()
+        self._deaths: OrderedDict[tuple[bytes, int, int, int], None] = OrderedDict()
+        #: Held while one allocator acts on a death (renews or frees a tuple)
+        #: and while one checks "still current?" before a DELSA or commit:
+        #: with several watchers on one guard, a check must not fall between
+        #: another watcher's ``first_death`` and its freeing of the tuple.
+        #: Taken before any socket lock.
+        self.deaths_lock: threading.RLock | InertLock = threading.RLock()
         # Random start: a token from another guard or process (pickled, or
         # built by hand) practically never equals a live one here.
         self._serial = self._rng.getrandbits(40) + 1
@@ -177,6 +187,7 @@ class Guard:
         # The tuples are the parent's, perhaps half updated by a thread that
         # held the lock at fork time (and holds it for ever in the child).
         self._lock = InertLock("Guard", parent)
+        self.deaths_lock = InertLock("Guard", parent)
 
     @property
     def scope(self) -> str:
@@ -535,16 +546,43 @@ class Guard:
                 out.append((spi, self._reserve(dst, proto, spi, owner)))
         return out
 
-    def reserved(self) -> list[tuple[bytes, int, int]]:
+    def reserved(self, before: int | None = None) -> list[tuple[bytes, int, int]]:
         """A snapshot of the RESERVED tuples as (dst, proto, spi), e.g. to find
-        the larval states that died while expiry events were dropped."""
+        the larval states that died while expiry events were dropped.
+        ``before``: a ``mark()`` taken before a SAD dump; only reservations
+        made before it (a later one's state may be missing from the dump
+        only because it is newer)."""
         with self._lock:
             dsts = self._dsts
+            limit = None if before is None else before << OWNER_BITS
             return [
                 (dsts[code >> 2 & _IDX_MASK], key >> 32 & 0xFF, key & _SPI_MAX)
                 for key, code in self._table.items()
-                if code & 3 == _R
+                if code & 3 == _R and (limit is None or code >> 32 < limit)
             ]
+
+    def mark(self) -> int:
+        """A point in the guard's history: ``reserved(before=mark)`` leaves
+        out every reservation made after it."""
+        with self._lock:
+            return self._serial
+
+    def first_death(self, dst: bytes, proto: int, spi: int, added: int) -> bool:
+        """Whether this is the first report of the death of the state of this
+        tuple added at ``added`` (the kernel's add time, seconds).  Every
+        allocator sharing the guard has an expiry watcher and each receives
+        the kernel's one EXPIRE; only the first may act on it, or a late
+        copy would expire the tuple's next reservation.  A state of the
+        same tuple made after that death was added later, so it differs."""
+        dst, proto, spi = _check(dst, proto, spi)
+        death = (dst, proto, spi, added)
+        with self._lock:
+            if death in self._deaths:
+                return False
+            self._deaths[death] = None
+            if len(self._deaths) > DEATHS_KEPT:
+                self._deaths.popitem(last=False)
+            return True
 
     def count_in(self, proto: int, dst: bytes) -> int:
         """Outstanding tuples of ``proto`` (scope "spi") or of (dst, proto)

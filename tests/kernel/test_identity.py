@@ -210,7 +210,11 @@ def test_ipv4_mapped_destinations_are_refused(netns: Namespace, dst: str) -> Non
 
 
 def _churn_worker(
-    ns_path: str, seconds: float, seed: int, reqid_base: int, q  # type: ignore[no-untyped-def]
+    ns_path: str,
+    seconds: float,
+    seed: int,
+    reqid_base: int,
+    q,  # type: ignore[no-untyped-def]
 ) -> None:
     """Threads that allocate from a 32-value range whose larval states die
     after 2 s, then commit or release at once or after a nap long enough for
@@ -284,9 +288,7 @@ def test_churn_of_stale_handles_never_deletes_or_shares_a_state(netns: Namespace
     ns_path = f"/proc/{os.getpid()}/fd/{netns.fd}"
     ctx = multiprocessing.get_context("fork")
     q = ctx.Queue()
-    procs = [
-        ctx.Process(target=_churn_worker, args=(ns_path, CHURN_SECONDS, n, 100 * (n + 1), q)) for n in range(3)
-    ]
+    procs = [ctx.Process(target=_churn_worker, args=(ns_path, CHURN_SECONDS, n, 100 * (n + 1), q)) for n in range(3)]
     for p in procs:
         p.start()
     try:

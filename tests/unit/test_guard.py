@@ -312,6 +312,36 @@ def test_reserved_lists_only_larval_tuples() -> None:
     assert sorted(g.reserved()) == sorted([(D1, ESP, 1), (D2, ESP, 1), (D1, AH, 0xFFFFFFFF)])
 
 
+def test_reserved_before_a_mark_leaves_out_newer_reservations() -> None:
+    """A resync dumps the SAD, then asks which reservations are missing from
+    it: one made after the dump began is missing only for being newer."""
+    g = Guard()
+    g.reserve(D1, ESP, 1)
+    mark = g.mark()
+    g.reserve(D1, ESP, 2)
+    g.release(D1, ESP, 1)
+    g.reserve(D1, ESP, 1)  # again, after the mark: a new reservation
+    assert g.reserved(before=mark) == []
+    assert sorted(g.reserved()) == [(D1, ESP, 1), (D1, ESP, 2)]
+    g.reserve(D1, ESP, 3)
+    assert sorted(g.reserved(before=g.mark())) == [(D1, ESP, 1), (D1, ESP, 2), (D1, ESP, 3)]
+
+
+def test_first_death_is_reported_once_per_state() -> None:
+    """Allocators sharing a guard each receive the kernel's one EXPIRE: only
+    the first report of a state's death counts; a later state of the same
+    tuple (added later) is a new death."""
+    g = Guard()
+    assert g.first_death(D1, ESP, 7, 1000)
+    assert not g.first_death(D1, ESP, 7, 1000)
+    assert g.first_death(D2, ESP, 7, 1000)
+    assert g.first_death(D1, AH, 7, 1000)
+    assert g.first_death(D1, ESP, 7, 1030)
+    for t in range(20000):  # bounded: the oldest are forgotten
+        g.first_death(D3, ESP, 1, t)
+    assert g.first_death(D1, ESP, 7, 1000)
+
+
 @pytest.mark.parametrize("scope", ["spi", "dst"])
 def test_destination_indices_are_recycled(scope: str) -> None:
     g = Guard(scope)  # type: ignore[arg-type]

@@ -477,7 +477,7 @@ def test_missing_from_reports_reserved_tuples_not_in_the_sad(book: rules.Book) -
     rs = [book.note(req, single(book, k, req), None) for _ in range(3)]  # handed out, as Core does
     assert book.guard is not None
     book.guard.commit(*rs[2].key)
-    rules.missing_from(book, {rs[0].key})
+    rules.missing_from(book, {rs[0].key}, book.guard.mark())
     assert lost == [rs[1]]  # committed ones are not "lost"; the very reservation handed out
     assert book.guard.is_lost(*rs[1].key)
 
@@ -489,7 +489,7 @@ def test_on_lost_only_hears_of_reservations_handed_out(book: rules.Book) -> None
     book.on_lost = heard.append
     req = req_for()
     assert book.guard is not None and book.guard.reserve(req.gdst, req.proto, 0x4242, owner=book.owner)
-    rules.missing_from(book, set())
+    rules.missing_from(book, set(), book.guard.mark())
     assert heard == [] and book.stats.lost == 1
 
 

@@ -15,7 +15,7 @@ import ipaddress
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Generator, Iterable, Literal, TypeVar
+from typing import Callable, Generator, Iterable, Literal, Sequence, TypeVar
 
 from . import _backend, _lifecycle, _shared
 from . import _rules as rules
@@ -27,6 +27,7 @@ from ._lifecycle import close_copy
 from ._model import (
     Address,
     Direction,
+    KernelState,
     MarkSpec,
     Mode,
     Proto,
@@ -45,6 +46,7 @@ from ._model import (
 from ._netns import Namespace, NetnsSpec
 from ._shared import GuardSpec
 from .errors import BatchError, ClosedError, ForkedError, InvalidRequest, ReservationLost, SpiallocError
+from .guard import State
 from .ha import Partition
 
 T = TypeVar("T")
@@ -449,23 +451,49 @@ class Core:
         self.check_issued(items)
         # Deaths already queued first: a state that died has no EXPIRE left to
         # come, and its SPI may be another allocator's state by now.  Under
-        # the guard's deaths lock: another allocator's watcher may be acting
-        # on the same death.
+        # the guard's deaths lock until the tuples are forgotten: another
+        # allocator's watcher may be acting on the same death, and a resync
+        # (events overran) must not take a state deleted here, not yet
+        # forgotten, for a death.
         with book.guard.deaths_lock:
             self.poll()
             stale = rules.stale(book, items)
-        if stale:
-            raise ReservationLost(
-                f"{len(stale)} of {len(items)} reservations are not current (their state expired, or they "
-                f"were released; the SPI may be another's now), e.g. {stale[0]}: nothing was released",
-                stale,
-            )
-        return self.release_keys(keys, [r.token for r in items])
+            if stale:
+                raise ReservationLost(
+                    f"{len(stale)} of {len(items)} reservations are not current (their state expired or was "
+                    f"deleted, or they were released; the SPI may be another's now), e.g. {stale[0]}: "
+                    "nothing was released",
+                    stale,
+                )
+            installed = [k for k, r in zip(keys, items, strict=True) if book.guard.state(*r.key) is State.COMMITTED]
+            return self.release_keys(keys, [r.token for r in items], installed)
 
-    def release_keys(self, keys: list[rules.DelKey], tokens: list[int] | None = None) -> int:
+    def release_keys(
+        self, keys: list[rules.DelKey], tokens: list[int] | None = None, installed: Sequence[rules.DelKey] = ()
+    ) -> int:
         deleted = self.kernel.delete_all(keys)
+        if deleted < len(keys) and installed:
+            deleted += self._delete_moved(installed)
         rules.forget(self.book, keys, tokens)
         self.book.stats.released += deleted
+        return deleted
+
+    def _delete_moved(self, keys: Sequence[rules.DelKey]) -> int:
+        """Committed reservations whose SA a DELSA with the reservation's
+        mark did not find: an UPDSA may have given it another mark.  Each is
+        deleted with the mark it has now, when it is the only state on its
+        tuple (the tuple is ours: with two, which one is not provable)."""
+        wanted = {rules.guard_key(k): k for k in keys}
+        found: dict[rules.Key, list[KernelState]] = {}
+        for st in self.kernel.dump_states():
+            key = (address_key(st.dst), int(st.proto), st.spi)
+            if key in wanted:
+                found.setdefault(key, []).append(st)
+        deleted = 0
+        for key, states in found.items():
+            if len(states) == 1:
+                daddr, spi, family, proto, _ = wanted[key]
+                deleted += self.kernel.delete(daddr, spi, family, proto, states[0].mark)
         return deleted
 
     def check_issued(self, items: Iterable[Reservation]) -> None:

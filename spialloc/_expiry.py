@@ -1,13 +1,16 @@
-"""The expiry watcher: the kernel's EXPIRE events applied to an allocator's guard.
+"""The expiry watcher: the kernel's EXPIRE and SA events applied to an allocator's guard.
 
 A larval state lives ``net.core.xfrm_acq_expires`` seconds; when it dies its
 SPI is free for the next ALLOCSPI, whoever asks.  The watcher listens on
-``XFRMNLGRP_EXPIRE`` (decoded by ``monitor.decode_event``, the Monitor's own
-decoder) in a thread of its own, so a reservation whose state died is known
-as lost before its SPI can be handed out again: the guard frees the tuple,
-``on_lost`` hears of it, and ``commit`` raises.  A held reservation's state
-is made again instead.  If the kernel dropped events (ENOBUFS), a SAD dump
-finds the reservations that died unseen.
+``XFRMNLGRP_EXPIRE`` in a thread of its own, so a reservation whose state
+died is known as lost before its SPI can be handed out again: the guard
+frees the tuple, ``on_lost`` hears of it, and ``commit`` raises.  A held
+reservation's state is made again instead.  It listens on ``XFRMNLGRP_SA``
+too, for what others do to our states: a DELSA not sent by this process is
+a death like an expiry (a reservation is lost, a committed SA released), a
+FLUSHSA is checked against a dump, and an UPDSA that installs a real SA on
+a reserved tuple commits it, whoever sent it.  If the kernel dropped events
+(ENOBUFS), a SAD dump finds the reservations that died unseen.
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ from . import _rules as rules
 from . import _wire as w
 from ._kernel import Kernel
 from ._lifecycle import close_copy
-from ._model import address_key
+from ._model import guard_dst
 from ._netlink import XfrmSocket
 from ._netns import Namespace
 from .errors import DecodeError, SpiallocError, out_of_fds
-from .monitor import Expire, decode_event
 
 EXPIRE_GROUP = 1 << (w.XFRMNLGRP_EXPIRE - 1)
+#: DELSA, UPDSA and FLUSHSA, whoever sent them: outside changes to our states.
+SA_GROUP = 1 << (w.XFRMNLGRP_SA - 1)
 #: Room for ~1,000 queued EXPIRE events before the kernel drops some.
 EVENT_RCVBUF = 1 << 20
 
@@ -44,7 +48,7 @@ class ExpiryWatcher:
     def __init__(self, ns: Namespace, book: rules.Book, kernel: Kernel) -> None:
         self.book = book
         self.kernel = kernel
-        self.sock = XfrmSocket(ns, groups=EXPIRE_GROUP, rcvbuf=EVENT_RCVBUF)
+        self.sock = XfrmSocket(ns, groups=EXPIRE_GROUP | SA_GROUP, rcvbuf=EVENT_RCVBUF)
         opened: list[int] = []
         sel: selectors.BaseSelector | None = None
         try:
@@ -128,19 +132,49 @@ class ExpiryWatcher:
         return handled
 
     def _handle(self, data: memoryview) -> int:
+        """Apply one datagram of events; returns the deaths among them."""
+        guard = self.book.guard
+        if guard is None:
+            return 0
         handled = 0
-        for kind, _, _, _, payload in w.iter_messages(data):
+        flushed = False
+        for kind, _, seq, pid, payload in w.iter_messages(data):
             try:
-                ev = decode_event(kind, payload)
+                if kind == w.XFRM_MSG_EXPIRE:
+                    sa, hard = w.decode_expire(payload)
+                    if not hard:
+                        continue
+                    cause = 0
+                elif kind == w.XFRM_MSG_DELSA:
+                    if guard.owns_port(pid):
+                        continue  # release, purge or recovery: booked when sent
+                    sa = w.decode_delsa(payload)
+                    cause = (pid << 32 | seq) + 1
+                elif kind == w.XFRM_MSG_UPDSA:
+                    sa = w.decode_sa(payload)
+                    if not sa.larval:
+                        rules.installed(self.book, _key(sa))
+                    continue
+                elif kind == w.XFRM_MSG_FLUSHSA:
+                    flushed = True  # names no state: the dump below tells which
+                    continue
+                else:
+                    continue
             except DecodeError:
                 continue  # a message we cannot read is skipped, never fatal
-            if not isinstance(ev, Expire) or not ev.hard or self.book.guard is None:
-                continue
             handled += 1
-            key = (address_key(ev.dst), int(ev.proto), ev.spi)
-            if self.book.guard.first_death(*key, ev.state.added):
+            key = _key(sa)
+            before = guard.seen_death(*key, sa.add_time, cause)
+            if before is None or (before != guard.token(*key) and not self._in_sad(key)):
                 self.died(key)
+        if flushed:
+            self.resync()
         return handled
+
+    def _in_sad(self, key: rules.Key) -> bool:
+        """Whether a state holds the tuple now (a rare question: a second
+        report of a death with the same add time and cause)."""
+        return key in rules.state_keys(self.kernel.dump_states())
 
     def died(self, key: rules.Key) -> None:
         """One state is gone: renew it if held, else free it and report a loss
@@ -166,12 +200,16 @@ class ExpiryWatcher:
         return True
 
     def resync(self) -> None:
-        """EXPIRE events were dropped: anything the guard holds as reserved
-        that is no longer in the SAD has died unseen."""
+        """Events were dropped, or a FLUSHSA named no state: anything the
+        guard holds as ours that is no longer in the SAD has died unseen."""
         if self.book.guard is None:
             return
         before = self.book.guard.mark()
         rules.missing_from(self.book, rules.state_keys(self.kernel.dump_states()), before)
+
+
+def _key(sa: w.SaInfo) -> rules.Key:
+    return (guard_dst(sa.family, sa.daddr), sa.proto, sa.spi)
 
 
 def _watch(ref: weakref.ref[ExpiryWatcher], sel: selectors.BaseSelector, wake_fd: int) -> None:

@@ -54,6 +54,8 @@ class Kernel:
         self.engine = engine
         self.book = book
         self.sock = XfrmSocket(ns, rcvbuf=rcvbuf)
+        if book.guard is not None:
+            book.guard.adopt_port(self.sock.portid)
         self._lifetime: float | None = None
         self._probes: dict[bytes, Probe] = {}  # by Request.attrs
         #: Set by close(): a running engine round stops after its chunk.
@@ -122,7 +124,7 @@ class Kernel:
             if kind != w.XFRM_MSG_NEWSA or payload is None:
                 raise NetlinkError(errno.EPROTO, f"unexpected reply type {kind} to ALLOCSPI", "allocspi")
             sa = w.decode_sa(payload)
-            dmsg = bytearray(_delsa(sa.daddr, sa.spi, req.family, req.proto, req.mark))
+            dmsg = bytearray(_delsa(sa.daddr, sa.spi, req.family, req.proto, req.mark, self.sock.portid))
             seq = self.sock.next_seq()
             w.patch_seq(dmsg, 0, seq)
             _, _, ack = self.sock.transact_measured(bytes(dmsg), seq, "delsa")
@@ -224,7 +226,7 @@ class Kernel:
 
     def delete(self, daddr: bytes, spi: int, family: int, proto: int, mark: tuple[int, int] | None) -> bool:
         """One DELSA; False if the state was already gone."""
-        msg = bytearray(_delsa(daddr, spi, family, proto, mark))
+        msg = bytearray(_delsa(daddr, spi, family, proto, mark, self.sock.portid))
         with self.sock.lock:
             seq = self.sock.next_seq()
             w.patch_seq(msg, 0, seq)
@@ -246,7 +248,7 @@ class Kernel:
         # Messages differ only in size when some carry a mark: batch by size.
         by_size: dict[int, list[bytes]] = {}
         for k in keys:
-            m = _delsa(*k)
+            m = _delsa(*k, self.sock.portid)
             by_size.setdefault(len(m), []).append(m)
         deleted = 0
         sock = self.sock
@@ -346,8 +348,11 @@ def kept_in_reply(sa: w.SaInfo, field: str) -> bool:
     return getattr(sa, field) is not None
 
 
-def _delsa(daddr: bytes, spi: int, family: int, proto: int, mark: tuple[int, int] | None) -> bytes:
-    return w.delsa(0, w.usersa_id(daddr, spi, family, proto), w.sa_attrs(mark, None, None, None))
+def _delsa(daddr: bytes, spi: int, family: int, proto: int, mark: tuple[int, int] | None, portid: int) -> bytes:
+    # The kernel multicasts our DELSA to XFRMNLGRP_SA with the header's
+    # nlmsg_pid: with our port id there, every watcher on this guard can
+    # tell its deletes (already booked) from anyone else's (ip sends 0).
+    return w.delsa(0, w.usersa_id(daddr, spi, family, proto), w.sa_attrs(mark, None, None, None), portid=portid)
 
 
 def _no_acq_sysctl(exc: OSError | NamespaceError) -> SpiallocError:

@@ -38,6 +38,7 @@ from ._model import (
 )
 from .errors import (
     DuplicateSpi,
+    ReservationLost,
     SpiExhausted,
 )
 from .guard import OWNER_MASK, Guard, State, owner_of
@@ -528,6 +529,25 @@ def died(book: Book, key: Key) -> None:
         owner.origin.pop(key, None)
 
 
+def installed(book: Book, key: Key) -> None:
+    """An UPDSA (anyone's) turned the tuple's larval state into a real SA:
+    its current reservation is committed, as ``commit()`` would."""
+    guard = book.guard
+    assert guard is not None
+    owner, token = owner_book(book, key)
+    if not token:
+        return  # not a reservation of this guard (free, or another's state)
+    with owner.lock:
+        if key in owner.inflight:
+            return  # a running batch's: nobody knows its SPI yet
+        try:
+            guard.commit(*key, token)
+        except ReservationLost:
+            return
+        owner.held.pop(key, None)
+        owner.origin.pop(key, None)
+
+
 def renewable(book: Book, key: Key, now: float) -> tuple[Book, Request] | None:
     """A held reservation's state expired: its issuer's Book and the request
     to make it again (same SPI), or None when the hold ran out or the
@@ -556,12 +576,13 @@ def lost_reservation(book: Book, key: Key, token: int) -> Reservation | None:
 
 
 def missing_from(book: Book, present: set[Key], before: int) -> None:
-    """Reserved tuples whose state is not in the SAD died unseen: each goes
-    as ``died`` says.  ``before``: the guard's ``mark()`` taken before the
-    dump (a reservation made since may be missing only for being newer)."""
+    """Reserved or committed tuples whose state is not in the SAD died
+    unseen (expired, deleted, flushed): each goes as ``died`` says.
+    ``before``: the guard's ``mark()`` taken before the dump (a reservation
+    made since may be missing only for being newer)."""
     guard = book.guard
     assert guard is not None
-    for key in guard.reserved(before):
+    for key in guard.reserved(before, committed=True):
         if key not in present:
             died(book, key)
 

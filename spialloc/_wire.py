@@ -62,8 +62,10 @@ XFRM_MSG_ALLOCSPI = 22
 XFRM_MSG_ACQUIRE = 23
 XFRM_MSG_EXPIRE = 24
 XFRM_MSG_UPDSA = 26
+XFRM_MSG_FLUSHSA = 28
 
 # --- xfrm attributes --------------------------------------------------------
+XFRMA_SA = 6
 XFRMA_REPLAY_VAL = 10
 XFRMA_MARK = 21
 XFRMA_PROTO = 25
@@ -226,8 +228,8 @@ def usersa_id(daddr: bytes, spi: int, family: int, proto: int) -> bytes:
     return _USERSA_ID.pack(daddr, BE32.pack(spi), family, proto)
 
 
-def delsa(seq: int, sa_id: bytes, attrs: bytes, flags: int = NLM_F_REQUEST | NLM_F_ACK) -> bytes:
-    return message(XFRM_MSG_DELSA, flags, seq, sa_id + attrs)
+def delsa(seq: int, sa_id: bytes, attrs: bytes, flags: int = NLM_F_REQUEST | NLM_F_ACK, portid: int = 0) -> bytes:
+    return message(XFRM_MSG_DELSA, flags, seq, sa_id + attrs, portid)
 
 
 def getsa(seq: int, sa_id: bytes, attrs: bytes) -> bytes:
@@ -435,6 +437,30 @@ def decode_acquire(payload: memoryview) -> AcquireInfo:
             mode = value[48]
             break
     return AcquireInfo(daddr, BE32.unpack(spi)[0], proto, saddr, family, sel, reqid, mode, seq)
+
+
+def decode_delsa(payload: memoryview) -> SaInfo:
+    """A DELSA as the kernel multicasts it: a usersa_id, then the whole
+    state as an XFRMA_SA attribute, then the state's other attributes."""
+    if len(payload) < XFRM_USERSA_ID_LEN:
+        raise DecodeError(f"delsa payload of {len(payload)} bytes, need {XFRM_USERSA_ID_LEN}")
+    info = b""
+    rest = bytearray()
+    for kind, value in iter_attrs(payload[XFRM_USERSA_ID_LEN:]):
+        if kind == XFRMA_SA and not info:
+            info = bytes(value)
+        else:
+            rest += attr(kind, bytes(value))
+    if len(info) < XFRM_USERSA_INFO_LEN:
+        raise DecodeError("delsa event without the state (XFRMA_SA)")
+    return decode_sa(memoryview(info[:XFRM_USERSA_INFO_LEN] + bytes(rest)))
+
+
+def decode_flushsa(payload: memoryview) -> int:
+    """The protocol a FLUSHSA emptied (0: every IPsec protocol)."""
+    if len(payload) < 1:
+        raise DecodeError("flushsa payload is empty")
+    return payload[0]
 
 
 def decode_expire(payload: memoryview) -> tuple[SaInfo, bool]:

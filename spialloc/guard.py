@@ -78,9 +78,11 @@ __all__ = ["Guard", "GuardStats", "State", "LOST_CAPACITY", "owner_of"]
 #: How many expired tuples ``commit`` can still name as lost; a bound, so that
 #: a daemon whose SAs expire for months does not grow without limit.
 LOST_CAPACITY = 65536
-#: Deaths remembered for ``first_death``: far more than a watcher's socket
+#: Deaths remembered for ``seen_death``: far more than a watcher's socket
 #: buffer queues (about 1,000 events) before it overruns and resyncs.
 DEATHS_KEPT = 16384
+#: Port ids of request sockets remembered by ``adopt_port``.
+PORTS_KEPT = 4096
 #: Random probes before ``pick_free`` falls back to a scan: even at 97%
 #: density 32 probes find a free value 62% of the time (1 - 0.97**32).
 PROBES = 32
@@ -171,13 +173,14 @@ class Guard:
         self._collisions = 0
         self._lost_total = 0
         self._lost: OrderedDict[int, None] = OrderedDict()
-        self._deaths: OrderedDict[tuple[bytes, int, int, int], None] = OrderedDict()
+        self._deaths: OrderedDict[tuple[bytes, int, int, int, int], int] = OrderedDict()
         #: Held while one allocator acts on a death (renews or frees a tuple)
         #: and while one checks "still current?" before a DELSA or commit:
         #: with several watchers on one guard, a check must not fall between
-        #: another watcher's ``first_death`` and its freeing of the tuple.
+        #: another watcher's ``seen_death`` and its freeing of the tuple.
         #: Taken before any socket lock.
         self.deaths_lock: threading.RLock | InertLock = threading.RLock()
+        self._ports: OrderedDict[int, None] = OrderedDict()
         # Random start: a token from another guard or process (pickled, or
         # built by hand) practically never equals a live one here.
         self._serial = self._rng.getrandbits(40) + 1
@@ -546,19 +549,20 @@ class Guard:
                 out.append((spi, self._reserve(dst, proto, spi, owner)))
         return out
 
-    def reserved(self, before: int | None = None) -> list[tuple[bytes, int, int]]:
-        """A snapshot of the RESERVED tuples as (dst, proto, spi), e.g. to find
-        the larval states that died while expiry events were dropped.
-        ``before``: a ``mark()`` taken before a SAD dump; only reservations
-        made before it (a later one's state may be missing from the dump
-        only because it is newer)."""
+    def reserved(self, before: int | None = None, committed: bool = False) -> list[tuple[bytes, int, int]]:
+        """A snapshot of the RESERVED tuples (and the COMMITTED ones too, if
+        ``committed``) as (dst, proto, spi), e.g. to find the states that
+        died while events were dropped.  ``before``: a ``mark()`` taken
+        before a SAD dump; only reservations made before it (a later one's
+        state may be missing from the dump only because it is newer)."""
         with self._lock:
             dsts = self._dsts
             limit = None if before is None else before << OWNER_BITS
+            wanted = (_R, _C) if committed else (_R,)
             return [
                 (dsts[code >> 2 & _IDX_MASK], key >> 32 & 0xFF, key & _SPI_MAX)
                 for key, code in self._table.items()
-                if code & 3 == _R and (limit is None or code >> 32 < limit)
+                if code & 3 in wanted and (limit is None or code >> 32 < limit)
             ]
 
     def mark(self) -> int:
@@ -567,22 +571,45 @@ class Guard:
         with self._lock:
             return self._serial
 
-    def first_death(self, dst: bytes, proto: int, spi: int, added: int) -> bool:
-        """Whether this is the first report of the death of the state of this
-        tuple added at ``added`` (the kernel's add time, seconds).  Every
-        allocator sharing the guard has an expiry watcher and each receives
-        the kernel's one EXPIRE; only the first may act on it, or a late
-        copy would expire the tuple's next reservation.  A state of the
-        same tuple made after that death was added later, so it differs."""
+    def seen_death(self, dst: bytes, proto: int, spi: int, added: int, cause: int = 0) -> int | None:
+        """Record a report of the death of this tuple's state added at
+        ``added`` (the kernel's add time, seconds) of ``cause`` (0 for an
+        expiry, the deleting request's port and seq for a DELSA).  Returns
+        None the first time; after that, the token the tuple had when the
+        report was last recorded.
+
+        Every allocator sharing the guard has a watcher and each receives
+        the kernel's one EXPIRE or DELSA: a late copy must not end the
+        tuple's next reservation.  The same token now means a copy: skip it.
+        Another means either a copy, or the death of a newer state with the
+        same add time and cause (made and deleted by ip(8) within a second):
+        only the kernel can tell (is a state there?)."""
         dst, proto, spi = _check(dst, proto, spi)
-        death = (dst, proto, spi, added)
+        death = (dst, proto, spi, added, cause)
         with self._lock:
-            if death in self._deaths:
-                return False
-            self._deaths[death] = None
+            found = self._current(dst, proto, spi, None)
+            token = 0 if found is None else found[1] >> 32
+            before = self._deaths.get(death)
+            self._deaths[death] = token
+            self._deaths.move_to_end(death)
             if len(self._deaths) > DEATHS_KEPT:
                 self._deaths.popitem(last=False)
-            return True
+            return before
+
+    def adopt_port(self, portid: int) -> None:
+        """A request socket of an allocator on this guard: the DELSAs it
+        sends carry ``portid``, and are booked here as they are sent.
+        Kept after the socket closes (its events may be read later), up to
+        PORTS_KEPT, oldest out first."""
+        with self._lock:
+            self._ports[portid] = None
+            if len(self._ports) > PORTS_KEPT:
+                self._ports.popitem(last=False)
+
+    def owns_port(self, portid: int) -> bool:
+        """Whether a DELSA event came from an allocator on this guard (any
+        other delete, even by this process, is an outside change to it)."""
+        return portid != 0 and portid in self._ports
 
     def count_in(self, proto: int, dst: bytes) -> int:
         """Outstanding tuples of ``proto`` (scope "spi") or of (dst, proto)

@@ -461,6 +461,8 @@ def run_all_python_decoders(data: bytes) -> None:
         only_decode_error(w.decode_selector, view)
     only_decode_error(w.decode_acquire, view)
     only_decode_error(w.decode_expire, view)
+    only_decode_error(w.decode_delsa, view)
+    only_decode_error(w.decode_flushsa, view)
     for flags in (0, w.NLM_F_CAPPED, w.NLM_F_ACK_TLVS, w.NLM_F_CAPPED | w.NLM_F_ACK_TLVS):
         only_decode_error(w.decode_error, view, flags)
     for kind in (w.XFRM_MSG_ACQUIRE, w.XFRM_MSG_EXPIRE, w.XFRM_MSG_NEWSA, w.NLMSG_ERROR):
@@ -472,6 +474,7 @@ def run_all_python_decoders(data: bytes) -> None:
         only_decode_error(w.decode_sa, payload)
         only_decode_error(w.decode_acquire, payload)
         only_decode_error(w.decode_expire, payload)
+        only_decode_error(w.decode_delsa, payload)
         only_decode_error(decode_event, kind, payload)
         only_decode_error(w.iter_attrs, payload)
 

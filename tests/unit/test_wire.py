@@ -833,3 +833,20 @@ def test_message_and_attribute_numbers() -> None:
     assert (w.XFRMNLGRP_ACQUIRE, w.XFRMNLGRP_EXPIRE, w.XFRMNLGRP_SA) == (1, 2, 3)
     assert w.NETLINK_XFRM == 6
     assert (w.NLM_F_CAPPED, w.NLM_F_ACK_TLVS) == (0x100, 0x200)
+
+
+def test_decode_delsa_event_reads_the_state_from_xfrma_sa() -> None:
+    """The multicast DELSA: usersa_id, the state as XFRMA_SA (6), then the
+    state's other attributes at the top level (here a mark)."""
+    sa_id = w.usersa_id(addr16("10.1.2.3"), 0xC0010203, 2, 50)
+    payload = sa_id + nla(6, bytes(_usersa_info(add_time=1_700_000_123))) + nla(21, u32(0x10) + u32(0xFF))
+    sa = w.decode_delsa(memoryview(payload))
+    assert (sa.spi, sa.proto, sa.add_time, sa.mark) == (0xC0010203, 50, 1_700_000_123, (0x10, 0xFF))
+    assert sa.larval is True
+    with pytest.raises(DecodeError):
+        w.decode_delsa(memoryview(sa_id))  # no XFRMA_SA
+    with pytest.raises(DecodeError):
+        w.decode_delsa(memoryview(sa_id[:10]))
+    assert w.decode_flushsa(memoryview(b"\x32\0\0\0")) == 50
+    with pytest.raises(DecodeError):
+        w.decode_flushsa(memoryview(b""))

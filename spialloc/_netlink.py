@@ -7,6 +7,7 @@ per-SPI hot path: pyroute2's generic message classes cost ~70 us to encode and
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import itertools
 import math
@@ -30,6 +31,7 @@ DEFAULT_SNDBUF = 1 << 20
 #: costs 832 on 6.18, one with a mark 1,280 (the skb head moves up a slab).
 REPLY_TRUESIZE = 1024
 SO_MEMINFO = 55  # socket.h; SK_MEMINFO_RMEM_ALLOC is its first u32
+SO_ATTACH_FILTER = 26
 
 
 def wait_readable(fd: int, timeout: float | None) -> bool:
@@ -104,6 +106,14 @@ class XfrmSocket:
             # itertools.count is atomic under the GIL; skip ahead for a batch.
             self._seq = itertools.count(first + count)
         return first
+
+    def attach_filter(self, program: bytes) -> None:
+        """SO_ATTACH_FILTER: the kernel runs ``program`` (classic BPF, see
+        ``_wire.filter_own_events``) on every message before queueing it.
+        struct sock_fprog holds a pointer, hence ctypes for the buffer."""
+        buf = ctypes.create_string_buffer(program, len(program))
+        fprog = struct.pack("@HP", len(program) // w.SOCK_FILTER.size, ctypes.addressof(buf))
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
     def close(self) -> None:
         self.sock.close()

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from .errors import DecodeError
 
@@ -234,6 +234,46 @@ def delsa(seq: int, sa_id: bytes, attrs: bytes, flags: int = NLM_F_REQUEST | NLM
 
 def getsa(seq: int, sa_id: bytes, attrs: bytes) -> bytes:
     return message(XFRM_MSG_GETSA, NLM_F_REQUEST, seq, sa_id + attrs)
+
+
+# --- socket filter ---------------------------------------------------------------
+
+#: struct sock_filter { __u16 code; __u8 jt, jf; __u32 k; } (classic BPF)
+SOCK_FILTER = struct.Struct("=HBBI")
+_BPF_LDH_ABS, _BPF_LDW_ABS, _BPF_JEQ_K, _BPF_RET_K = 0x28, 0x20, 0x15, 0x06
+#: Most port ids one filter names; more are dropped in Python instead.
+FILTER_PORTS = 64
+
+
+def filter_own_events(ports: Sequence[int]) -> bytes:
+    """A classic BPF program for an event socket: drop NEWSA (nothing for
+    us) and the DELSAs whose nlmsg_pid is one of ``ports`` (our own
+    deletes), keep everything else.  BPF loads in network byte order and
+    the header is in host order, hence the swapped constants."""
+    ports = list(ports)[-FILTER_PORTS:]
+    n = len(ports)
+    # 0 ldh [type]; 1 NEWSA? -> drop; 2 DELSA? -> 3 else accept; 3 ld [pid];
+    # 4.. one jeq per port -> drop; then accept; drop.
+    accept, drop = 4 + n, 5 + n
+    ins = [
+        (_BPF_LDH_ABS, 0, 0, 4),
+        (_BPF_JEQ_K, drop - 2, 0, _swap16(XFRM_MSG_NEWSA)),
+        (_BPF_JEQ_K, 0, accept - 3, _swap16(XFRM_MSG_DELSA)),
+        (_BPF_LDW_ABS, 0, 0, 12),
+    ]
+    for i, port in enumerate(ports):
+        at = 4 + i
+        ins.append((_BPF_JEQ_K, drop - at - 1, 0, _swap32(port)))
+    ins += [(_BPF_RET_K, 0, 0, 0xFFFFFFFF), (_BPF_RET_K, 0, 0, 0)]
+    return b"".join(SOCK_FILTER.pack(*i) for i in ins)
+
+
+def _swap16(v: int) -> int:
+    return int.from_bytes(U16.pack(v), "big")
+
+
+def _swap32(v: int) -> int:
+    return int.from_bytes(U32.pack(v & 0xFFFFFFFF), "big")
 
 
 #: struct xfrm_address_filter { xfrm_address_t saddr, daddr; __u16 family; __u8 splen, dplen; }

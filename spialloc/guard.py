@@ -181,6 +181,7 @@ class Guard:
         #: Taken before any socket lock.
         self.deaths_lock: threading.RLock | InertLock = threading.RLock()
         self._ports: OrderedDict[int, None] = OrderedDict()
+        self._ports_version = 0
         # Random start: a token from another guard or process (pickled, or
         # built by hand) practically never equals a live one here.
         self._serial = self._rng.getrandbits(40) + 1
@@ -571,12 +572,15 @@ class Guard:
         with self._lock:
             return self._serial
 
-    def seen_death(self, dst: bytes, proto: int, spi: int, added: int, cause: int = 0) -> int | None:
+    def seen_death(
+        self, dst: bytes, proto: int, spi: int, added: int, cause: int = 0, again: bool = False
+    ) -> int | None:
         """Record a report of the death of this tuple's state added at
         ``added`` (the kernel's add time, seconds) of ``cause`` (0 for an
-        expiry, the deleting request's port and seq for a DELSA).  Returns
-        None the first time; after that, the token the tuple had when the
-        report was last recorded.
+        expiry, the deleting request's port and seq for a DELSA), with the
+        tuple's token now.  Returns None the first time; after that, the
+        token recorded, which only ``again`` (a second death acted on)
+        replaces: a copy that was skipped must not.
 
         Every allocator sharing the guard has a watcher and each receives
         the kernel's one EXPIRE or DELSA: a late copy must not end the
@@ -590,6 +594,8 @@ class Guard:
             found = self._current(dst, proto, spi, None)
             token = 0 if found is None else found[1] >> 32
             before = self._deaths.get(death)
+            if before is not None and not again:
+                return before
             self._deaths[death] = token
             self._deaths.move_to_end(death)
             if len(self._deaths) > DEATHS_KEPT:
@@ -605,6 +611,13 @@ class Guard:
             self._ports[portid] = None
             if len(self._ports) > PORTS_KEPT:
                 self._ports.popitem(last=False)
+            self._ports_version += 1
+
+    def ports(self) -> tuple[int, list[int]]:
+        """(version, port ids) of ``adopt_port``, newest last: what the
+        watchers' socket filters drop, refreshed when the version moves."""
+        with self._lock:
+            return self._ports_version, list(self._ports)
 
     def owns_port(self, portid: int) -> bool:
         """Whether a DELSA event came from an allocator on this guard (any

@@ -339,6 +339,9 @@ def test_a_death_is_seen_first_once_and_then_with_the_token_it_found() -> None:
     g.expire(D1, ESP, 7)
     t2 = g.reserve(D1, ESP, 7)
     assert g.seen_death(D1, ESP, 7, 1000) == t1 != t2  # ambiguous: the kernel decides
+    assert g.seen_death(D1, ESP, 7, 1000) == t1  # a skipped copy leaves the record
+    assert g.seen_death(D1, ESP, 7, 1000, again=True) == t1  # a second death acted on
+    assert g.seen_death(D1, ESP, 7, 1000) == t2
     assert g.seen_death(D1, ESP, 7, 1000, cause=5) is None  # a delete, not the expiry
     assert g.seen_death(D2, ESP, 7, 1000) is None
     assert g.seen_death(D1, AH, 7, 1000) is None

@@ -151,6 +151,9 @@ class ExpiryWatcher:
                     if guard.owns_port(pid):
                         self._refilter()  # an allocator joined since the filter was made
                         continue  # release, purge or recovery: booked when sent
+                    family, daddr, spi, proto = w.delsa_tuple(payload)
+                    if guard.state(guard_dst(family, daddr), proto, spi) is None:
+                        continue  # none of ours: others' SA churn costs only this
                     sa = w.decode_delsa(payload)
                     cause = (pid << 32 | seq) + 1
                 elif kind == w.XFRM_MSG_UPDSA:

@@ -496,6 +496,15 @@ def decode_delsa(payload: memoryview) -> SaInfo:
     return decode_sa(memoryview(info[:XFRM_USERSA_INFO_LEN] + bytes(rest)))
 
 
+def delsa_tuple(payload: memoryview) -> tuple[int, bytes, int, int]:
+    """(family, daddr, spi, proto) of a DELSA event, from its usersa_id
+    alone: enough to see that a delete is none of ours, without decoding."""
+    if len(payload) < XFRM_USERSA_ID_LEN:
+        raise DecodeError(f"delsa payload of {len(payload)} bytes, need {XFRM_USERSA_ID_LEN}")
+    daddr, spi, family, proto = _USERSA_ID.unpack_from(payload)
+    return family, daddr, BE32.unpack(spi)[0], proto
+
+
 def decode_flushsa(payload: memoryview) -> int:
     """The protocol a FLUSHSA emptied (0: every IPsec protocol)."""
     if len(payload) < 1:

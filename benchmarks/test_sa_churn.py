@@ -25,7 +25,7 @@ from spialloc import Allocator, Namespace, _expiry
 
 CHURN_DST = "10.9.0.1"
 DST = "10.0.0.1"
-PAIRS = 2000
+PAIRS = 20000
 
 
 def _churn(path: str, stop: Any, count: Any) -> None:

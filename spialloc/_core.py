@@ -465,16 +465,19 @@ class Core:
                     "nothing was released",
                     stale,
                 )
-            installed = [k for k, r in zip(keys, items, strict=True) if book.guard.state(*r.key) is State.COMMITTED]
-            return self.release_keys(keys, [r.token for r in items], installed)
+            return self.release_keys(keys, items)
 
-    def release_keys(
-        self, keys: list[rules.DelKey], tokens: list[int] | None = None, installed: Sequence[rules.DelKey] = ()
-    ) -> int:
+    def release_keys(self, keys: list[rules.DelKey], items: Sequence[Reservation] | None = None) -> int:
+        """DELSA for ``keys`` and forget their tuples (given the reservations
+        they came from, only those reservations' entries)."""
         deleted = self.kernel.delete_all(keys)
-        if deleted < len(keys) and installed:
-            deleted += self._delete_moved(installed)
-        rules.forget(self.book, keys, tokens)
+        guard = self.book.guard
+        if deleted < len(keys) and items is not None and guard is not None:
+            # Rare: only then look for SAs installed with another mark.
+            installed = [k for k, r in zip(keys, items, strict=True) if guard.state(*r.key) is State.COMMITTED]
+            if installed:
+                deleted += self._delete_moved(installed)
+        rules.forget(self.book, keys, None if items is None else [r.token for r in items])
         self.book.stats.released += deleted
         return deleted
 
@@ -486,7 +489,7 @@ class Core:
         wanted = {rules.guard_key(k): k for k in keys}
         found: dict[rules.Key, list[KernelState]] = {}
         for st in self.kernel.dump_states():
-            key = (address_key(st.dst), int(st.proto), st.spi)
+            key = rules.state_key(st)
             if key in wanted:
                 found.setdefault(key, []).append(st)
         deleted = 0

@@ -588,7 +588,12 @@ def missing_from(book: Book, present: set[Key], before: int) -> None:
 
 
 def state_keys(states: Iterable[KernelState]) -> set[Key]:
-    return {(address_key(s.dst), int(s.proto), s.spi) for s in states}
+    return {state_key(s) for s in states}
+
+
+def state_key(st: KernelState) -> Key:
+    """The guard's tuple for a state of the SAD."""
+    return (address_key(st.dst), int(st.proto), st.spi)
 
 
 def seed_foreign(book: Book, states: Sequence[KernelState]) -> int:

@@ -163,6 +163,15 @@ static const int SPIALLOC_OFFSETOF_ACQUIRE_POLICY = offsetof(struct xfrm_user_ac
 static const int SPIALLOC_OFFSETOF_ACQUIRE_SEQ = offsetof(struct xfrm_user_acquire, seq);
 static const int SPIALLOC_OFFSETOF_TMPL_REQID = offsetof(struct xfrm_user_tmpl, reqid);
 static const int SPIALLOC_OFFSETOF_TMPL_MODE = offsetof(struct xfrm_user_tmpl, mode);
+static const int SPIALLOC_OFFSETOF_SA_LFT = SPIALLOC_SA_OFF(lft);
+static const int SPIALLOC_OFFSETOF_ACQUIRE_ALGOS = offsetof(struct xfrm_user_acquire, aalgos);
+static const int SPIALLOC_OFFSETOF_POLICY_LFT = offsetof(struct xfrm_userpolicy_info, lft);
+static const int SPIALLOC_OFFSETOF_POLICY_PRIORITY = offsetof(struct xfrm_userpolicy_info, priority);
+static const int SPIALLOC_OFFSETOF_POLICY_INDEX = offsetof(struct xfrm_userpolicy_info, index);
+static const int SPIALLOC_OFFSETOF_POLICY_DIR = offsetof(struct xfrm_userpolicy_info, dir);
+static const int SPIALLOC_OFFSETOF_TMPL_FAMILY = offsetof(struct xfrm_user_tmpl, family);
+static const int SPIALLOC_OFFSETOF_TMPL_SADDR = offsetof(struct xfrm_user_tmpl, saddr);
+static const int SPIALLOC_OFFSETOF_TMPL_AALGOS = offsetof(struct xfrm_user_tmpl, aalgos);
 static const int SPIALLOC_OFFSETOF_USERSA_ID_FAMILY = offsetof(struct xfrm_usersa_id, family);
 static const int SPIALLOC_OFFSETOF_USERSA_ID_PROTO = offsetof(struct xfrm_usersa_id, proto);
 

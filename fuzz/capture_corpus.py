@@ -187,8 +187,49 @@ def capture_events() -> None:
     s.close()
 
 
+def capture_acquires() -> None:
+    """ACQUIREs that carry what binding needs: a marked IPv4 tunnel policy,
+    an IPv6 transport policy with a priority and an index of our own, and an
+    AH+ESP bundle (two templates; the ACQUIRE is for the first SA missing)."""
+    ev = xfrm_socket(groups=1 << (w.XFRMNLGRP_ACQUIRE - 1))
+    sh("ip", "link", "add", "qa", "type", "veth", "peer", "name", "qb")
+    sh("ip", "link", "set", "qa", "up")
+    sh("ip", "link", "set", "qb", "up")
+    sh("ip", "addr", "add", "10.98.0.1/24", "dev", "qa")
+    sh("ip", "-6", "addr", "add", "fd00:98::1/64", "dev", "qa", "nodad")
+    sh("ip", "xfrm", "policy", "add", "src", "10.98.0.1/32", "dst", "10.98.0.2/32", "dir", "out",
+       "mark", "0x70", "mask", "0xf0",
+       "tmpl", "src", "10.98.0.1", "dst", "10.98.0.2", "proto", "esp", "mode", "tunnel", "reqid", "7")
+    sh("ip", "xfrm", "policy", "add", "src", "fd00:98::1/128", "dst", "fd00:98::2/128", "proto", "udp", "dir", "out",
+       "priority", "100", "index", "0x4449", "tmpl", "proto", "esp", "mode", "transport", "reqid", "9")
+    sh("ip", "xfrm", "policy", "add", "src", "10.98.0.1/32", "dst", "10.98.0.3/32", "dir", "out",
+       "tmpl", "proto", "ah", "mode", "transport", "reqid", "11",
+       "tmpl", "proto", "esp", "mode", "transport", "reqid", "12")
+    for family, dst, mark, name in (
+        (socket.AF_INET, "10.98.0.2", 0x75, "acquire_mark_tunnel.bin"),
+        (socket.AF_INET6, "fd00:98::2", 0, "acquire_v6_transport.bin"),
+        (socket.AF_INET, "10.98.0.3", 0, "acquire_bundle.bin"),
+    ):
+        u = socket.socket(family, socket.SOCK_DGRAM)
+        if mark:
+            u.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        try:
+            u.sendto(b"x", (dst, 9))
+        except OSError:
+            pass
+        u.close()
+        got = [d for d in recv_all(ev, 2.0) if w.NLMSGHDR.unpack_from(d)[1] == w.XFRM_MSG_ACQUIRE]
+        assert got, f"no ACQUIRE for {dst}"
+        save(EVENTS, name, got[0])
+    ev.close()
+
+
 if __name__ == "__main__":
     if os.environ.get("SPIALLOC_CAPTURE_INNER") != "1":
         env = dict(os.environ, SPIALLOC_CAPTURE_INNER="1")
-        sys.exit(subprocess.run(["unshare", "-n", sys.executable, __file__], env=env).returncode)
-    capture()
+        sys.exit(subprocess.run(["unshare", "-n", sys.executable, __file__, *sys.argv[1:]], env=env).returncode)
+    if sys.argv[1:] == ["acquires"]:  # only these, leaving the other files as they are
+        capture_acquires()
+    else:
+        capture()
+        capture_acquires()

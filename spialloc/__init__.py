@@ -12,16 +12,20 @@ from __future__ import annotations
 from ._model import (
     DEFAULT_CPI_RANGE,
     DEFAULT_SPI_RANGE,
+    INF,
     Direction,
     KernelState,
+    Lifetime,
     Mode,
     Proto,
     Reservation,
+    Selector,
 )
 from ._netns import Namespace
 from .aio import AsyncAllocator
 from .allocator import Allocator, AllocatorStats, BatchResult
 from .errors import (
+    AlreadyBound,
     BatchError,
     ClosedError,
     DecodeError,
@@ -39,14 +43,17 @@ from .errors import (
 )
 from .guard import Guard, GuardStats, State
 from .ha import Partition, check_disjoint
-from .monitor import Acquire, Event, EventsLost, Expire, Monitor, Selector
+from .monitor import Acquire, AcquirePolicy, Event, EventsLost, Expire, Monitor, Template
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_CPI_RANGE",
     "DEFAULT_SPI_RANGE",
+    "INF",
     "Acquire",
+    "AcquirePolicy",
+    "AlreadyBound",
     "Allocator",
     "AsyncAllocator",
     "AllocatorStats",
@@ -65,6 +72,7 @@ __all__ = [
     "InsufficientPrivilege",
     "InvalidRequest",
     "KernelState",
+    "Lifetime",
     "Mode",
     "Monitor",
     "Namespace",
@@ -79,6 +87,7 @@ __all__ = [
     "SpiExhausted",
     "SpiallocError",
     "State",
+    "Template",
     "UnsupportedByKernel",
     "backend",
     "check_disjoint",

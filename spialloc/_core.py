@@ -37,6 +37,7 @@ from ._model import (
     build_request,
     check_int,
     pack_address,
+    parse_direction,
     parse_dst,
     parse_mark,
     parse_proto,
@@ -48,6 +49,7 @@ from ._shared import GuardSpec
 from .errors import BatchError, ClosedError, ForkedError, InvalidRequest, ReservationLost, SpiallocError
 from .guard import State
 from .ha import Partition
+from .monitor import Acquire
 
 T = TypeVar("T")
 
@@ -236,6 +238,37 @@ class Core:
                 self._req_cache.clear()
             self._req_cache[args] = req
         return req
+
+    def request_for(self, acquire: object, spi_range: tuple[int, int] | None, direction: str | int | None) -> Request:
+        """The request that binds a kernel ACQUIRE: every field the kernel
+        matches the ACQ state by comes from the event."""
+        if not isinstance(acquire, Acquire):
+            raise InvalidRequest(f"allocate_for takes a spialloc.Acquire event, got {type(acquire).__name__}")
+        if not acquire.seq:
+            raise InvalidRequest("this Acquire has seq 0: the kernel never sends that; nothing to bind")
+        if acquire.mode is None:
+            raise InvalidRequest(f"ACQUIRE seq {acquire.seq} carries no template: its mode is unknown")
+        if parse_direction(direction) is Direction.IN:
+            # ACQUIREs come from output lookups: the ACQ state is the outbound
+            # SA, and 6.10+ kernels make it with direction out.  "in" would
+            # turn it around and the UPDSA that installs it would then fail.
+            raise InvalidRequest(
+                f"ACQUIRE seq {acquire.seq}: its ACQ state is the outbound SA (direction out, or none "
+                "before Linux 6.10); allocate the inbound SPI with allocate(..., direction='in')"
+            )
+        return self.request(
+            acquire.dst,
+            acquire.proto,
+            acquire.src,
+            spi_range,
+            acquire.mode,
+            acquire.reqid,
+            acquire.mark,
+            acquire.if_id,
+            direction,
+            acquire.seq,
+            acquire.pcpu,
+        )
 
     def effective_range(self, proto: Proto, spi_range: object) -> tuple[int, int]:
         """The range to ask for: the caller's or the allocator's default,

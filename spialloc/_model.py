@@ -410,6 +410,77 @@ def reservation_from(req: Request, spi: int, now: float | None = None, token: in
     return r
 
 
+#: "No limit" in a lifetime (the kernel's XFRM_INF).
+INF = (1 << 64) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Selector:
+    """A traffic selector (struct xfrm_selector): which packets a policy or
+    state applies to.  Ports are in host order; 0 and a prefix length of 0
+    mean "any"."""
+
+    src: IPAddress
+    dst: IPAddress
+    prefixlen_s: int
+    prefixlen_d: int
+    proto: int  # upper-layer protocol, 0 = any
+    sport: int
+    dport: int
+    ifindex: int
+    user: int = 0  # uid of a socket policy's owner
+
+    @classmethod
+    def from_wire(cls, sel: w.Selector, family: int) -> Selector:
+        """``family``: the one to read the addresses in when the selector
+        has none (a selector of all zeros)."""
+        fam = sel.family or family
+        return cls(
+            src=unpack_address(fam, sel.saddr),
+            dst=unpack_address(fam, sel.daddr),
+            prefixlen_s=sel.prefixlen_s,
+            prefixlen_d=sel.prefixlen_d,
+            proto=sel.proto,
+            sport=sel.sport,
+            dport=sel.dport,
+            ifindex=sel.ifindex,
+            user=sel.user,
+        )
+
+    def __str__(self) -> str:
+        out = f"src {self.src}/{self.prefixlen_s} dst {self.dst}/{self.prefixlen_d}"
+        if self.proto:
+            out += f" proto {self.proto}"
+        if self.sport:
+            out += f" sport {self.sport}"
+        if self.dport:
+            out += f" dport {self.dport}"
+        if self.ifindex:
+            out += f" dev {self.ifindex}"
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Lifetime:
+    """Limits of a state or policy (struct xfrm_lifetime_cfg): soft ones
+    make the kernel send a soft EXPIRE, hard ones delete.  ``INF``: no
+    limit; 0 seconds: no time limit.  A larval state's
+    ``hard_add_expires`` is ``net.core.xfrm_acq_expires``: when it dies."""
+
+    soft_bytes: int = INF
+    hard_bytes: int = INF
+    soft_packets: int = INF
+    hard_packets: int = INF
+    soft_add_expires: int = 0
+    hard_add_expires: int = 0
+    soft_use_expires: int = 0
+    hard_use_expires: int = 0
+
+    @classmethod
+    def from_wire(cls, lft: w.Lifetime) -> Lifetime:
+        return cls(*lft)
+
+
 @dataclass(frozen=True, slots=True)
 class KernelState:
     """A state in the kernel's SAD, as GETSA or a dump reports it."""
@@ -426,6 +497,13 @@ class KernelState:
     acquire_seq: int  # km.seq: non-zero for states made by a kernel ACQUIRE
     larval: bool  # no algorithms: made by ALLOCSPI or ACQUIRE, not installed
     added: int  # seconds since the epoch
+    pcpu: int | None = None  # XFRMA_SA_PCPU: the CPU of a per-CPU SA
+    selector: Selector | None = None
+    lifetime: Lifetime = field(default_factory=Lifetime)
+    used: int = 0  # seconds since the epoch the state last carried a packet, 0: never
+    byte_count: int = 0  # what it carried
+    packet_count: int = 0
+    replay_window: int = 0
 
     @classmethod
     def from_wire(cls, sa: w.SaInfo) -> KernelState:
@@ -452,6 +530,13 @@ class KernelState:
             acquire_seq=sa.seq,
             larval=sa.larval,
             added=sa.add_time,
+            pcpu=sa.pcpu,
+            selector=Selector.from_wire(sa.selector, sa.family),
+            lifetime=Lifetime.from_wire(sa.lifetime),
+            used=sa.current[3],
+            byte_count=sa.current[0],
+            packet_count=sa.current[1],
+            replay_window=sa.replay_window,
         )
 
     def reservation(self) -> Reservation:

@@ -65,11 +65,15 @@ XFRM_MSG_UPDSA = 26
 XFRM_MSG_FLUSHSA = 28
 
 # --- xfrm attributes --------------------------------------------------------
+XFRMA_TMPL = 5
 XFRMA_SA = 6
+XFRMA_SEC_CTX = 8
 XFRMA_REPLAY_VAL = 10
+XFRMA_POLICY_TYPE = 16
 XFRMA_MARK = 21
 XFRMA_PROTO = 25
 XFRMA_ADDRESS_FILTER = 26
+XFRMA_OFFLOAD_DEV = 28
 XFRMA_IF_ID = 31
 XFRMA_SA_DIR = 33
 XFRMA_SA_PCPU = 35
@@ -122,6 +126,7 @@ NLMSGERR_LEN = 20
 # Offsets inside struct xfrm_usersa_info (also the first 224 bytes of
 # xfrm_userspi_info and of xfrm_user_expire).
 SA_SEL = 0
+SA_LFT = 96
 SA_ID_DADDR = 56
 SA_ID_SPI = 72
 SA_ID_PROTO = 76
@@ -142,7 +147,17 @@ ACQ_ID = 0
 ACQ_SADDR = 24
 ACQ_SEL = 40
 ACQ_POLICY = 96
+ACQ_ALGOS = 264  # aalgos, ealgos, calgos of the template that triggered
 ACQ_SEQ = 276
+
+# Offsets inside struct xfrm_userpolicy_info
+POL_LFT = 56
+POL_PRIORITY = 152  # priority, index, dir, action, flags, share
+
+# Offsets inside struct xfrm_user_tmpl
+TMPL_FAMILY = 24
+TMPL_REQID = 44
+TMPL_MODE = 48
 
 # Offsets inside the ALLOCSPI message (header included): what the batch
 # engines patch per request.
@@ -157,6 +172,12 @@ _SA_HEAD = struct.Struct("=16s4sB3x16s")  # at SA_ID_DADDR
 _SA_TAIL = struct.Struct("=IIHBBB")  # seq reqid family mode replay_window flags
 _CURLFT = struct.Struct("=QQQQ")  # bytes packets add_time use_time
 _SELECTOR = struct.Struct("=16s16s2s2s2s2sHBBB3xiI")  # ports are big endian
+_LIFETIME_CFG = struct.Struct("=8Q")
+_POLICY_TAIL = struct.Struct("=IIBBBB")  # at POL_PRIORITY
+_ALGOS = struct.Struct("=III")
+# daddr spi proto | family | saddr reqid mode share optional | aalgos ealgos calgos
+_TMPL = struct.Struct("=16s4sB3xH2x16sIBBBxIII")
+_OFFLOAD = struct.Struct("=iB")  # struct xfrm_user_offload (ifindex, flags)
 _USERSA_ID = struct.Struct("=16s4sHB1x")
 _SPI_RANGE = struct.Struct("=II")
 
@@ -360,6 +381,47 @@ def decode_alloc_reply(payload: memoryview) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class Selector:
+    family: int
+    daddr: bytes
+    saddr: bytes
+    dport: int
+    sport: int
+    prefixlen_d: int
+    prefixlen_s: int
+    proto: int
+    ifindex: int
+    user: int = 0
+
+
+#: A selector of all zeros (what a dump entry without one would carry).
+NO_SELECTOR = Selector(0, bytes(16), bytes(16), 0, 0, 0, 0, 0, 0)
+#: struct xfrm_lifetime_cfg as eight numbers; "no limit" is 2**64 - 1.
+Lifetime = tuple[int, int, int, int, int, int, int, int]
+NO_LIFETIME: Lifetime = (0, 0, 0, 0, 0, 0, 0, 0)
+
+
+def decode_selector(buf: memoryview, offset: int = 0) -> Selector:
+    if len(buf) - offset < XFRM_SELECTOR_LEN:
+        raise DecodeError(f"selector of {len(buf) - offset} bytes, need {XFRM_SELECTOR_LEN}")
+    (daddr, saddr, dport, _, sport, _, family, plen_d, plen_s, proto, ifindex, user) = _SELECTOR.unpack_from(
+        buf, offset
+    )
+    return Selector(
+        family=family,
+        daddr=daddr,
+        saddr=saddr,
+        dport=int.from_bytes(dport, "big"),
+        sport=int.from_bytes(sport, "big"),
+        prefixlen_d=plen_d,
+        prefixlen_s=plen_s,
+        proto=proto,
+        ifindex=ifindex,
+        user=user,
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class SaInfo:
     """One state as the kernel reports it (NEWSA reply, dump entry, expire)."""
 
@@ -378,14 +440,18 @@ class SaInfo:
     direction: int | None
     pcpu: int | None
     larval: bool  # no algorithms attached: only ALLOCSPI/ACQUIRE made it
+    selector: Selector = NO_SELECTOR
+    lifetime: Lifetime = NO_LIFETIME
+    current: tuple[int, int, int, int] = (0, 0, 0, 0)  # bytes, packets, add_time, use_time
+    replay_window: int = 0
 
 
 def decode_sa(payload: memoryview) -> SaInfo:
     if len(payload) < XFRM_USERSA_INFO_LEN:
         raise DecodeError(f"usersa_info payload of {len(payload)} bytes, need {XFRM_USERSA_INFO_LEN}")
     daddr, spi, proto, saddr = _SA_HEAD.unpack_from(payload, SA_ID_DADDR)
-    seq, reqid, family, mode, _, flags = _SA_TAIL.unpack_from(payload, SA_SEQ)
-    add_time = _CURLFT.unpack_from(payload, SA_CURLFT)[2]
+    seq, reqid, family, mode, replay_window, flags = _SA_TAIL.unpack_from(payload, SA_SEQ)
+    current = _CURLFT.unpack_from(payload, SA_CURLFT)
     mark = if_id = direction = pcpu = None
     larval = True
     for kind, value in iter_attrs(payload[XFRM_USERSA_INFO_LEN:]):
@@ -409,43 +475,49 @@ def decode_sa(payload: memoryview) -> SaInfo:
         reqid=reqid,
         seq=seq,
         flags=flags,
-        add_time=add_time,
+        add_time=current[2],
         mark=mark,
         if_id=if_id,
         direction=direction,
         pcpu=pcpu,
         larval=larval,
+        selector=decode_selector(payload, SA_SEL),
+        lifetime=_LIFETIME_CFG.unpack_from(payload, SA_LFT),
+        current=current,
+        replay_window=replay_window,
     )
 
 
 @dataclass(frozen=True, slots=True)
-class Selector:
-    family: int
+class TmplInfo:
+    """struct xfrm_user_tmpl: one SA a policy asks for."""
+
     daddr: bytes
-    saddr: bytes
-    dport: int
-    sport: int
-    prefixlen_d: int
-    prefixlen_s: int
+    spi: int
     proto: int
-    ifindex: int
+    family: int
+    saddr: bytes
+    reqid: int
+    mode: int
+    share: int
+    optional: int
+    aalgos: int
+    ealgos: int
+    calgos: int
 
 
-def decode_selector(buf: memoryview) -> Selector:
-    if len(buf) < XFRM_SELECTOR_LEN:
-        raise DecodeError(f"selector of {len(buf)} bytes, need {XFRM_SELECTOR_LEN}")
-    (daddr, saddr, dport, _, sport, _, family, plen_d, plen_s, proto, ifindex, _) = _SELECTOR.unpack_from(buf, 0)
-    return Selector(
-        family=family,
-        daddr=daddr,
-        saddr=saddr,
-        dport=int.from_bytes(dport, "big"),
-        sport=int.from_bytes(sport, "big"),
-        prefixlen_d=plen_d,
-        prefixlen_s=plen_s,
-        proto=proto,
-        ifindex=ifindex,
-    )
+@dataclass(frozen=True, slots=True)
+class PolicyInfo:
+    """The parts of struct xfrm_userpolicy_info an ACQUIRE carries."""
+
+    selector: Selector
+    lifetime: Lifetime
+    priority: int
+    index: int
+    dir: int
+    action: int
+    flags: int
+    share: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -454,29 +526,106 @@ class AcquireInfo:
     spi: int
     proto: int
     saddr: bytes
-    family: int  # of the SA: the first template's, else the selector's
+    family: int  # of the SA: the matching template's, else the selector's
     selector: Selector
-    reqid: int  # first template's reqid (0 when no template attribute)
+    reqid: int  # the matching template's reqid (0 when no template attribute)
     mode: int | None
     seq: int
+    policy: PolicyInfo | None = None
+    aalgos: int = 0
+    ealgos: int = 0
+    calgos: int = 0
+    templates: tuple[TmplInfo, ...] = ()
+    mark: tuple[int, int] | None = None
+    if_id: int | None = None
+    pcpu: int | None = None
+    policy_type: int | None = None
+    sec_ctx: bytes | None = None
+    offload: tuple[int, int] | None = None
+
+
+def decode_tmpl(value: memoryview, offset: int) -> TmplInfo:
+    daddr, spi, proto, family, saddr, reqid, mode, share, optional, aalgos, ealgos, calgos = _TMPL.unpack_from(
+        value, offset
+    )
+    return TmplInfo(
+        daddr, BE32.unpack(spi)[0], proto, family, saddr, reqid, mode, share, optional, aalgos, ealgos, calgos
+    )
 
 
 def decode_acquire(payload: memoryview) -> AcquireInfo:
+    """struct xfrm_user_acquire and every attribute build_acquire() puts
+    after it (net/xfrm/xfrm_user.c): the policy's templates, security
+    context, type, mark, if_id, offload device and the state's per-CPU id."""
     if len(payload) < XFRM_USER_ACQUIRE_LEN:
         raise DecodeError(f"acquire payload of {len(payload)} bytes, need {XFRM_USER_ACQUIRE_LEN}")
     daddr, spi, proto, saddr = _SA_HEAD.unpack_from(payload, ACQ_ID)
-    sel = decode_selector(payload[ACQ_SEL : ACQ_SEL + XFRM_SELECTOR_LEN])
+    sel = decode_selector(payload, ACQ_SEL)
+    priority, index, pdir, action, pflags, share = _POLICY_TAIL.unpack_from(payload, ACQ_POLICY + POL_PRIORITY)
+    policy = PolicyInfo(
+        selector=decode_selector(payload, ACQ_POLICY),
+        lifetime=_LIFETIME_CFG.unpack_from(payload, ACQ_POLICY + POL_LFT),
+        priority=priority,
+        index=index,
+        dir=pdir,
+        action=action,
+        flags=pflags,
+        share=share,
+    )
+    aalgos, ealgos, calgos = _ALGOS.unpack_from(payload, ACQ_ALGOS)
     (seq,) = U32.unpack_from(payload, ACQ_SEQ)
-    reqid, mode, family = 0, None, sel.family
+    templates: tuple[TmplInfo, ...] = ()
+    mark = if_id = pcpu = ptype = ctx = offload = None
     for kind, value in iter_attrs(payload[XFRM_USER_ACQUIRE_LEN:]):
-        if kind == 5 and len(value) >= XFRM_USER_TMPL_LEN:  # XFRMA_TMPL, first template
-            # The template's family is the SA's (outer) one; the selector's may
-            # be the inner family of a mixed-family tunnel.
-            family = U16.unpack_from(value, 24)[0]
-            reqid = U32.unpack_from(value, 44)[0]
-            mode = value[48]
-            break
-    return AcquireInfo(daddr, BE32.unpack(spi)[0], proto, saddr, family, sel, reqid, mode, seq)
+        if kind == XFRMA_TMPL and not templates:
+            templates = tuple(
+                decode_tmpl(value, o) for o in range(0, len(value) - XFRM_USER_TMPL_LEN + 1, XFRM_USER_TMPL_LEN)
+            )
+        elif kind == XFRMA_MARK and len(value) >= XFRM_MARK_LEN:
+            mark = XFRM_MARK.unpack_from(value)
+        elif kind == XFRMA_IF_ID and len(value) >= 4:
+            if_id = U32.unpack_from(value)[0]
+        elif kind == XFRMA_SA_PCPU and len(value) >= 4:
+            pcpu = U32.unpack_from(value)[0]
+        elif kind == XFRMA_POLICY_TYPE and len(value) >= 1:
+            ptype = value[0]
+        elif kind == XFRMA_SEC_CTX and len(value) >= 8:
+            # struct xfrm_user_sec_ctx: len, exttype, alg, doi, ctx_len, then the context
+            ctx_len = U16.unpack_from(value, 6)[0]
+            ctx = bytes(value[8 : 8 + ctx_len])
+        elif kind == XFRMA_OFFLOAD_DEV and len(value) >= _OFFLOAD.size:
+            offload = _OFFLOAD.unpack_from(value)
+    # The template the ACQ state was made for: the first one for the state's
+    # protocol and destination (a bundle, AH+ESP say, lists every SA).  Its
+    # family is the SA's (outer) one; the selector's may be the inner family
+    # of a mixed-family tunnel.
+    family, reqid, mode = sel.family, 0, None
+    match = next((t for t in templates if t.proto == proto and t.daddr == daddr), None)
+    match = match or next((t for t in templates if t.proto == proto), None) or (templates[0] if templates else None)
+    if match is not None:
+        family, reqid, mode = match.family, match.reqid, match.mode
+    return AcquireInfo(
+        daddr,
+        BE32.unpack(spi)[0],
+        proto,
+        saddr,
+        family,
+        sel,
+        reqid,
+        mode,
+        seq,
+        policy=policy,
+        aalgos=aalgos,
+        ealgos=ealgos,
+        calgos=calgos,
+        templates=templates,
+        mark=mark,
+        if_id=if_id,
+        pcpu=pcpu,
+        policy_type=ptype,
+        sec_ctx=ctx,
+        offload=offload,
+    )
 
 
 def decode_delsa(payload: memoryview) -> SaInfo:

@@ -24,6 +24,7 @@ import functools
 import warnings
 from typing import Any, Callable, Iterable, TypeVar
 
+from . import _binding as binding
 from . import _lifecycle
 from . import _rules as rules
 from . import _wire as w
@@ -36,6 +37,7 @@ from ._rules import AllocatorStats
 from .allocator import Allocator
 from .errors import ClosedError, ForkedError, NetlinkError, SpiallocError, from_errno
 from .guard import Guard
+from .monitor import Acquire
 
 T = TypeVar("T")
 
@@ -187,6 +189,32 @@ class AsyncAllocator:
         core.check_open()
         until = core.hold_until(hold)
         req = core.request(dst, proto, src, spi_range, mode, reqid, mark, if_id, direction, seq, pcpu)
+        if not req.seq:
+            return await self._allocate(req, until)
+        binding.check(req.seq)
+        r = await self._allocate(req, until)
+        binding.bound(req.seq, r, False)
+        return r
+
+    async def allocate_for(
+        self,
+        acquire: Acquire,
+        *,
+        spi_range: tuple[int, int] | None = None,
+        direction: str | int | None = None,
+        hold: float | None = None,
+    ) -> Reservation:
+        """``Allocator.allocate_for`` as a coroutine.  Cancelled before the
+        kernel answered, the seq may be bound again."""
+        core = self._core
+        core.check_open()
+        until = core.hold_until(hold)
+        req = core.request_for(acquire, spi_range, direction)
+        with binding.Claim(req.seq) as claim:
+            return claim.done(await self._allocate(req, until))
+
+    async def _allocate(self, req: Request, until: float | None) -> Reservation:
+        core = self._core
         book = core.book
         if book.guard is None:
             return book.won(req, await self._alloc_one(req, req.spi_min, req.spi_max), 0)

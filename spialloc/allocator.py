@@ -14,6 +14,7 @@ import warnings
 from dataclasses import replace
 from typing import Callable, Iterable, Literal, overload
 
+from . import _binding as binding
 from . import _rules as rules
 from . import _wire as w
 from ._core import BatchResult, Core, check_callback
@@ -22,6 +23,7 @@ from ._model import (
     KernelState,
     MarkSpec,
     Proto,
+    Request,
     Reservation,
     check_int,
     pack_address,
@@ -36,6 +38,7 @@ from ._shared import GuardSpec
 from .errors import SpiExhausted
 from .guard import Guard
 from .ha import Partition
+from .monitor import Acquire
 
 __all__ = ["Allocator", "AllocatorStats", "BatchResult"]
 
@@ -199,6 +202,50 @@ class Allocator:
             core.check_open()
         until = None if hold is None else core.hold_until(hold)
         req = core.request(dst, proto, src, spi_range, mode, reqid, mark, if_id, direction, seq, pcpu)
+        if not req.seq:
+            return self._allocate(req, until)
+        binding.check(req.seq)
+        r = self._allocate(req, until)
+        binding.bound(req.seq, r, False)
+        return r
+
+    def allocate_for(
+        self,
+        acquire: Acquire,
+        *,
+        spi_range: tuple[int, int] | None = None,
+        direction: str | int | None = None,
+        hold: float | None = None,
+    ) -> Reservation:
+        """Give the ACQ state the kernel made for ``acquire`` its SPI.
+
+        Everything binding needs comes from the event: dst, src, proto,
+        mode, reqid, mark (the kernel finds the state by seq *and* mark),
+        if_id, pcpu and seq, so a marked or if_id policy binds too.
+        ``direction``: None keeps the ACQ state's own (out on Linux 6.10+,
+        none before); "out" asks for it explicitly (UnsupportedByKernel
+        before 6.10); "in" is refused: the ACQ state is the outbound SA.
+
+        Each ACQUIRE binds once per process: a second ``allocate_for`` of
+        the same seq (from any allocator, any thread), or an
+        ``allocate(seq=)`` after it, raises ``AlreadyBound`` before any
+        syscall.  If the binding fails (no SPI free in ``spi_range``, say),
+        the seq may be bound again.  With the guard on, if the kernel hands
+        the ACQ state an SPI that is still outstanding (old-rules kernels,
+        scope "spi"), the guard cannot take it back: you get a fresh larval
+        state instead, with ``seq`` 0 in the reservation, and the kernel
+        sends another ACQUIRE when the ACQ state expires.
+        """
+        core = self.core
+        if core.closed:
+            core.check_open()
+        until = None if hold is None else core.hold_until(hold)
+        req = core.request_for(acquire, spi_range, direction)
+        with binding.Claim(req.seq) as claim:
+            return claim.done(self._allocate(req, until))
+
+    def _allocate(self, req: Request, until: float | None) -> Reservation:
+        core = self.core
         book = core.book
         guard = book.guard
         if guard is not None and (req.seq or rules.is_directed(book, req)):

@@ -122,6 +122,23 @@ class ReservationLost(SpiallocError):
         self.reservations = list(reservations)
 
 
+class AlreadyBound(InvalidRequest):
+    """This process already bound the kernel ACQUIRE ``seq`` to an SPI (or is
+    binding it now, in another thread).  Raised before any syscall: a second
+    ALLOCSPI with the seq would get the same SPI back and, on the way,
+    overwrite the ACQ state's direction with its own.  ``reservation``: the
+    first binding's, None while it is in flight."""
+
+    def __init__(self, seq: int, reservation: Reservation | None) -> None:
+        self.seq = seq
+        self.reservation = reservation
+        first = "is being bound now" if reservation is None else f"got {reservation}"
+        super().__init__(f"ACQUIRE seq {seq} is already bound in this process: it {first}")
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (type(self), (self.seq, self.reservation))
+
+
 class DuplicateSpi(SpiallocError):
     """The kernel kept returning outstanding SPIs and the retry budget ran out."""
 

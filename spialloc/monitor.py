@@ -18,40 +18,88 @@ from typing import AsyncIterator, Iterator, Union
 from . import _lifecycle
 from . import _wire as w
 from ._lifecycle import close_copy
-from ._model import IPAddress, KernelState, Mode, Proto, check_int, unpack_address
+from ._model import IPAddress, KernelState, Lifetime, Mode, Proto, Selector, check_int, unpack_address
 from ._netlink import XfrmSocket, wait_readable
 from ._netns import Namespace, NetnsSpec
 from .errors import ClosedError, DecodeError, ForkedError
 
 
 @dataclass(frozen=True, slots=True)
-class Selector:
-    """The traffic selector of an ACQUIRE (which packets the policy matched)."""
+class Template:
+    """One SA a policy asks for (struct xfrm_user_tmpl).  Addresses of the
+    unspecified kind (``0.0.0.0``) mean "the packet's own" (transport mode)."""
 
-    src: IPAddress
     dst: IPAddress
-    prefixlen_s: int
-    prefixlen_d: int
-    proto: int  # upper-layer protocol, 0 = any
-    sport: int
-    dport: int
-    ifindex: int
+    src: IPAddress
+    spi: int  # 0: any
+    proto: Proto | int
+    reqid: int
+    mode: Mode | int
+    share: int
+    optional: bool  # "level use": the packet may go without this SA
+    aalgos: int  # bitmasks of acceptable algorithms (all ones: any)
+    ealgos: int
+    calgos: int
+
+
+@dataclass(frozen=True, slots=True)
+class AcquirePolicy:
+    """The policy whose template needs an SA (struct xfrm_userpolicy_info in
+    the ACQUIRE, plus its XFRMA_POLICY_TYPE).
+
+    ``dir`` is what the kernel writes there: ``OUT`` (1) for every ACQUIRE
+    since Linux 4.14, as ACQUIREs come from output lookups.  The policy's
+    own direction is in its ``index``: an index the kernel generated has the
+    direction in its low three bits (0 in, 1 out, 2 fwd; 3-5 the same for
+    socket policies), the rest a counter (daemons such as pyikev2 key on
+    ``index >> 3``); an index given to NEWPOLICY by the user is kept as is."""
+
+    index: int
+    priority: int
+    dir: int
+    action: int  # 0 allow, 1 block
+    flags: int
+    share: int
+    selector: Selector
+    lifetime: Lifetime
+    type: int | None = None  # XFRMA_POLICY_TYPE: 0 main, 1 sub; None: not sent
 
 
 @dataclass(frozen=True, slots=True)
 class Acquire:
-    """XFRM_MSG_ACQUIRE: the kernel needs an SA and made an ACQ state.
+    """XFRM_MSG_ACQUIRE: the kernel needs an SA and made an ACQ state for it.
 
-    Pass ``seq`` to ``Allocator.allocate(..., seq=event.seq)`` to give that
-    ACQ state its SPI."""
+    ``Allocator.allocate_for(event)`` gives that ACQ state its SPI: it takes
+    every field binding needs from here (dst, src, proto, mode, reqid, mark,
+    if_id, pcpu and seq) and refuses a second binding of the same ``seq``.
+
+    ``dst``, ``src``, ``proto``: the ACQ state's; ``reqid`` and ``mode``:
+    its template's (the first template for its protocol and destination);
+    ``selector``: the flow that triggered it (the state's selector).  The
+    rest is what the kernel sends with it: the policy's ``mark`` (value,
+    mask) and ``if_id`` (None when the policy has none), the state's
+    per-CPU id ``pcpu`` (Linux 6.13+), the ``policy`` itself, every one of
+    its ``templates``, the algorithm masks of the triggering template, the
+    security context (the string, None without one) and the offload device
+    (ifindex, flags)."""
 
     seq: int
-    dst: IPAddress  # template (SA) addresses
+    dst: IPAddress
     src: IPAddress
     proto: Proto | int
     reqid: int
-    mode: Mode | int | None
+    mode: Mode | int | None  # None only when the kernel sent no template
     selector: Selector
+    mark: tuple[int, int] | None = None
+    if_id: int | None = None
+    pcpu: int | None = None
+    policy: AcquirePolicy | None = None
+    templates: tuple[Template, ...] = ()
+    aalgos: int = 0
+    ealgos: int = 0
+    calgos: int = 0
+    security_context: bytes | None = None
+    offload: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,42 +136,74 @@ def _proto(p: int) -> Proto | int:
         return p
 
 
+def _mode(m: int) -> Mode | int:
+    try:
+        return Mode(m)
+    except ValueError:
+        return m
+
+
 def decode_event(kind: int, payload: memoryview) -> Acquire | Expire | None:
     """One multicast message -> event (None for types we do not report)."""
     if kind == w.XFRM_MSG_ACQUIRE:
-        a = w.decode_acquire(payload)
-        fam = a.family or (w.AF_INET6 if a.daddr[4:] != b"\0" * 12 else w.AF_INET)
-        sel = a.selector
-        sfam = sel.family or fam
-        mode: Mode | int | None = a.mode
-        if a.mode is not None:
-            try:
-                mode = Mode(a.mode)
-            except ValueError:
-                pass
-        return Acquire(
-            seq=a.seq,
-            dst=unpack_address(fam, a.daddr),
-            src=unpack_address(fam, a.saddr),
-            proto=_proto(a.proto),
-            reqid=a.reqid,
-            mode=mode,
-            selector=Selector(
-                src=unpack_address(sfam, sel.saddr),
-                dst=unpack_address(sfam, sel.daddr),
-                prefixlen_s=sel.prefixlen_s,
-                prefixlen_d=sel.prefixlen_d,
-                proto=sel.proto,
-                sport=sel.sport,
-                dport=sel.dport,
-                ifindex=sel.ifindex,
-            ),
-        )
+        return acquire_from_wire(w.decode_acquire(payload))
     if kind == w.XFRM_MSG_EXPIRE:
         sa, hard = w.decode_expire(payload)
         st = KernelState.from_wire(sa)
         return Expire(spi=sa.spi, dst=st.dst, proto=_proto(sa.proto), hard=hard, state=st)
     return None
+
+
+def acquire_from_wire(a: w.AcquireInfo) -> Acquire:
+    fam = a.family or (w.AF_INET6 if a.daddr[4:] != b"\0" * 12 else w.AF_INET)
+    policy = None
+    if a.policy is not None:
+        p = a.policy
+        policy = AcquirePolicy(
+            index=p.index,
+            priority=p.priority,
+            dir=p.dir,
+            action=p.action,
+            flags=p.flags,
+            share=p.share,
+            selector=Selector.from_wire(p.selector, a.selector.family or fam),
+            lifetime=Lifetime.from_wire(p.lifetime),
+            type=a.policy_type,
+        )
+    return Acquire(
+        seq=a.seq,
+        dst=unpack_address(fam, a.daddr),
+        src=unpack_address(fam, a.saddr),
+        proto=_proto(a.proto),
+        reqid=a.reqid,
+        mode=None if a.mode is None else _mode(a.mode),
+        selector=Selector.from_wire(a.selector, fam),
+        mark=a.mark,
+        if_id=a.if_id,
+        pcpu=a.pcpu,
+        policy=policy,
+        templates=tuple(
+            Template(
+                dst=unpack_address(t.family or fam, t.daddr),
+                src=unpack_address(t.family or fam, t.saddr),
+                spi=t.spi,
+                proto=_proto(t.proto),
+                reqid=t.reqid,
+                mode=_mode(t.mode),
+                share=t.share,
+                optional=bool(t.optional),
+                aalgos=t.aalgos,
+                ealgos=t.ealgos,
+                calgos=t.calgos,
+            )
+            for t in a.templates
+        ),
+        aalgos=a.aalgos,
+        ealgos=a.ealgos,
+        calgos=a.calgos,
+        security_context=a.sec_ctx,
+        offload=a.offload,
+    )
 
 
 class Monitor:

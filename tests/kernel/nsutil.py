@@ -129,3 +129,43 @@ def _hook(self):
     _real_stop(self)
 _Kernel._stop_if_closing = _hook
 """
+
+
+def acquire_from_policy(
+    ns: Namespace,
+    policy: str,
+    dst: str,
+    *,
+    local: str = "10.97.0.1/24",
+    local6: str = "fd00:97::1/64",
+    mark: int = 0,
+) -> Acquire:
+    """One ACQUIRE from an outbound policy of our own: a veth with ``local``
+    and ``local6`` on it, ``ip xfrm policy add POLICY``, and one UDP
+    datagram to ``dst`` (with SO_MARK ``mark``), sent while a Monitor listens
+    (without a listener the kernel makes no ACQ state)."""
+    for cmd in (
+        "link add qa type veth peer name qb",
+        "link set qa up",
+        "link set qb up",
+        f"addr add {local} dev qa",
+        f"-6 addr add {local6} dev qa nodad",
+        f"xfrm policy add {policy}",
+    ):
+        ns_run(ns, ["ip", *cmd.split()])
+
+    def send() -> None:
+        family = socket.AF_INET6 if ":" in dst else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            if mark:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+            try:
+                s.sendto(b"x", (dst, 9))
+            except OSError:
+                pass  # EAGAIN while the ACQUIRE is pending
+
+    with Monitor(ns, expire=False) as mon:
+        ns.run(send)
+        ev = mon.get(timeout=10)
+    assert isinstance(ev, Acquire), f"no ACQUIRE from the kernel for {policy!r} (got {ev!r})"
+    return ev

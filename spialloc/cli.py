@@ -2,12 +2,9 @@
 
     spialloc alloc --dst 192.0.2.1 --count 4 --json --isolated
     spialloc list --netns blue
-    spialloc release --dst 192.0.2.1 --spi 0xc0001234 --netns blue
+    spialloc release --dst 192.0.2.1 --spi 0xc0001234 [--proto ah] [--mark 7/0xff] --netns blue
 
-Every error is one line on stderr, never a traceback.  Exit status 2: bad
-usage (a malformed or out-of-range value, a --netns that names no network
-namespace); 1: the kernel or the system refused (no free SPI, no privilege,
-out of file descriptors, --isolated impossible).
+Every error is one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -15,16 +12,33 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import NoReturn, Sequence
 
 from ._core import MAX_BATCH
-from ._model import KernelState, Reservation
+from ._model import (
+    INF,
+    KernelState,
+    Mode,
+    Proto,
+    Reservation,
+    check_int,
+    default_range,
+    parse_address,
+    parse_mark,
+    parse_proto,
+)
 from ._netns import Namespace
 from .allocator import Allocator
 from .errors import InvalidRequest, NamespaceError, SpiallocError
 
 USAGE = 2
 FAILED = 1
+
+EPILOG = """exit status: 0 done; 1 the kernel or the system refused (no free SPI, no
+privilege, out of file descriptors, --isolated impossible), or release deleted
+fewer states than named (each one not deleted is named on stderr); 2 bad usage
+(a malformed or out-of-range value, a --netns that names no network namespace)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,13 +62,28 @@ def _count(text: str) -> int:
     return n
 
 
+def _seq(text: str) -> tuple[int, int]:
+    """Both readings of a --seq: iproute2 prints a state's seq with
+    "0x%08u" (decimal digits behind 0x), so "0x00000037" may mean 55 or 37."""
+    value = _int(text)
+    digits = text.strip()[2:]
+    if text.strip()[:2].lower() == "0x" and len(digits) == 8 and digits.isdigit():
+        return (value, int(digits))
+    return (value, value)
+
+
 def _mark(text: str) -> tuple[int, int]:
     value, _, mask = text.partition("/")
     return (_int(value), _int(mask) if mask else 0xFFFFFFFF)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="spialloc", description="IPsec SPIs from the Linux kernel (XFRM ALLOCSPI).")
+    p = _Parser(
+        prog="spialloc",
+        description="IPsec SPIs from the Linux kernel (XFRM ALLOCSPI).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     def where(sp: argparse.ArgumentParser) -> None:
@@ -80,21 +109,38 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--mark", type=_mark, help="VALUE[/MASK]")
     a.add_argument("--if-id", type=_int)
     a.add_argument("--dir", choices=["in", "out"], help="SA direction (XFRMA_SA_DIR)")
-    a.add_argument("--seq", type=_int, default=0, help="bind to the kernel ACQUIRE with this seq")
+    a.add_argument(
+        "--seq",
+        type=_seq,
+        default=(0, 0),
+        help="bind to the kernel ACQUIRE with this seq: decimal, or 0x-hex; `ip -s xfrm state` prints "
+        "decimal digits after a 0x (seq 0x00000037 is 37): such a value is read the way that names an ACQ state",
+    )
     a.add_argument("--allow-reserved", action="store_true", help="allow SPIs 1-255")
     where(a)
 
-    r = sub.add_parser("release", help="delete larval states")
-    r.add_argument("--dst", required=True)
-    r.add_argument("--spi", type=_int, action="append", required=True, help="repeat for several")
-    r.add_argument("--proto", default="esp", choices=["esp", "ah", "comp"])
-    r.add_argument("--mark", type=_mark)
+    r = sub.add_parser(
+        "release",
+        help="delete the states (larval or installed) with these SPIs (DELSA, `ip xfrm state delete`)",
+        description="Delete the states named by --dst, each --spi, --proto and --mark, whatever they are "
+        "(larval or installed SAs).  A state with a mark is only found with its --mark; with --if-id, a "
+        "state whose if_id differs is left alone.  Exits 1 if fewer states were deleted than named.",
+    )
+    r.add_argument("--dst", required=True, help="destination address of the states")
+    r.add_argument("--spi", type=_int, action="append", required=True, help="an SPI (repeat for several)")
+    r.add_argument("--proto", default="esp", choices=["esp", "ah", "comp"], help="default: esp")
+    r.add_argument("--mark", type=_mark, help="VALUE[/MASK] of the states (default: unmarked states)")
+    r.add_argument("--if-id", type=_int, help="only delete states with this if_id")
     where(r)
 
-    ls = sub.add_parser("list", help="list states in the namespace")
+    ls = sub.add_parser("list", help="list the states in the namespace, as `ip -s xfrm state` shows them")
     ls.add_argument("--larval", action="store_true", help="only larval states (allocated, not installed)")
     where(ls)
     return p
+
+
+def _limit(n: int) -> int | None:
+    return None if n == INF else n
 
 
 def _state_dict(s: KernelState | Reservation) -> dict[str, object]:
@@ -108,28 +154,112 @@ def _state_dict(s: KernelState | Reservation) -> dict[str, object]:
     }
     out["mode"] = s.mode.name.lower() if hasattr(s.mode, "name") else s.mode
     out["reqid"] = s.reqid
-    if s.mark is not None:
-        out["mark"] = list(s.mark)
-    if s.if_id is not None:
-        out["if_id"] = s.if_id
-    if s.direction is not None:
-        out["dir"] = s.direction.name.lower()
-    if isinstance(s, KernelState):
-        out["larval"] = s.larval
+    if isinstance(s, Reservation):  # what was asked for: only what was given
+        if s.mark is not None:
+            out["mark"] = list(s.mark)
+        if s.if_id is not None:
+            out["if_id"] = s.if_id
+        if s.direction is not None:
+            out["dir"] = s.direction.name.lower()
+        if s.seq:
+            out["seq"] = s.seq
+        return out
+    # A state as the kernel reports it: every field `ip -s xfrm state` shows
+    # for a larval state, null where the state has none.
+    out["mark"] = None if s.mark is None else list(s.mark)
+    out["if_id"] = s.if_id
+    out["dir"] = None if s.direction is None else s.direction.name.lower()
+    out["seq"] = s.acquire_seq
+    out["pcpu"] = s.pcpu
+    out["larval"] = s.larval
+    out["replay_window"] = s.replay_window
+    sel = s.selector
+    if sel is not None:
+        out["selector"] = {
+            "src": str(sel.src),
+            "dst": str(sel.dst),
+            "prefixlen_s": sel.prefixlen_s,
+            "prefixlen_d": sel.prefixlen_d,
+            "proto": sel.proto,
+            "sport": sel.sport,
+            "dport": sel.dport,
+            "ifindex": sel.ifindex,
+            "user": sel.user,
+        }
+    lft = s.lifetime
+    out["lifetime"] = {  # null: no limit
+        "soft_bytes": _limit(lft.soft_bytes),
+        "hard_bytes": _limit(lft.hard_bytes),
+        "soft_packets": _limit(lft.soft_packets),
+        "hard_packets": _limit(lft.hard_packets),
+        "soft_add_expires": lft.soft_add_expires,
+        "hard_add_expires": lft.hard_add_expires,
+        "soft_use_expires": lft.soft_use_expires,
+        "hard_use_expires": lft.hard_use_expires,
+    }
+    out["added"] = s.added
+    out["expires_at"] = s.added + lft.hard_add_expires if lft.hard_add_expires else None
+    out["used"] = s.used or None
+    out["bytes"] = s.byte_count
+    out["packets"] = s.packet_count
     return out
 
 
-def _line(s: KernelState | Reservation) -> str:
+def _line(s: Reservation) -> str:
     d = _state_dict(s)
-    extra = "".join(f" {k} {d[k]}" for k in ("mode", "reqid", "mark", "if_id", "dir") if k in d and d[k] not in (0,))
-    larval = " larval" if d.get("larval") else ""
-    return f"{d['proto']} spi {d['spi_hex']} dst {d['dst']} src {d['src']}{extra}{larval}"
+    extra = "".join(f" {k} {d[k]}" for k in ("mode", "reqid", "mark", "if_id", "dir", "seq") if d.get(k))
+    return f"{d['proto']} spi {d['spi_hex']} dst {d['dst']} src {d['src']}{extra}"
+
+
+def _when(t: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def _lim(n: int) -> str:
+    return "(INF)" if n == INF else str(n)
+
+
+def _lines(s: KernelState) -> list[str]:
+    """A state in the words and order of `ip -s xfrm state`, compacted."""
+    proto = s.proto.name.lower() if isinstance(s.proto, Proto) else str(s.proto)
+    mode = s.mode.name.lower() if isinstance(s.mode, Mode) else str(s.mode)
+    head = f"{proto} spi 0x{s.spi:08x} dst {s.dst} src {s.src} mode {mode} reqid {s.reqid}"
+    out = [head + (" larval" if s.larval else "")]
+    ids = []
+    if s.mark is not None:
+        ids.append(f"mark 0x{s.mark[0]:x}/0x{s.mark[1]:x}")
+    if s.if_id is not None:
+        ids.append(f"if_id {s.if_id:#x}")
+    if s.direction is not None:
+        ids.append(f"dir {s.direction.name.lower()}")
+    if s.pcpu is not None:
+        ids.append(f"pcpu {s.pcpu}")
+    if s.acquire_seq:
+        ids.append(f"seq {s.acquire_seq} (ip: 0x{s.acquire_seq:08d})")
+    if ids:
+        out.append("    " + " ".join(ids))
+    if s.selector is not None:
+        out.append(f"    sel {s.selector}")
+    lft = s.lifetime
+    out.append(
+        f"    lifetime expire add: soft {lft.soft_add_expires}(sec), hard {lft.hard_add_expires}(sec); "
+        f"expire use: soft {lft.soft_use_expires}(sec), hard {lft.hard_use_expires}(sec)"
+    )
+    if (lft.soft_bytes, lft.hard_bytes, lft.soft_packets, lft.hard_packets) != (INF, INF, INF, INF):
+        out.append(
+            f"    limit: soft {_lim(lft.soft_bytes)}(bytes), hard {_lim(lft.hard_bytes)}(bytes), "
+            f"soft {_lim(lft.soft_packets)}(packets), hard {_lim(lft.hard_packets)}(packets)"
+        )
+    out.append(
+        f"    current: {s.byte_count}(bytes), {s.packet_count}(packets) add {_when(s.added)} use {_when(s.used)}"
+    )
+    return out
 
 
 def run(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "alloc" and args.seq and args.count != 1:
+    if args.command == "alloc" and args.seq[0] and args.count != 1:
         parser.error("--seq binds one SPI to one ACQUIRE; use --count 1")
     try:
         ns = Namespace.isolated() if args.isolated else Namespace.open(args.netns)
@@ -146,14 +276,14 @@ def run(argv: Sequence[str] | None = None) -> int:
         with Allocator(
             ns, guard=guard, watch_expiry=False, allow_reserved=getattr(args, "allow_reserved", False)
         ) as alloc:
-            _command(args, alloc)
+            status = _command(args, alloc)
     except InvalidRequest as exc:
         return _error(exc, USAGE)
     except (SpiallocError, ImportError) as exc:  # ImportError: SPIALLOC_BACKEND=c, no extension
         return _error(exc, FAILED)
     finally:
         ns.close()
-    return 0
+    return status
 
 
 def _error(exc: BaseException, status: int) -> int:
@@ -162,12 +292,10 @@ def _error(exc: BaseException, status: int) -> int:
     return status
 
 
-def _command(args: argparse.Namespace, alloc: Allocator) -> None:
+def _command(args: argparse.Namespace, alloc: Allocator) -> int:
     if args.command == "alloc":
         spi_range = None
         if args.spi_min is not None or args.spi_max is not None:
-            from ._model import default_range, parse_proto
-
             lo, hi = default_range(parse_proto(args.proto))
             spi_range = (
                 lo if args.spi_min is None else args.spi_min,
@@ -183,31 +311,89 @@ def _command(args: argparse.Namespace, alloc: Allocator) -> None:
             direction=args.dir,
         )
         if args.count == 1:
-            items = [alloc.allocate(args.dst, args.proto, seq=args.seq, **opts)]
+            items = [alloc.allocate(args.dst, args.proto, seq=_resolve_seq(alloc, args.seq), **opts)]
         else:
             items = alloc.allocate_many(args.count, args.dst, args.proto, **opts)
-        _print(args, items)
-    elif args.command == "release":
-        from ._model import Proto, parse_address, parse_proto
-
-        dst = parse_address("dst", args.dst)
-        proto: Proto = parse_proto(args.proto)
-        res = [Reservation(spi=s, dst=dst, src=dst, proto=proto, mark=args.mark) for s in args.spi]
-        n = alloc.release(res)
         if args.json:
-            print(json.dumps({"released": n, "requested": len(res)}))
+            print(json.dumps([_state_dict(s) for s in items]))
         else:
-            print(f"released {n} of {len(res)}")
-    else:
-        _print(args, alloc.states(larval=True if args.larval else None))
-
-
-def _print(args: argparse.Namespace, items: Sequence[KernelState | Reservation]) -> None:
+            for r in items:
+                print(_line(r))
+        return 0
+    if args.command == "release":
+        return _release(args, alloc)
+    states = alloc.states(larval=True if args.larval else None)
     if args.json:
-        print(json.dumps([_state_dict(s) for s in items], indent=None))
+        print(json.dumps([_state_dict(s) for s in states]))
     else:
-        for s in items:
-            print(_line(s))
+        for st in states:
+            print("\n".join(_lines(st)))
+    return 0
+
+
+def _resolve_seq(alloc: Allocator, seq: tuple[int, int]) -> int:
+    """The --seq value; for a value in ip's "0x%08u" form that reads as two
+    numbers, the one that names an ACQ state in the namespace."""
+    as_hex, as_ip = seq
+    if as_hex == as_ip:
+        return as_hex
+    pending = {s.acquire_seq for s in alloc.states() if s.acquire_seq}
+    named = [v for v in (as_hex, as_ip) if v in pending]
+    if len(named) == 1:
+        return named[0]
+    found = "both name" if named else "neither names"
+    raise InvalidRequest(
+        f"--seq 0x{as_ip:08d} reads as {as_hex} (hex) or {as_ip} (how ip prints seqs) and {found} an ACQ state "
+        "here: give the seq in decimal"
+    )
+
+
+def _release(args: argparse.Namespace, alloc: Allocator) -> int:
+    dst = parse_address("dst", args.dst)
+    proto = parse_proto(args.proto)
+    mark = parse_mark(args.mark)
+    if args.if_id is not None:
+        check_int("--if-id", args.if_id)
+    for spi in args.spi:
+        check_int("--spi", spi)
+    released, missed = 0, []
+    for spi in args.spi:
+        st = alloc.lookup(dst, spi, proto, mark=mark)
+        why = None
+        if st is None:
+            why = _why_missing(alloc, dst, spi, proto, mark)
+        elif args.if_id is not None and st.if_id != args.if_id:
+            why = f"its if_id is {st.if_id}, not {args.if_id}"
+        elif alloc.release(st.reservation()) == 0:
+            why = "it was gone before the delete"
+        if why is None:
+            released += 1
+        else:
+            missed.append({"spi": spi, "spi_hex": f"0x{spi:08x}", "reason": why})
+    if args.json:
+        print(json.dumps({"released": released, "requested": len(args.spi), "not_released": missed}))
+    else:
+        print(f"released {released} of {len(args.spi)}")
+    for m in missed:
+        what = f"{proto.name.lower()} spi {m['spi_hex']} dst {dst}"
+        print(f"spialloc: not released: {what}: {m['reason']}", file=sys.stderr)
+    return FAILED if missed else 0
+
+
+def _why_missing(alloc: Allocator, dst: object, spi: int, proto: Proto, mark: tuple[int, int] | None) -> str:
+    """Why GETSA found nothing: name what would have found it."""
+    near = [s for s in alloc.states() if s.spi == spi and s.dst == dst]
+    if not near:
+        return "no such state"
+    hints = []
+    for s in near:
+        opts = []
+        if s.proto != proto:
+            opts.append(f"--proto {s.proto.name.lower() if isinstance(s.proto, Proto) else s.proto}")
+        if s.mark != mark:
+            opts.append("no --mark" if s.mark is None else f"--mark 0x{s.mark[0]:x}/0x{s.mark[1]:x}")
+        hints.append(" ".join(opts))
+    return f"no such state with these options (one exists with {'; '.join(h for h in hints if h)})"
 
 
 def main() -> None:

@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from nsutil import make_acquire
+
+from spialloc import Namespace
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -111,18 +114,21 @@ def test_alloc_list_release_on_named_netns(named_netns: str) -> None:
     assert {e["spi"] for e in larval} == spis
 
     text = ok(run_cli("list", "--netns", named_netns))
-    assert len(text.strip().splitlines()) == 2
+    heads = [line for line in text.splitlines() if not line.startswith(" ")]
+    assert len(heads) == 2
     for s in spis:
         assert f"0x{s:08x}" in text
 
     args = ["release", "--netns", named_netns, "--dst", "10.0.0.1", "--mark", "0x10/0xff"]
     for s in sorted(spis):
         args += ["--spi", hex(s)]
-    assert json.loads(ok(run_cli(*args, "--json"))) == {"released": 2, "requested": 2}
+    assert json.loads(ok(run_cli(*args, "--json"))) == {"released": 2, "requested": 2, "not_released": []}
     assert ip_spis(named_netns) == set()
     assert json.loads(ok(run_cli("list", "--netns", named_netns, "--json"))) == []
-    # releasing again is not an error
-    assert ok(run_cli(*args)).strip() == "released 0 of 2"
+    # releasing again: nothing to delete, which the exit status and stderr say
+    again = run_cli(*args)
+    assert again.returncode == 1 and again.stdout.strip() == "released 0 of 2"
+    assert again.stderr.count("no such state") == 2, again.stderr
 
 
 def test_list_shows_states_made_by_ip(named_netns: str) -> None:
@@ -179,3 +185,99 @@ def test_exhausted_range_is_user_error_with_kernel_text(named_netns: str) -> Non
     )
     assert "No SPI available in the requested range" in line
     assert "Errno" not in line  # the kernel's words, not OSError's repr
+
+
+def not_released(proc: subprocess.CompletedProcess[str]) -> list[str]:
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert all(line.startswith("spialloc: not released: ") for line in lines), lines
+    return lines
+
+
+def test_release_names_what_it_did_not_delete_and_how_to_find_it(named_netns: str) -> None:
+    """A marked state needs its --mark and an AH state --proto ah: without
+    them `release` used to print "released 0 of 1" and exit 0."""
+    where = ("--netns", named_netns)
+    (marked,) = json.loads(ok(run_cli("alloc", "--dst", "10.0.0.1", "--mark", "0x10/0xff", "--json", *where)))
+    (ah,) = json.loads(ok(run_cli("alloc", "--dst", "10.0.0.1", "--proto", "ah", "--json", *where)))
+
+    proc = run_cli("release", "--dst", "10.0.0.1", "--spi", marked["spi_hex"], *where)
+    (line,) = not_released(proc)
+    assert proc.stdout.strip() == "released 0 of 1"
+    assert marked["spi_hex"] in line and "--mark 0x10/0xff" in line, line
+    (line,) = not_released(run_cli("release", "--dst", "10.0.0.1", "--spi", ah["spi_hex"], *where))
+    assert "--proto ah" in line, line
+    assert ip_spis(named_netns) == {marked["spi"], ah["spi"]}  # nothing deleted
+
+    both = ["--spi", marked["spi_hex"], "--spi", ah["spi_hex"]]
+    proc = run_cli("release", "--dst", "10.0.0.1", "--proto", "ah", *both, "--json", *where)
+    assert proc.returncode == 1
+    out = json.loads(proc.stdout)
+    assert (out["released"], out["requested"]) == (1, 2)
+    assert [m["spi"] for m in out["not_released"]] == [marked["spi"]]
+    assert ip_spis(named_netns) == {marked["spi"]}
+    ok(run_cli("release", "--dst", "10.0.0.1", "--spi", marked["spi_hex"], "--mark", "0x10/0xff", *where))
+    assert ip_spis(named_netns) == set()
+
+
+def test_release_if_id_leaves_other_if_ids_alone(named_netns: str) -> None:
+    where = ("--netns", named_netns)
+    (st,) = json.loads(ok(run_cli("alloc", "--dst", "10.0.0.1", "--if-id", "5", "--json", *where)))
+    (line,) = not_released(run_cli("release", "--dst", "10.0.0.1", "--spi", st["spi_hex"], "--if-id", "6", *where))
+    assert "if_id is 5, not 6" in line
+    assert ip_spis(named_netns) == {st["spi"]}
+    ok(run_cli("release", "--dst", "10.0.0.1", "--spi", st["spi_hex"], "--if-id", "5", *where))
+    assert ip_spis(named_netns) == set()
+
+
+def test_help_says_what_release_deletes_and_the_exit_codes() -> None:
+    text = ok(run_cli("release", "--help"))
+    for flag in ("--proto", "--mark", "--if-id", "--dst", "--spi"):
+        assert flag in text
+    assert "larval or installed" in " ".join(text.split())
+    top = " ".join(ok(run_cli("--help")).split())
+    assert "exit status: 0 done; 1" in top and "2 bad usage" in top
+
+
+def test_seq_as_ip_prints_it_binds_the_acquire(named_netns: str) -> None:
+    """`ip -s xfrm state` prints seq N as "0x%08u" of N: pasted into --seq,
+    that value is read as the ACQ state it names, not as hex."""
+    ns = Namespace.open(named_netns)
+    try:
+        ev = make_acquire(ns)
+    finally:
+        ns.close()
+    shown = subprocess.run(
+        ["ip", "-n", named_netns, "-s", "xfrm", "state"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout
+    ip_seq = f"0x{ev.seq:08d}"
+    assert f"seq {ip_seq}" in shown, shown  # what ip really prints
+    args = ["alloc", "--dst", "10.99.0.2", "--src", "10.99.0.1", "--mode", "tunnel", "--reqid", "7", "--json"]
+    (r,) = json.loads(ok(run_cli(*args, "--seq", ip_seq, "--netns", named_netns)))
+    assert r["seq"] == ev.seq
+    listed = json.loads(ok(run_cli("list", "--netns", named_netns, "--json")))
+    assert [(e["spi"], e["seq"]) for e in listed] == [(r["spi"], ev.seq)]  # the ACQ state itself, bound
+
+
+def test_seq_in_ip_form_naming_no_acq_state_is_refused(named_netns: str) -> None:
+    assert_user_error(
+        run_cli("alloc", "--dst", "10.0.0.1", "--seq", "0x00000037", "--netns", named_netns),
+        "give the seq in decimal",
+        status=2,
+    )
+
+
+def test_list_shows_what_ip_shows_for_a_larval_state(named_netns: str) -> None:
+    where = ("--netns", named_netns)
+    ok(run_cli("alloc", "--dst", "10.0.0.1", "--mark", "0x10/0xff", "--if-id", "9", "--dir", "in", *where))
+    (e,) = json.loads(ok(run_cli("list", "--json", *where)))
+    assert (e["mark"], e["if_id"], e["dir"], e["seq"], e["pcpu"], e["larval"]) == ([0x10, 0xFF], 9, "in", 0, None, True)
+    assert e["selector"]["dst"] == "10.0.0.1" and e["selector"]["prefixlen_d"] == 32
+    assert e["lifetime"]["hard_add_expires"] == 30  # a new namespace's xfrm_acq_expires
+    assert e["lifetime"]["hard_bytes"] is None  # no limit
+    assert e["expires_at"] == e["added"] + 30
+    text = ok(run_cli("list", *where))
+    assert "mark 0x10/0xff if_id 0x9 dir in" in text
+    assert "sel src 0.0.0.0/32 dst 10.0.0.1/32" in text
+    assert "expire add: soft 0(sec), hard " in text

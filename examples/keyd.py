@@ -22,11 +22,11 @@ import signal
 import socket
 import subprocess
 import sys
-from typing import Awaitable
 
 import spialloc
 
 LOCAL, PEER = "10.99.0.1", "10.99.0.2"
+MARK = 7  # the demo policy's mark: only packets with this mark need its SA
 
 
 def say(text: str) -> None:
@@ -35,10 +35,10 @@ def say(text: str) -> None:
 
 def setup_demo(ns: spialloc.Namespace) -> None:
     """Give the throwaway namespace something to key: a veth, a trap policy
-    (ESP tunnel LOCAL -> PEER, reqid 7, no SA yet) and one UDP datagram."""
-    if ns.fd is None:
-        raise SystemExit("keyd: --isolated needs root (the namespace must be enterable by ip(8))")
+    (ESP tunnel LOCAL -> PEER, reqid 7, mark 7, no SA yet) and one UDP
+    datagram with that mark."""
     fd = ns.fd
+    assert fd is not None  # main() checked
 
     def ip(*argv: str) -> None:
         subprocess.run(
@@ -54,13 +54,14 @@ def setup_demo(ns: spialloc.Namespace) -> None:
         f"addr add {LOCAL}/24 dev va",
         "link set va up",
         "link set vb up",
-        f"xfrm policy add src {LOCAL}/32 dst {PEER}/32 dir out"
+        f"xfrm policy add src {LOCAL}/32 dst {PEER}/32 dir out mark {MARK}"
         f" tmpl src {LOCAL} dst {PEER} proto esp mode tunnel reqid 7",
     ):
         ip(*cmd.split())
 
     def send() -> None:  # runs in a thread inside the namespace
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MARK)
             try:
                 s.sendto(b"hello", (PEER, 9))
             except OSError:
@@ -73,23 +74,22 @@ async def on_acquire(alloc: spialloc.AsyncAllocator, ev: spialloc.Acquire, held:
     mode = ev.mode if ev.mode is not None else spialloc.Mode.TRANSPORT
     proto = ev.proto.name.lower() if isinstance(ev.proto, spialloc.Proto) else ev.proto
     mode_name = mode.name.lower() if isinstance(mode, spialloc.Mode) else mode
-    say(f"acquire seq={ev.seq} src={ev.src} dst={ev.dst} proto={proto} reqid={ev.reqid} mode={mode_name}")
+    mark = "none" if ev.mark is None else f"{ev.mark[0]:#x}/{ev.mark[1]:#x}"
+    say(f"acquire seq={ev.seq} src={ev.src} dst={ev.dst} proto={proto} reqid={ev.reqid} mode={mode_name} mark={mark}")
 
     # Inbound SA (peer -> us): the SPI we tell the peer to put in its packets.
     # Its destination is our own address; direction "in" (XFRMA_SA_DIR) must
-    # match what UPDSA will carry later, or UPDSA fails with ESRCH.
+    # match what UPDSA will carry later, or UPDSA fails with ESRCH.  The
+    # policy's mark is the outbound SA's business, not this one's.
     inbound = await alloc.allocate(ev.src, ev.proto, src=ev.dst, mode=mode, reqid=ev.reqid, direction="in")
     held.append(inbound)
 
-    # Outbound SA (us -> peer): seq=ev.seq gives the kernel's ACQ state its SPI,
-    # so UPDSA later completes that very state and the waiting flow proceeds.
-    # SA_DIR on a seq-bound ALLOCSPI is accepted (Linux 6.10+ sets the ACQ
-    # state's dir; checked on 6.18), so the outbound request carries "out" too.
-    # On a kernel that refused it, drop `direction` here and at UPDSA alike.
-    def ask_outbound() -> Awaitable[spialloc.Reservation]:
-        return alloc.allocate(ev.dst, ev.proto, src=ev.src, mode=mode, reqid=ev.reqid, seq=ev.seq, direction="out")
-
-    outbound = await ask_outbound()
+    # Outbound SA (us -> peer): allocate_for gives the kernel's ACQ state its
+    # SPI (found by the ACQUIRE's seq and the policy's mark, both taken from
+    # the event), so UPDSA later completes that very state and the waiting
+    # flow proceeds.  The ACQ state keeps the direction the kernel gave it
+    # (out, on Linux 6.10+).
+    outbound = await alloc.allocate_for(ev)
     held.append(outbound)
 
     say(f"inbound spi={inbound.spi:#010x} dst={inbound.dst}")
@@ -97,16 +97,16 @@ async def on_acquire(alloc: spialloc.AsyncAllocator, ev: spialloc.Acquire, held:
     say(f"distinct: {'yes' if inbound.spi != outbound.spi else 'NO'}")
 
     # The seed scenario: the same ACQUIRE handled twice (a duplicated event, a
-    # retried handler).  The kernel answers a reused seq with the SPI the ACQ
-    # state already has -- a duplicate.  The guard sees it is outstanding and
-    # gets a fresh one instead (a plain larval state, which we must release).
-    again = await ask_outbound()
-    held.append(again)
-    dup = again.spi in (inbound.spi, outbound.spi)
-    say(
-        f"repeat seq={ev.seq} spi={again.spi:#010x} duplicate: {'YES' if dup else 'no'} "
-        f"(guard collisions={alloc.stats.collisions})"
-    )
+    # retried handler).  The kernel would answer a reused seq with the SPI the
+    # ACQ state already has -- a duplicate -- and overwrite the state's
+    # direction on the way.  allocate_for refuses before sending anything.
+    try:
+        again = await alloc.allocate_for(ev)
+    except spialloc.AlreadyBound:
+        say(f"repeat seq={ev.seq} refused: already bound (no duplicate, nothing sent)")
+    else:  # never: kept so that a regression shows in the output
+        held.append(again)
+        say(f"repeat seq={ev.seq} spi={again.spi:#010x} NOT refused")
 
 
 async def serve(ns: spialloc.Namespace, demo: bool, once: bool, timeout: float | None) -> int:
@@ -171,6 +171,16 @@ def main() -> int:
     demo = args.netns is None
     timeout = args.timeout if args.timeout is not None else (30.0 if demo else None)
     ns = spialloc.Namespace.isolated() if demo else spialloc.Namespace.open(args.netns)
+    if demo and ns.fd is None:
+        # Not root: the namespace lives in a helper's user namespace, which
+        # ip(8) cannot enter to set up the demo.  Say so before doing anything.
+        ns.close()
+        print(
+            "keyd: --isolated sets up its demo with ip(8), which needs root; as a normal user run: "
+            "unshare -Urn python examples/keyd.py",
+            file=sys.stderr,
+        )
+        return 2
     try:
         return asyncio.run(serve(ns, demo, once=demo or args.once, timeout=timeout))
     finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 from typing import Callable, Generator, Iterable, Sequence
 
+from . import _log
 from ._model import Request
 from ._rules import (
     BATCH_ROUNDS,
@@ -300,6 +301,10 @@ class BatchRun:
                 self._in_flight([key])  # the death just seen was its holder's
                 return True
         yield DeleteOp(req.daddr, spi, req.family, self.proto, req.mark)
+        _log.guard.warning(
+            "collision in a batch: the kernel returned %s, which is still outstanding; its state deleted, asking again",
+            _log.tuple_text(*key),
+        )
         self.why[i] = DuplicateSpi(f"the kernel kept returning outstanding SPIs (last {spi:#010x})")
         retry.append(i)
         return False

@@ -447,7 +447,7 @@ class Core:
         book.stats.allocated += len(reservations)
         for i in sorted(run.late):
             key = (gdst, proto, spis[i])
-            book.lost(rules.lost_reservation(book, key, run.tokens.get(key, 0)))
+            book.lost(key, rules.lost_reservation(book, key, run.tokens.get(key, 0)))
         return reservations if strict else BatchResult(reservations, run.errors)
 
     def release_all(self, keys: list[rules.DelKey]) -> int:

@@ -21,9 +21,9 @@ import selectors
 import sys
 import threading
 import time
-import warnings
 import weakref
 
+from . import _log
 from . import _rules as rules
 from . import _wire as w
 from ._kernel import Kernel
@@ -113,9 +113,9 @@ class ExpiryWatcher:
         """Handle what woke the thread; False when the watcher is closing."""
         try:
             self.poll()
-        except Exception as exc:  # the watcher must outlive any one bad event
+        except Exception:  # the watcher must outlive any one bad event
             if not self._closing:
-                warnings.warn(f"spialloc expiry watcher: {exc!r}", RuntimeWarning, stacklevel=1)
+                _log.watcher.exception("expiry watcher: handling an event failed; it goes on")
         return not self._closing
 
     def poll(self) -> int:
@@ -129,6 +129,11 @@ class ExpiryWatcher:
                     break
                 handled += self._handle(data)
             if self.sock.overruns:
+                _log.kernel.warning(
+                    "the kernel dropped %d batches of XFRM events (ENOBUFS) for %s; resyncing the guard from a dump",
+                    self.sock.overruns,
+                    self.sock.ns.description,
+                )
                 self.sock.overruns = 0
                 self.resync()
         return handled
@@ -177,6 +182,9 @@ class ExpiryWatcher:
                 guard.seen_death(*key, sa.add_time, cause, again=True)
             self.died(key)
         if flushed:
+            _log.guard.info(
+                "a FLUSHSA emptied the SAD of %s: resyncing the guard from a dump", self.sock.ns.description
+            )
             self.resync()
         return handled
 
@@ -214,10 +222,14 @@ class ExpiryWatcher:
         owner, req = found
         try:
             self.kernel.alloc_one(req, key[2], key[2])
-        except SpiallocError:
+        except SpiallocError as exc:
             owner.held.pop(key, None)
+            _log.guard.warning(
+                "hold not renewed: %s was taken before it could be allocated again (%s)", _log.tuple_text(*key), exc
+            )
             return False
         owner.stats.renewed += 1
+        _log.guard.debug("hold renewed: %s allocated again after its larval state expired", _log.tuple_text(*key))
         return True
 
     def resync(self) -> None:

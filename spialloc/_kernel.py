@@ -17,6 +17,7 @@ import time
 from types import ModuleType
 from typing import NamedTuple, Sequence
 
+from . import _log
 from . import _wire as w
 from ._model import KernelState, Proto, Request
 from ._netlink import REPLY_TRUESIZE, XfrmSocket
@@ -214,12 +215,24 @@ class Kernel:
         """Replies were dropped (ENOBUFS): delete the larval states behind
         them, if they can be told from others' (``_rules.orphans``)."""
         spis = orphans(op, self.states_to(op.req), self.book.guard)
+        req = op.req
         if spis is None:
             self.book.stats.unrecovered += op.lost
+            _log.kernel.warning(
+                "%d ALLOCSPI replies for %s dropped (ENOBUFS); their larval states cannot be told from others' "
+                "and are left to expire (net.core.xfrm_acq_expires)",
+                op.lost,
+                req.dst,
+            )
             return 0
-        req = op.req
         found = sum(self.delete(req.daddr, spi, req.family, req.proto, req.mark) for spi in spis)
         self.book.stats.recovered += found
+        _log.kernel.warning(
+            "%d ALLOCSPI replies for %s dropped (ENOBUFS); %d orphaned larval states found and deleted",
+            op.lost,
+            req.dst,
+            found,
+        )
         return found
 
     # --- DELSA ---------------------------------------------------------------------------

@@ -21,11 +21,11 @@ import errno
 import inspect
 import random
 import threading
-import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, Generic, Iterable, NamedTuple, Sequence, TypeVar, Union
 
+from . import _log
 from ._model import (
     KernelState,
     Proto,
@@ -312,15 +312,18 @@ class Book:
         self.stats.allocated += 1
         return reservation_from(req, spi, token=token)
 
-    def lost(self, r: Reservation | None) -> None:
-        """A reserved tuple lost its state: count it, tell on_lost of the
-        reservation the caller holds (None: nobody was handed one)."""
+    def lost(self, key: Key, r: Reservation | None) -> None:
+        """A reserved tuple lost its state: count it, log it, tell on_lost of
+        the reservation the caller holds (None: nobody was handed one)."""
         self.stats.lost += 1
+        _log.guard.warning(
+            "reservation lost: %s: its larval state died (expired or deleted) before commit", _log.tuple_text(*key)
+        )
         if self.on_lost is not None and r is not None:
             try:
                 self.on_lost(r)
-            except Exception as exc:  # a callback bug must not kill the watcher
-                warnings.warn(f"spialloc on_lost callback raised {exc!r}", RuntimeWarning, stacklevel=2)
+            except Exception:  # a callback bug must not kill the watcher
+                _log.guard.exception("on_lost callback raised for %s", r)
 
     def note(self, req: Request, r: Reservation, hold_until: float | None) -> Reservation:
         """Remember what on_lost and hold renewal need of a guarded reservation."""
@@ -373,6 +376,10 @@ def refused_pick(book: Book, req: Request, cand: int) -> None:
     guard.release(req.gdst, req.proto, cand)
     guard.mark_foreign(req.gdst, req.proto, cand)
     book.stats.directed_misses += 1
+    _log.guard.info(
+        "directed pick refused: %s is held outside this guard; marked foreign",
+        _log.tuple_text(req.gdst, req.proto, cand),
+    )
 
 
 def may_delete_duplicate(book: Book, req: Request, spi: int) -> bool:
@@ -472,10 +479,18 @@ def single_plan(book: Book, req: Request, first: int | None = None) -> Plan:
         token = guard.reserve_trusted(s.req.gdst, s.req.proto, spi, owner)
         if token:
             return book.won(s.req, spi, token)
-        if may_delete_duplicate(book, s.req, spi):
+        deleted = may_delete_duplicate(book, s.req, spi)
+        if deleted:
             yield DeleteOp(s.req.daddr, spi, s.req.family, s.req.proto, s.req.mark)
         s.retries += 1
         book.stats.retries += 1
+        _log.guard.warning(
+            "collision: the kernel returned %s, which is still outstanding%s; retry %d of %d",
+            _log.tuple_text(s.req.gdst, s.req.proto, spi),
+            " (its duplicate state deleted)" if deleted else "",
+            s.retries,
+            book.max_retries,
+        )
         if s.retries > book.max_retries:
             raise DuplicateSpi(
                 f"the kernel returned outstanding SPIs {s.retries} times for {s.req.dst} "
@@ -524,7 +539,7 @@ def died(book: Book, key: Key) -> None:
         return
     owner, state, token = gone
     if state is State.RESERVED:
-        owner.lost(lost_reservation(owner, key, token))
+        owner.lost(key, lost_reservation(owner, key, token))
     else:
         owner.origin.pop(key, None)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import os
 import signal
 import socket
@@ -272,7 +273,7 @@ def test_close_during_batch_is_closed_error(netns: Namespace, backend: str, monk
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("guard", [True, False], ids=["guarded", "unguarded"])
 def test_enobufs_on_request_socket_recovers(
-    netns: Namespace, monkeypatch: pytest.MonkeyPatch, backend: str, guard: bool
+    netns: Namespace, monkeypatch: pytest.MonkeyPatch, backend: str, guard: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A receive buffer of ~40 replies and a window of 512: the kernel drops
     most replies (ENOBUFS).  The batch still returns 1,000 distinct SPIs, the
@@ -288,6 +289,8 @@ def test_enobufs_on_request_socket_recovers(
         assert larval_spis(netns) == {r.spi for r in rs}, "states of dropped replies were left behind"
         a.release(rs)
         assert sad_count(netns) == 0
+    logged = [r.getMessage() for r in caplog.records if r.name == "spialloc.kernel" and r.levelno == logging.WARNING]
+    assert any("dropped (ENOBUFS)" in m and "orphaned larval states found and deleted" in m for m in logged), logged
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -306,7 +309,9 @@ def test_enobufs_on_release_counts_what_was_deleted(
         assert deleted == 1000
 
 
-def test_enobufs_on_expiry_watcher_resyncs_and_reports_lost(netns: Namespace, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_enobufs_on_expiry_watcher_resyncs_and_reports_lost(
+    netns: Namespace, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """EXPIRE events dropped: 500 larval states expire (acq_expires=1) while
     the watcher's socket has the smallest buffer and cannot read.  The
     allocator must notice the overrun, resync from a dump (_resync_lost),
@@ -330,6 +335,8 @@ def test_enobufs_on_expiry_watcher_resyncs_and_reports_lost(netns: Namespace, mo
             assert wait_for(lambda: sad_count(netns) == 0, timeout=30)
         assert wait_for(lambda: len(lost) == 500, timeout=20), len(lost)
         assert resyncs, "events were dropped but the watcher never resynced"
+        kernel_warnings = [r.getMessage() for r in caplog.records if r.name == "spialloc.kernel"]
+        assert any("dropped" in m and "resyncing the guard from a dump" in m for m in kernel_warnings), kernel_warnings
         assert a.stats.lost == 500
         assert a.guard is not None and len(a.guard) == 0
         assert {r.key for r in lost} == {r.key for r in rs}

@@ -45,7 +45,18 @@ from .guard import Guard, GuardStats, State
 from .ha import Partition, check_disjoint
 from .monitor import Acquire, AcquirePolicy, Event, EventsLost, Expire, Monitor, Template
 
-__version__ = "0.1.0"
+
+def _version() -> str:
+    # One source of truth: pyproject.toml, through the installed metadata.
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("spialloc")
+    except PackageNotFoundError:  # imported from a checkout that was never installed
+        return "0+unknown"
+
+
+__version__ = _version()
 
 __all__ = [
     "DEFAULT_CPI_RANGE",
@@ -89,6 +100,7 @@ __all__ = [
     "State",
     "Template",
     "UnsupportedByKernel",
+    "__version__",
     "backend",
     "check_disjoint",
 ]

@@ -13,8 +13,9 @@ import argparse
 import json
 import sys
 import time
-from typing import NoReturn, Sequence
+from typing import Any, NoReturn, Sequence
 
+from . import __version__
 from ._core import MAX_BATCH
 from ._model import (
     INF,
@@ -27,6 +28,7 @@ from ._model import (
     parse_address,
     parse_mark,
     parse_proto,
+    parse_range,
 )
 from ._netns import Namespace
 from .allocator import Allocator
@@ -34,11 +36,28 @@ from .errors import InvalidRequest, NamespaceError, SpiallocError
 
 USAGE = 2
 FAILED = 1
+INTERRUPTED = 130
+
+
+class _Interrupted(Exception):
+    """Ctrl-C in a command that cleaned up after itself; says what it did."""
+
+
+#: The most SPIs one `alloc` run asks for: a million larval states already
+#: take the kernel several hundred MB.  The library takes up to 2**32 - 1.
+MAX_COUNT = 1_000_000
+#: SPIs per allocate_many call in `alloc`: small enough to show progress and
+#: to stop promptly on Ctrl-C, big enough to keep the C engine at full speed.
+CHUNK = 10_000
+#: Progress appears on a terminal once a run has taken this long (seconds).
+PROGRESS_AFTER = 1.0
 
 EPILOG = """exit status: 0 done; 1 the kernel or the system refused (no free SPI, no
 privilege, out of file descriptors, --isolated impossible), or release deleted
 fewer states than named (each one not deleted is named on stderr); 2 bad usage
-(a malformed or out-of-range value, a --netns that names no network namespace)."""
+(a malformed or out-of-range value, --count beyond the range or 1000000, a
+--netns that names no network namespace); 130 interrupted (Ctrl-C): alloc
+releases what it had allocated, unless --keep."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def where(sp: argparse.ArgumentParser) -> None:
@@ -117,6 +137,11 @@ def _parser() -> argparse.ArgumentParser:
         "decimal digits after a 0x (seq 0x00000037 is 37): such a value is read the way that names an ACQ state",
     )
     a.add_argument("--allow-reserved", action="store_true", help="allow SPIs 1-255")
+    a.add_argument(
+        "--keep",
+        action="store_true",
+        help="on Ctrl-C, keep (and print) the SPIs allocated so far instead of releasing them",
+    )
     where(a)
 
     r = sub.add_parser(
@@ -259,8 +284,19 @@ def _lines(s: KernelState) -> list[str]:
 def run(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "alloc" and args.seq[0] and args.count != 1:
-        parser.error("--seq binds one SPI to one ACQUIRE; use --count 1")
+    if args.command == "alloc":
+        if args.seq[0] and args.count != 1:
+            parser.error("--seq binds one SPI to one ACQUIRE; use --count 1")
+        try:
+            args.spi_range = _range(args)
+        except InvalidRequest as exc:
+            return _error(exc, USAGE)
+        size = args.spi_range[1] - args.spi_range[0] + 1
+        if args.count > size:
+            lo, hi = args.spi_range
+            parser.error(f"--count {args.count} is more than the {size} SPIs of the range {lo:#x}-{hi:#x}")
+        if args.count > MAX_COUNT:
+            parser.error(f"--count {args.count} is more than {MAX_COUNT} SPIs, the most one run allocates")
     try:
         ns = Namespace.isolated() if args.isolated else Namespace.open(args.netns)
     except NamespaceError as exc:
@@ -277,6 +313,9 @@ def run(argv: Sequence[str] | None = None) -> int:
             ns, guard=guard, watch_expiry=False, allow_reserved=getattr(args, "allow_reserved", False)
         ) as alloc:
             status = _command(args, alloc)
+    except _Interrupted as exc:
+        print(f"spialloc: interrupted: {exc}", file=sys.stderr)
+        return INTERRUPTED
     except InvalidRequest as exc:
         return _error(exc, USAGE)
     except (SpiallocError, ImportError) as exc:  # ImportError: SPIALLOC_BACKEND=c, no extension
@@ -294,16 +333,9 @@ def _error(exc: BaseException, status: int) -> int:
 
 def _command(args: argparse.Namespace, alloc: Allocator) -> int:
     if args.command == "alloc":
-        spi_range = None
-        if args.spi_min is not None or args.spi_max is not None:
-            lo, hi = default_range(parse_proto(args.proto))
-            spi_range = (
-                lo if args.spi_min is None else args.spi_min,
-                hi if args.spi_max is None else args.spi_max,
-            )
         opts = dict(
             src=args.src,
-            spi_range=spi_range,
+            spi_range=args.spi_range,
             mode=args.mode,
             reqid=args.reqid,
             mark=args.mark,
@@ -313,12 +345,8 @@ def _command(args: argparse.Namespace, alloc: Allocator) -> int:
         if args.count == 1:
             items = [alloc.allocate(args.dst, args.proto, seq=_resolve_seq(alloc, args.seq), **opts)]
         else:
-            items = alloc.allocate_many(args.count, args.dst, args.proto, **opts)
-        if args.json:
-            print(json.dumps([_state_dict(s) for s in items]))
-        else:
-            for r in items:
-                print(_line(r))
+            items = _alloc_many(args, alloc, opts)
+        _print(args, items)
         return 0
     if args.command == "release":
         return _release(args, alloc)
@@ -329,6 +357,71 @@ def _command(args: argparse.Namespace, alloc: Allocator) -> int:
         for st in states:
             print("\n".join(_lines(st)))
     return 0
+
+
+def _range(args: argparse.Namespace) -> tuple[int, int]:
+    """The range `alloc` asks for, validated, before any syscall."""
+    proto = parse_proto(args.proto)
+    lo, hi = default_range(proto)
+    lo = lo if args.spi_min is None else args.spi_min
+    hi = hi if args.spi_max is None else args.spi_max
+    return parse_range(proto, (lo, hi), args.allow_reserved)
+
+
+def _print(args: argparse.Namespace, items: Sequence[Reservation]) -> None:
+    if args.json:
+        print(json.dumps([_state_dict(s) for s in items]))
+    else:
+        for r in items:
+            print(_line(r))
+
+
+class _Progress:
+    """ "allocated N of M" on stderr, rewritten in place, once the run has
+    taken PROGRESS_AFTER seconds, and only on a terminal without --json."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled
+        self.start = time.monotonic()
+        self.shown = False
+
+    def update(self, done: int) -> None:
+        if self.enabled and time.monotonic() - self.start >= PROGRESS_AFTER:
+            sys.stderr.write(f"\rallocated {done} of {self.total}")
+            sys.stderr.flush()
+            self.shown = True
+
+    def end(self) -> None:
+        if self.shown:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _alloc_many(args: argparse.Namespace, alloc: Allocator, opts: dict[str, Any]) -> list[Reservation]:
+    """allocate_many in CHUNKs, all or nothing across them: a failed chunk
+    releases the chunks before it; Ctrl-C releases them too, unless --keep
+    (then they are printed)."""
+    got: list[Reservation] = []
+    progress = _Progress(args.count, sys.stderr.isatty() and not args.json)
+    try:
+        while len(got) < args.count:
+            got += alloc.allocate_many(min(CHUNK, args.count - len(got)), args.dst, args.proto, **opts)
+            progress.update(len(got))
+    except KeyboardInterrupt:
+        # The chunk in flight released its own states (allocate_many is all
+        # or nothing under an interrupt, too); what came before is ours.
+        progress.end()
+        if args.keep:
+            _print(args, got)
+            raise _Interrupted(f"kept the {len(got)} SPIs allocated so far (--keep)") from None
+        released = alloc.release(got)
+        raise _Interrupted(f"released the {released} SPIs allocated so far") from None
+    except BaseException:
+        progress.end()
+        alloc.release(got)
+        raise
+    progress.end()
+    return got
 
 
 def _resolve_seq(alloc: Allocator, seq: tuple[int, int]) -> int:

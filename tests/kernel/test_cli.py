@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -281,3 +283,86 @@ def test_list_shows_what_ip_shows_for_a_larval_state(named_netns: str) -> None:
     assert "mark 0x10/0xff if_id 0x9 dir in" in text
     assert "sel src 0.0.0.0/32 dst 10.0.0.1/32" in text
     assert "expire add: soft 0(sec), hard " in text
+
+
+# A stand-in for a slow kernel and a user's Ctrl-C: allocate_many's second call
+# says "running" and sleeps, so a SIGINT sent on "running" lands after the first
+# chunk (10,000 SPIs) is allocated and before the second asks the kernel.
+SLOW_SECOND_CHUNK = r"""
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
+import spialloc.allocator as A
+_real, _calls = A.Allocator.allocate_many, [0]
+def _slow(self, *a, **k):
+    _calls[0] += 1
+    if _calls[0] == 2:
+        print("running", file=sys.stderr, flush=True)
+        time.sleep(60)
+    return _real(self, *a, **k)
+A.Allocator.allocate_many = _slow
+from spialloc.cli import main
+sys.argv = ["spialloc"] + sys.argv[1:]
+main()
+"""
+
+
+def interrupted_run(named_netns: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_SECOND_CHUNK, "alloc", "--dst", "10.0.0.1", "--count", "30000",
+         "--netns", named_netns, *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    assert proc.stderr.readline() == "running\n"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_ctrl_c_releases_what_the_run_allocated(named_netns: str) -> None:
+    proc = interrupted_run(named_netns)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip() == "spialloc: interrupted: released the 10000 SPIs allocated so far", proc.stderr
+    assert proc.stdout == ""
+    assert ip_spis(named_netns) == set()
+
+
+def test_ctrl_c_with_keep_prints_and_keeps_them(named_netns: str) -> None:
+    proc = interrupted_run(named_netns, "--keep", "--json")
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip() == "spialloc: interrupted: kept the 10000 SPIs allocated so far (--keep)"
+    kept = {e["spi"] for e in json.loads(proc.stdout)}
+    assert len(kept) == 10000 and ip_spis(named_netns) == kept
+
+
+def test_progress_on_a_terminal_only(named_netns: str) -> None:
+    """Over a second, on a terminal: "allocated N of M" on stderr; piped or
+    with --json, nothing."""
+    slow = SLOW_SECOND_CHUNK.replace("time.sleep(60)", "time.sleep(1.2)").replace(
+        'print("running", file=sys.stderr, flush=True)', "pass"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    argv = [sys.executable, "-c", slow, "alloc", "--dst", "10.0.0.1", "--count", "20000", "--netns", named_netns]
+    primary, secondary = pty.openpty()
+    try:
+        proc = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=secondary, env=env, timeout=60)
+        os.close(secondary)
+        secondary = -1
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(primary, 4096)
+            except OSError:  # EIO: the other end is closed
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(primary)
+        if secondary >= 0:
+            os.close(secondary)
+    assert proc.returncode == 0
+    assert b"allocated 20000 of 20000" in seen, seen
+    piped = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+    assert piped.returncode == 0 and piped.stderr == ""

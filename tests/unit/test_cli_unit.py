@@ -122,3 +122,36 @@ def test_help_exits_0() -> None:
     proc = run_cli("--help")
     assert proc.returncode == 0
     assert "alloc" in proc.stdout and "release" in proc.stdout and "list" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--min", "0x1000", "--max", "0x10ff", "--count", "257"], ["--count 257", "256 SPIs", "0x1000-0x10ff"]),
+        (["--proto", "comp", "--count", "61185"], ["--count 61185", "61184 SPIs"]),
+        (["--count", "1000001"], ["--count 1000001", "1000000"]),
+    ],
+)
+def test_count_beyond_the_range_or_the_ceiling_is_refused_before_any_syscall(
+    args: list[str], needles: list[str]
+) -> None:
+    """No namespace is opened (a --netns that does not exist is never looked
+    at): the count is checked first."""
+    proc = run_cli("alloc", "--dst", "10.0.0.1", "--netns", "spialloc-no-such-ns-zz", *args)
+    assert_usage_error(proc, *needles)
+
+
+def test_version() -> None:
+    from importlib.metadata import version
+
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"spialloc {version('spialloc')}"
+    import spialloc
+
+    assert spialloc.__version__ == version("spialloc")
+
+
+def test_help_documents_exit_codes_and_keep() -> None:
+    text = " ".join(run_cli("--help").stdout.split())
+    assert "exit status: 0 done" in text and "130 interrupted" in text
+    assert "--keep" in run_cli("alloc", "--help").stdout

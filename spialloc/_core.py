@@ -72,6 +72,7 @@ class BatchResult:
 
     @property
     def ok(self) -> bool:
+        """Whether every request of the batch succeeded."""
         return not self.errors
 
 

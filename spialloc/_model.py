@@ -372,6 +372,7 @@ class Reservation:
 
     @property
     def family(self) -> int:
+        """socket.AF_INET or AF_INET6, from ``dst``."""
         return w.AF_INET if self.dst.version == 4 else w.AF_INET6
 
     @property
@@ -478,6 +479,7 @@ class Lifetime:
 
     @classmethod
     def from_wire(cls, lft: w.Lifetime) -> Lifetime:
+        """From the eight numbers of struct xfrm_lifetime_cfg (``_wire``)."""
         return cls(*lft)
 
 
@@ -507,6 +509,7 @@ class KernelState:
 
     @classmethod
     def from_wire(cls, sa: w.SaInfo) -> KernelState:
+        """From a decoded NEWSA reply, dump entry or event (``_wire.SaInfo``)."""
         proto: int = sa.proto
         try:
             proto = Proto(sa.proto)

@@ -119,10 +119,16 @@ class Namespace:
 
     @classmethod
     def current(cls) -> Namespace:
+        """The caller's own network namespace (no fd is opened)."""
         return cls(None, "current network namespace")
 
     @classmethod
     def open(cls, spec: NetnsSpec) -> Namespace:
+        """A handle on ``spec``: None (the current namespace), a name from
+        ``ip netns`` (``/run/netns/NAME``), a path such as
+        ``/proc/PID/ns/net``, an open fd (duplicated) or a Namespace (a new
+        handle on it).  Raises ``NamespaceError`` if it names no network
+        namespace, ``ResourceError`` when out of file descriptors."""
         if spec is None:
             return cls.current()
         if isinstance(spec, Namespace):
@@ -204,6 +210,7 @@ class Namespace:
             raise NamespaceError(errno.EBADF, f"{self.description}: the handle is closed")
 
     def dup(self) -> Namespace:
+        """Another handle on the same namespace, closed independently."""
         self._check_open()
         if self._helper is not None:
             self._helper.refs += 1
@@ -234,6 +241,9 @@ class Namespace:
         return (st.st_dev, st.st_ino)
 
     def socket(self, family: int, kind: int, proto: int) -> socket.socket:
+        """A socket made inside the namespace (setns in a helper thread, or
+        the user-namespace helper process).  Raises ``NamespaceError``,
+        ``ResourceError``, or the OSError the socket call gave."""
         self._check_open()
         if self._helper is not None:
             return self._helper.socket(family, kind, proto)
@@ -251,7 +261,7 @@ class Namespace:
         return _run_in_thread(make)
 
     def run(self, fn: Callable[..., T], *args: object) -> T:
-        """Call fn(*args) in a thread that is inside this namespace (e.g. to
+        """Call ``fn(*args)`` in a thread that is inside this namespace (e.g. to
         read its sysctls under /proc/sys/net, which follow the caller's netns)."""
         self._check_open()
         if self.fd is None:
@@ -267,6 +277,7 @@ class Namespace:
         return _run_in_thread(body)
 
     def close(self) -> None:
+        """Close the handle; a namespace made by ``isolated()`` ends with its last handle."""
         self.closed = True
         if self.fd is not None:
             os.close(self.fd)

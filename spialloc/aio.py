@@ -83,14 +83,17 @@ class AsyncAllocator:
 
     @property
     def guard(self) -> Guard | None:
+        """``Allocator.guard``."""
         return self._sync.guard
 
     @property
     def stats(self) -> AllocatorStats:
+        """``Allocator.stats``."""
         return self._sync.stats
 
     @property
     def backend(self) -> str:
+        """``Allocator.backend``."""
         return self._sync.backend
 
     @property
@@ -260,20 +263,25 @@ class AsyncAllocator:
         return await self._in_thread(core.outcome, count, done, errors, strict)
 
     async def release(self, reservations: Reservation | Iterable[Reservation]) -> int:
+        """``Allocator.release`` (DELSA), in a worker thread."""
         return await self._in_thread(self._sync.release, reservations)
 
     async def commit(self, reservation: Reservation) -> None:
+        """``Allocator.commit`` (no syscall)."""
         await self._in_thread(self._sync.commit, reservation)
 
     async def lookup(
         self, dst: Address, spi: int, proto: str | int | Proto = "esp", *, mark: MarkSpec = None
     ) -> KernelState | None:
+        """``Allocator.lookup`` (GETSA), in a worker thread."""
         return await self._in_thread(functools.partial(self._sync.lookup, mark=mark), dst, spi, proto)
 
     async def states(self, **filters: Any) -> list[KernelState]:
+        """``Allocator.states`` (GETSA dump), in a worker thread."""
         return await self._in_thread(functools.partial(self._sync.states, **filters))
 
     async def sync(self) -> int:
+        """``Allocator.sync`` (GETSA dump), in a worker thread."""
         return await self._in_thread(self._sync.sync)
 
     async def purge(self, *, reqid: int | None = None, mark: MarkSpec = None, if_id: int | None = None) -> int:
@@ -281,9 +289,11 @@ class AsyncAllocator:
         return await self._in_thread(functools.partial(self._sync.purge, reqid=reqid, mark=mark, if_id=if_id))
 
     async def close(self) -> None:
+        """Close the sockets (``close_now``); pending allocations raise ClosedError."""
         self.close_now()
 
     def close_now(self) -> None:
+        """Close without awaiting: for ``__del__``-like paths and signal handlers."""
         if self._closed:
             return
         self._closed = True

@@ -56,6 +56,26 @@ class Allocator:
     namespace it is used in).  Nothing is shared across processes: see the
     README's "Guard" section for running several.
 
+    ``scope``: "spi" (an SPI is unique per protocol across destinations,
+    the 6.17+ kernel rule) or "dst" (per destination, the older rule).
+    ``backend``: the batch engine, "c", "python" or "auto" (default: the
+    ``SPIALLOC_BACKEND`` environment variable, else "auto").  ``spi_range``,
+    ``cpi_range``: this allocator's default ranges for ESP/AH and IPComp;
+    ``partition``: this process's share of every range (HA clusters);
+    ``allow_reserved``: permit SPIs 1-255.  ``sync``: seed the guard from a
+    SAD dump at once (``sync()``).  ``on_lost``: called (from the watcher
+    thread) with each reservation whose state died before commit.
+    ``watch_expiry``: run the watcher thread that follows EXPIRE and SA
+    events (off: call ``poll_events``).  ``max_retries``: collisions one
+    allocation retries before ``DuplicateSpi``.  ``rcvbuf``: the request
+    socket's receive buffer (``SO_RCVBUFFORCE``), which bounds batches.
+
+    Opening makes a ``NETLINK_XFRM`` socket in the namespace (and the
+    watcher's).  Raises ``InvalidRequest`` for a bad option,
+    ``NamespaceError`` for a namespace that cannot be opened,
+    ``InsufficientPrivilege`` without CAP_NET_ADMIN there, and
+    ``ResourceError`` when out of file descriptors.
+
     Close it (or use ``with``); one dropped unclosed is closed when collected,
     with a ResourceWarning.  It does not survive fork(): in the child every
     call raises ForkedError and close() touches nothing of the parent's.
@@ -126,26 +146,32 @@ class Allocator:
 
     @property
     def closed(self) -> bool:
+        """Whether ``close()`` was called (every other call then raises ClosedError)."""
         return self.core.closed
 
     @property
     def stats(self) -> AllocatorStats:
+        """A copy of this allocator's counters (no syscall)."""
         return replace(self.core.book.stats)
 
     @property
     def guard(self) -> Guard | None:
+        """The guard this allocator uses; None with ``guard=False``."""
         return self.core.book.guard
 
     @property
     def backend(self) -> str:
+        """The batch engine in use: "c" or "python"."""
         return self.core.backend
 
     @property
     def ns(self) -> Namespace:
+        """The network namespace this allocator works in."""
         return self.core.ns
 
     @property
     def partition(self) -> Partition | None:
+        """This process's share of the ranges, if one was given."""
         return self.core.partition
 
     @property
@@ -161,6 +187,7 @@ class Allocator:
 
     @property
     def max_retries(self) -> int:
+        """Collisions one allocation retries before DuplicateSpi; settable."""
         return self.core.book.max_retries
 
     @max_retries.setter
@@ -185,7 +212,7 @@ class Allocator:
         pcpu: int | None = None,
         hold: float | None = None,
     ) -> Reservation:
-        """Allocate one SPI (``ip xfrm state allocspi``): a larval state in the kernel.
+        """Allocate one SPI (ALLOCSPI, ``ip xfrm state allocspi``): a larval state in the kernel.
 
         ``seq`` binds the request to a kernel ACQUIRE (its ``seq``), so the
         ACQ state gets the SPI.  With the guard on, an SPI that is still
@@ -196,6 +223,14 @@ class Allocator:
         (``acq_expires``); until ``hold`` runs out, commit or release, an
         expired larval state is allocated again at once with the same SPI, so
         the reservation is not lost (unless someone takes the SPI in between).
+
+        Raises ``InvalidRequest`` for bad input (before any syscall),
+        ``SpiExhausted`` when no SPI of the range is free, ``DuplicateSpi``
+        when the kernel kept returning outstanding SPIs, ``AlreadyBound`` for
+        a ``seq`` that ``allocate_for`` bound, ``UnsupportedByKernel`` for an
+        attribute the running kernel drops (``direction``, ``pcpu``),
+        ``NetlinkError`` for any other refusal (errno and the kernel's text),
+        ``ClosedError`` after ``close()``.
         """
         core = self.core
         if core.closed:
@@ -235,6 +270,10 @@ class Allocator:
         scope "spi"), the guard cannot take it back: you get a fresh larval
         state instead, with ``seq`` 0 in the reservation, and the kernel
         sends another ACQUIRE when the ACQ state expires.
+
+        One ALLOCSPI (more on a collision).  Raises ``AlreadyBound``,
+        ``InvalidRequest`` (not an Acquire, no template, ``direction="in"``),
+        and what ``allocate`` raises.
         """
         core = self.core
         if core.closed:
@@ -331,6 +370,12 @@ class Allocator:
         allocated are released and BatchError says how many failed and why.
         With ``strict=False`` a BatchResult carries the successes and, per
         failed index, the error.
+
+        ALLOCSPI ``count`` times, in as few ``sendmsg``/``recvmmsg`` calls as
+        the receive buffer allows.  Raises ``BatchError`` (strict), and
+        ``InvalidRequest``, ``UnsupportedByKernel``, ``ClosedError`` as
+        ``allocate``; a Ctrl-C (or any exception) in the middle releases
+        what the batch had allocated before it propagates.
         """
         core = self.core
         core.check_batch_args(count, unknown)
@@ -349,19 +394,28 @@ class Allocator:
         installed) is not an error; a reservation the guard knows as lost is
         not deleted at all (its SPI may belong to someone else by now).
         Returns how many states were deleted.
+
+        DELSA per reservation, batched (``ip xfrm state delete``).  Raises
+        ``ReservationLost`` for a handle that is not current (lost,
+        released, or handed out again; nothing is deleted then),
+        ``InvalidRequest`` for one this allocator did not issue,
+        ``ClosedError`` after ``close()``.
         """
         self.core.check_open()
         return self.core.release(reservations)
 
     def commit(self, reservation: Reservation) -> None:
         """Mark the reservation as installed (the caller ran UPDSA on it): the
-        guard keeps its tuple outstanding until ``release``.  Raises
-        ReservationLost if its larval state expired first."""
+        guard keeps its tuple outstanding until ``release``.  No syscall.
+        Raises ReservationLost if its larval state expired first (or the
+        handle is otherwise not current), InvalidRequest for a handle this
+        allocator did not issue."""
         self.core.check_open()
         self.core.commit(reservation)
 
     def poll_events(self) -> int:
-        """Process queued EXPIRE events now (the watcher thread does it too)."""
+        """Process queued EXPIRE and SA events now (the watcher thread does it
+        too); returns how many were handled.  Reads the event socket only."""
         self.core.check_open()
         return self.core.poll()
 
@@ -370,7 +424,9 @@ class Allocator:
     def lookup(
         self, dst: Address, spi: int, proto: str | int | Proto = "esp", *, mark: MarkSpec = None
     ) -> KernelState | None:
-        """Read one state (GETSA, ``ip xfrm state get``); None if there is none."""
+        """Read one state (GETSA, ``ip xfrm state get``); None if there is none.
+        A marked state is found only with its ``mark``.  Raises
+        ``InvalidRequest`` for bad input, ``NetlinkError`` if refused."""
         self.core.check_open()
         d = parse_address("dst", dst)
         p = parse_proto(proto)
@@ -380,7 +436,9 @@ class Allocator:
 
     def states(self, *, larval: bool | None = None, proto: str | int | Proto | None = None) -> list[KernelState]:
         """Every state in the namespace (GETSA dump, ``ip xfrm state list``),
-        of all processes; ``larval=True`` keeps only larval ones."""
+        of all processes; ``larval=True`` keeps only larval ones (False:
+        installed ones), ``proto`` one protocol.  Raises ``NetlinkError`` if
+        the dump is refused."""
         self.core.check_open()
         p = None if proto is None else parse_proto(proto)
         out = self.core.kernel.dump_states()
@@ -389,7 +447,8 @@ class Allocator:
     def sync(self) -> int:
         """Seed the guard from the SAD: every state that is not ours is marked
         foreign, so it is never handed out, and reservations whose state is
-        gone are marked lost.  Returns the number of foreign tuples."""
+        gone are marked lost.  Returns the number of foreign tuples.  One
+        GETSA dump; without a guard, nothing (0)."""
         return self.core.sync()
 
     def purge(self, *, reqid: int | None = None, mark: MarkSpec = None, if_id: int | None = None) -> int:
@@ -402,14 +461,18 @@ class Allocator:
         At least one selector is required: give what only this daemon puts in
         its requests (its reqid range is the usual one).  Call it at start,
         before handing out SPIs, or at any time: this allocator's own
-        reservations are never touched."""
+        reservations are never touched.  A GETSA dump, then DELSA per state;
+        raises ``InvalidRequest`` without a selector."""
         return self.core.purge(reqid, mark, if_id)
 
     # --- namespace settings -----------------------------------------------------
 
     @property
     def acq_expires(self) -> int:
-        """``net.core.xfrm_acq_expires`` of the namespace: larval lifetime, seconds."""
+        """``net.core.xfrm_acq_expires`` of the namespace: larval lifetime,
+        seconds (read and written in /proc/sys/net/core from inside the
+        namespace; setting it needs real root: a namespace owned by a user
+        namespace hides XFRM sysctls)."""
         self.core.check_open()
         return self.core.kernel.acq_expires()
 

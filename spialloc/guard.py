@@ -106,7 +106,7 @@ _STATES = (State.RESERVED, State.COMMITTED, State.FOREIGN)
 
 @dataclass(frozen=True, slots=True)
 class GuardStats:
-    """A snapshot.  ``collisions`` counts refused ``reserve`` calls and ``lost``
+    """A snapshot of a guard: tuples held, by state.  ``collisions`` counts refused ``reserve`` calls and ``lost``
     the RESERVED tuples ``expire`` took away; both only grow."""
 
     outstanding: int
@@ -195,6 +195,7 @@ class Guard:
 
     @property
     def scope(self) -> str:
+        """ "spi" or "dst": what a tuple's uniqueness is checked against."""
         return self._scope
 
     # -- internals (lock held, arguments checked) --------------------------
@@ -388,11 +389,13 @@ class Guard:
             return None if code is None else self._dsts[code >> 2 & _IDX_MASK]
 
     def is_outstanding(self, dst: bytes, proto: int, spi: int) -> bool:
+        """Whether the tuple (or, scope "spi", the SPI for any dst) is held."""
         dst, proto, spi = _check(dst, proto, spi)
         with self._lock:
             return self._scoped(dst, proto, spi) is not None
 
     def state(self, dst: bytes, proto: int, spi: int) -> State | None:
+        """RESERVED, COMMITTED or FOREIGN for a held tuple; None if free."""
         dst, proto, spi = _check(dst, proto, spi)
         with self._lock:
             code = self._scoped(dst, proto, spi)
@@ -640,6 +643,7 @@ class Guard:
 
     @property
     def stats(self) -> GuardStats:
+        """Counts of the tuples held, by state, and of collisions seen."""
         with self._lock:
             reserved, committed, foreign = self._by_state
             return GuardStats(

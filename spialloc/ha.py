@@ -48,7 +48,13 @@ def _base_range(lo: object, hi: object) -> tuple[int, int]:
 
 @dataclass(frozen=True, slots=True)
 class Partition:
-    """This node's share of every SPI range: ``Partition(node, nodes)``."""
+    """This node's share of every SPI range: ``Partition(node, nodes)``.
+
+    ``node`` counts from 0 to ``nodes - 1``.  ``method="range"`` gives node k
+    the k-th of ``nodes`` contiguous sub-ranges; ``"label_bits"`` puts the
+    node label in the top ``bits`` of the range's free bits (room for
+    ``2**bits`` nodes, so a cluster can grow without renumbering).  Raises
+    ``InvalidRequest`` for a bad combination, before any syscall."""
 
     node: int
     nodes: int

@@ -207,7 +207,11 @@ def acquire_from_wire(a: w.AcquireInfo) -> Acquire:
 
 
 class Monitor:
-    """Subscribe to ACQUIRE and EXPIRE events of a network namespace.
+    """Subscribe to ACQUIRE and EXPIRE events of a network namespace
+    (``ip xfrm monitor acquire expire``): a ``NETLINK_XFRM`` socket bound to
+    the XFRMNLGRP_ACQUIRE and XFRMNLGRP_EXPIRE groups.  Opening raises
+    ``NamespaceError``, ``InsufficientPrivilege`` or ``ResourceError`` as
+    ``Allocator`` does; reading raises ``ClosedError`` once closed.
 
     >>> with Monitor() as mon:
     ...     for event in mon:          # blocks; or `async for event in mon`
@@ -267,10 +271,12 @@ class Monitor:
         return not self._closed
 
     def fileno(self) -> int:
+        """The event socket's fd, for select/poll loops of your own."""
         self._open()
         return self._events.fileno()
 
     def close(self) -> None:
+        """Close the sockets; an ``aget()`` waiting on them raises ClosedError."""
         if not self._closed:
             self._closed = True
             waiter = self._waiter

@@ -128,7 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--reqid", type=_int, default=0)
     a.add_argument("--mark", type=_mark, help="VALUE[/MASK]")
     a.add_argument("--if-id", type=_int)
-    a.add_argument("--dir", choices=["in", "out"], help="SA direction (XFRMA_SA_DIR)")
+    a.add_argument("--dir", choices=["in", "out"], help="SA direction (XFRMA_SA_DIR, Linux 6.10+)")
+    a.add_argument("--pcpu", type=_int, help="the CPU of a per-CPU SA (XFRMA_SA_PCPU, Linux 6.13+)")
     a.add_argument(
         "--seq",
         type=_seq,
@@ -341,6 +342,7 @@ def _command(args: argparse.Namespace, alloc: Allocator) -> int:
             mark=args.mark,
             if_id=args.if_id,
             direction=args.dir,
+            pcpu=args.pcpu,
         )
         if args.count == 1:
             items = [alloc.allocate(args.dst, args.proto, seq=_resolve_seq(alloc, args.seq), **opts)]

@@ -366,3 +366,13 @@ def test_progress_on_a_terminal_only(named_netns: str) -> None:
     assert b"allocated 20000 of 20000" in seen, seen
     piped = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
     assert piped.returncode == 0 and piped.stderr == ""
+
+
+def test_pcpu_is_allocated_and_listed(named_netns: str) -> None:
+    """A per-CPU SA's larval state: --pcpu reaches the kernel, and list shows
+    it (KernelState.pcpu; it was not visible through the API before)."""
+    where = ("--netns", named_netns)
+    ok(run_cli("alloc", "--dst", "10.0.0.1", "--pcpu", "0", *where))
+    (e,) = json.loads(ok(run_cli("list", "--json", *where)))
+    assert e["pcpu"] == 0
+    assert "pcpu 0" in ok(run_cli("list", *where))

@@ -60,6 +60,40 @@ def duplicate_rules() -> str:
     )
 
 
+# What each kernel series does with the attributes newer than some kernels,
+# as this tier found it: XFRMA_SA_DIR (upstream 6.10) and XFRMA_SA_PCPU
+# (upstream 6.13).  Debian's 6.12.117 keeps SA_PCPU although upstream added it
+# in 6.13, so the series alone is no guide: every series the tier boots is
+# listed, with the lowest patch level verified, and any other kernel fails
+# loudly until someone records what it does.
+#   series: (lowest verified patch level, SA_DIR kept, SA_PCPU kept)
+FEATURES_SEEN = {
+    (5, 10): (223, False, False),
+    (6, 1): (176, False, False),
+    (6, 12): (117, True, True),
+    (7, 3): (4, True, True),
+}
+#: The Linux version spialloc's UnsupportedByKernel names for each attribute.
+FEATURE_SINCE = {"direction": "6.10", "pcpu": "6.13"}
+
+
+def expected_features() -> dict[str, bool]:
+    """{"direction": kept?, "pcpu": kept?} for the booted kernel."""
+    v = full_version()
+    seen = FEATURES_SEEN.get(v[:2])
+    if seen is None or v[2] < seen[0]:
+        pytest.fail(
+            f"kernel {'.'.join(map(str, v))}: whether it keeps SA_DIR and SA_PCPU is not known; "
+            "add it to FEATURES_SEEN in tests/vm/conftest.py"
+        )
+    return {"direction": seen[1], "pcpu": seen[2]}
+
+
+@pytest.fixture(scope="session")
+def features() -> dict[str, bool]:
+    return expected_features()
+
+
 @pytest.fixture(scope="session")
 def rules() -> str:
     r = duplicate_rules()

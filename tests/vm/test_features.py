@@ -1,10 +1,12 @@
 """What the booted kernel does with the attributes newer than some kernels:
 XFRMA_SA_DIR (direction, 6.10) and XFRMA_SA_PCPU (per-CPU SAs, 6.13).
 
-Where the kernel has the attribute, the state keeps it (read back through
-spialloc's lookup and a raw GETSA, for what KernelState does not carry);
-where it does not, spialloc refuses with UnsupportedByKernel.  The runner
-prints the facts per kernel.
+What each kernel does is expected from its version (conftest.FEATURES_SEEN;
+an unlisted kernel fails): where it has the attribute, the state keeps it
+(read back through spialloc's lookup and a raw GETSA, for what KernelState
+does not carry); where it does not, spialloc refuses with
+UnsupportedByKernel naming the attribute and the Linux version that has it.
+The runner prints the facts per kernel.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import subprocess
 from typing import Iterator
 
 import pytest
-from conftest import kernel_version
+from conftest import FEATURE_SINCE
 
 import spialloc
 
@@ -59,19 +61,24 @@ def netns() -> Iterator[spialloc.Namespace]:
         ns.close()
 
 
-def supports(since: tuple[int, int]) -> bool:
-    return kernel_version()[:2] >= since
+def refused_as_expected(exc: pytest.ExceptionInfo[spialloc.UnsupportedByKernel], attr: str, field: str) -> None:
+    """The refusal names the attribute and the Linux version that has it."""
+    text = str(exc.value)
+    assert attr in text and f"needs Linux {FEATURE_SINCE[field]}" in text, text
 
 
 @pytest.mark.parametrize("direction", ["in", "out"])
-def test_direction_kept_or_refused(netns: spialloc.Namespace, direction: str, facts) -> None:  # type: ignore[no-untyped-def]
-    """SA_DIR (6.10+): kept where the kernel knows it; elsewhere spialloc
+def test_direction_kept_or_refused(  # type: ignore[no-untyped-def]
+    netns: spialloc.Namespace, direction: str, features: dict[str, bool], facts
+) -> None:
+    """SA_DIR: kept where this kernel is known to keep it; elsewhere spialloc
     refuses with UnsupportedByKernel instead of a state without direction,
     and its probe leaves nothing behind."""
     with spialloc.Allocator(netns, guard=False) as alloc:
-        if not supports((6, 10)):
-            with pytest.raises(spialloc.UnsupportedByKernel, match="XFRMA_SA_DIR"):
+        if not features["direction"]:
+            with pytest.raises(spialloc.UnsupportedByKernel) as exc:
                 alloc.allocate(DST, src=SRC, direction=direction)
+            refused_as_expected(exc, "XFRMA_SA_DIR", "direction")
             assert alloc.states() == []
             facts.record(f"direction={direction}", "refused: UnsupportedByKernel")
             return
@@ -80,32 +87,36 @@ def test_direction_kept_or_refused(netns: spialloc.Namespace, direction: str, fa
         assert state is not None and state.direction is not None
         assert state.direction.name.lower() == direction
         raw = raw_attrs(netns, DST, r.spi)
-        assert isinstance(raw, dict) and XFRMA_SA_DIR in raw
+        assert isinstance(raw, dict) and raw.get(XFRMA_SA_DIR) == bytes((1 if direction == "in" else 2,)), raw
         facts.record(f"direction={direction}", "kept")
 
 
-def test_pcpu_kept_or_refused(netns: spialloc.Namespace, facts) -> None:  # type: ignore[no-untyped-def]
+def test_pcpu_kept_or_refused(netns: spialloc.Namespace, features: dict[str, bool], facts) -> None:  # type: ignore[no-untyped-def]
     with spialloc.Allocator(netns, guard=False) as alloc:
-        if not supports((6, 13)):
-            with pytest.raises(spialloc.UnsupportedByKernel, match="XFRMA_SA_PCPU"):
+        if not features["pcpu"]:
+            with pytest.raises(spialloc.UnsupportedByKernel) as exc:
                 alloc.allocate(DST, src=SRC, pcpu=1)
+            refused_as_expected(exc, "XFRMA_SA_PCPU", "pcpu")
             assert alloc.states() == []
             facts.record("pcpu=1", "refused: UnsupportedByKernel")
             return
         r = alloc.allocate(DST, src=SRC, pcpu=1)
         raw = raw_attrs(netns, DST, r.spi)
-        assert isinstance(raw, dict) and struct.unpack("=I", raw[XFRMA_SA_PCPU])[0] == 1
+        assert isinstance(raw, dict) and XFRMA_SA_PCPU in raw, raw
+        assert struct.unpack("=I", raw[XFRMA_SA_PCPU])[0] == 1
         facts.record("pcpu=1", "kept")
 
 
-def test_report_updsa_after_direction(facts) -> None:  # type: ignore[no-untyped-def]
-    """A larval state allocated with direction="in", updated by an UPDSA
-    without a direction (ip(8) here may not know `dir`): does the kernel take it?"""
+def test_updsa_without_direction_on_direction_in_larval(features: dict[str, bool], facts) -> None:  # type: ignore[no-untyped-def]
+    """A larval state allocated with direction="in", keyed by an UPDSA that
+    carries no direction (ip(8) here may not know `dir`): every kernel with
+    SA_DIR seen so far takes it, so a daemon need not learn SA_DIR to key
+    spialloc's directed SPIs."""
     name = "spialloc-vm-dir"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
         with spialloc.Allocator(name, guard=False) as alloc:
-            if not supports((6, 10)):  # no such larval state can be made here
+            if not features["direction"]:  # no such larval state can be made here
                 with pytest.raises(spialloc.UnsupportedByKernel):
                     alloc.allocate(DST, src=SRC, direction="in")
                 facts.record("updsa_without_dir_on_direction_in_larval", "n/a: no SA_DIR")
@@ -118,5 +129,6 @@ def test_report_updsa_after_direction(facts) -> None:  # type: ignore[no-untyped
             )  # fmt: skip
             result = "accepted" if out.returncode == 0 else f"refused: {out.stderr.strip()}"
             facts.record("updsa_without_dir_on_direction_in_larval", result)
+            assert out.returncode == 0, out.stderr
     finally:
         subprocess.run(["ip", "netns", "del", name], capture_output=True)

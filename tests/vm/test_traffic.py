@@ -9,15 +9,24 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "keyd_traffic.py"
-_spec = importlib.util.spec_from_file_location("keyd_traffic", EXAMPLE)
-assert _spec is not None and _spec.loader is not None
-keyd_traffic = importlib.util.module_from_spec(_spec)
-sys.modules["keyd_traffic"] = keyd_traffic  # dataclasses look the module up by name
-_spec.loader.exec_module(keyd_traffic)
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def load_example(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look the module up by name; keyd imports keyd_traffic
+    spec.loader.exec_module(module)
+    return module
+
+
+keyd_traffic = load_example("keyd_traffic")
+keyd = load_example("keyd")
 
 VARIANTS = [
     ("esp", "transport", 4),
@@ -58,3 +67,16 @@ def test_example_script(capsys: pytest.CaptureFixture[str]) -> None:
     assert rc == 0 and lines and lines[-1] == "result=ok", lines
     assert any(line.startswith("counters a.in packets=4 ") for line in lines), lines
     assert "only_allocated_spis=yes" in lines
+
+
+def test_keyd_traffic(capsys: pytest.CaptureFixture[str], facts) -> None:  # type: ignore[no-untyped-def]
+    """examples/keyd.py --traffic: the daemon's own SPIs (inbound, and the
+    outbound one bound to the kernel's ACQUIRE) keyed and carrying ping."""
+    rc = keyd.main(["--traffic", "--count", "4"])
+    lines = capsys.readouterr().out.splitlines()
+    print("\n".join(lines))
+    facts.record("keyd_traffic", [line for line in lines if line.startswith(("ping ", "counters ", "result="))])
+    assert rc == 0 and lines and lines[-1] == "result=ok", lines
+    assert any(line.startswith("counters a.in packets=4 ") for line in lines), lines
+    assert "only_allocated_spis=yes" in lines
+    assert any(line.startswith("repeat ") and "refused: already bound" in line for line in lines), lines

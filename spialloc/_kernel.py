@@ -100,7 +100,7 @@ class Kernel:
                 raise UnsupportedByKernel(
                     errno.EOPNOTSUPP,
                     f"this kernel (Linux {os.uname().release}) ignores {name}: {field}= needs Linux {since} "
-                    f"or later; {instead}",
+                    f"or later (or a distribution kernel that backported it); {instead}",
                     "allocspi",
                 )
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 
-from ._model import Proto, guard_dst_address
+from ._model import Proto, guard_dst_address, proto_or_int
 
 root = logging.getLogger("spialloc")
 root.addHandler(logging.NullHandler())
@@ -28,8 +28,6 @@ watcher = logging.getLogger("spialloc.watcher")
 
 def tuple_text(dst_key: bytes, proto: int, spi: int) -> str:
     """A guard tuple as ip(8) would name it: "esp spi 0xc0001234 dst 192.0.2.1"."""
-    try:
-        name = Proto(proto).name.lower()
-    except ValueError:
-        name = f"proto {proto}"
+    p = proto_or_int(proto)
+    name = p.name.lower() if isinstance(p, Proto) else f"proto {p}"
     return f"{name} spi {spi:#010x} dst {guard_dst_address(dst_key)}"

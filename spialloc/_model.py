@@ -64,6 +64,22 @@ DEFAULT_CPI_RANGE = (0x100, 0xEFFF)
 CPI_MAX = 0xFFFF
 
 
+def proto_or_int(p: int) -> Proto | int:
+    """The kernel's protocol number as a Proto, or as it is (not an IPsec one)."""
+    try:
+        return Proto(p)
+    except ValueError:
+        return p
+
+
+def mode_or_int(m: int) -> Mode | int:
+    """The kernel's mode number as a Mode, or as it is (one newer than spialloc)."""
+    try:
+        return Mode(m)
+    except ValueError:
+        return m
+
+
 def check_int(name: str, value: object, lo: int = 0, hi: int = U32_MAX, what: str | None = None) -> int:
     """The one integer validator: an int (not a bool) in ``lo..hi``, or
     InvalidRequest naming the value (``what`` says what was expected)."""
@@ -510,22 +526,12 @@ class KernelState:
     @classmethod
     def from_wire(cls, sa: w.SaInfo) -> KernelState:
         """From a decoded NEWSA reply, dump entry or event (``_wire.SaInfo``)."""
-        proto: int = sa.proto
-        try:
-            proto = Proto(sa.proto)
-        except ValueError:
-            pass
-        mode: int = sa.mode
-        try:
-            mode = Mode(sa.mode)
-        except ValueError:
-            pass
         return cls(
             spi=sa.spi,
             dst=unpack_address(sa.family, sa.daddr),
             src=unpack_address(sa.family, sa.saddr),
-            proto=proto,
-            mode=mode,
+            proto=proto_or_int(sa.proto),
+            mode=mode_or_int(sa.mode),
             reqid=sa.reqid,
             mark=sa.mark,
             if_id=sa.if_id,

@@ -165,12 +165,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _name(value: int) -> str | int:
+    """An enum member as ip(8) names it ("esp", "tunnel"); a number that is none of ours as it is."""
+    return value.name.lower() if isinstance(value, (Proto, Mode)) else int(value)
+
+
 def _limit(n: int) -> int | None:
     return None if n == INF else n
 
 
 def _state_dict(s: KernelState | Reservation) -> dict[str, object]:
-    proto = s.proto.name.lower() if hasattr(s.proto, "name") else int(s.proto)
+    proto = _name(s.proto)
     out: dict[str, object] = {
         "spi": s.spi,
         "spi_hex": f"0x{s.spi:08x}",
@@ -178,7 +183,7 @@ def _state_dict(s: KernelState | Reservation) -> dict[str, object]:
         "src": str(s.src),
         "proto": proto,
     }
-    out["mode"] = s.mode.name.lower() if hasattr(s.mode, "name") else s.mode
+    out["mode"] = _name(s.mode)
     out["reqid"] = s.reqid
     if isinstance(s, Reservation):  # what was asked for: only what was given
         if s.mark is not None:
@@ -247,9 +252,7 @@ def _lim(n: int) -> str:
 
 def _lines(s: KernelState) -> list[str]:
     """A state in the words and order of `ip -s xfrm state`, compacted."""
-    proto = s.proto.name.lower() if isinstance(s.proto, Proto) else str(s.proto)
-    mode = s.mode.name.lower() if isinstance(s.mode, Mode) else str(s.mode)
-    head = f"{proto} spi 0x{s.spi:08x} dst {s.dst} src {s.src} mode {mode} reqid {s.reqid}"
+    head = f"{_name(s.proto)} spi 0x{s.spi:08x} dst {s.dst} src {s.src} mode {_name(s.mode)} reqid {s.reqid}"
     out = [head + (" larval" if s.larval else "")]
     ids = []
     if s.mark is not None:
@@ -452,11 +455,13 @@ def _release(args: argparse.Namespace, alloc: Allocator) -> int:
     for spi in args.spi:
         check_int("--spi", spi)
     released, missed = 0, []
+    sad: list[KernelState] | None = None  # dumped once, at the first miss
     for spi in args.spi:
         st = alloc.lookup(dst, spi, proto, mark=mark)
         why = None
         if st is None:
-            why = _why_missing(alloc, dst, spi, proto, mark)
+            sad = alloc.states() if sad is None else sad
+            why = _why_missing(sad, dst, spi, proto, mark)
         elif args.if_id is not None and st.if_id != args.if_id:
             why = f"its if_id is {st.if_id}, not {args.if_id}"
         elif alloc.release(st.reservation()) == 0:
@@ -475,16 +480,16 @@ def _release(args: argparse.Namespace, alloc: Allocator) -> int:
     return FAILED if missed else 0
 
 
-def _why_missing(alloc: Allocator, dst: object, spi: int, proto: Proto, mark: tuple[int, int] | None) -> str:
-    """Why GETSA found nothing: name what would have found it."""
-    near = [s for s in alloc.states() if s.spi == spi and s.dst == dst]
+def _why_missing(sad: list[KernelState], dst: object, spi: int, proto: Proto, mark: tuple[int, int] | None) -> str:
+    """Why GETSA found nothing: name what in the SAD would have found it."""
+    near = [s for s in sad if s.spi == spi and s.dst == dst]
     if not near:
         return "no such state"
     hints = []
     for s in near:
         opts = []
         if s.proto != proto:
-            opts.append(f"--proto {s.proto.name.lower() if isinstance(s.proto, Proto) else s.proto}")
+            opts.append(f"--proto {_name(s.proto)}")
         if s.mark != mark:
             opts.append("no --mark" if s.mark is None else f"--mark 0x{s.mark[0]:x}/0x{s.mark[1]:x}")
         hints.append(" ".join(opts))

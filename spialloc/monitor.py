@@ -18,7 +18,18 @@ from typing import AsyncIterator, Iterator, Union
 from . import _lifecycle
 from . import _wire as w
 from ._lifecycle import close_copy
-from ._model import IPAddress, KernelState, Lifetime, Mode, Proto, Selector, check_int, unpack_address
+from ._model import (
+    IPAddress,
+    KernelState,
+    Lifetime,
+    Mode,
+    Proto,
+    Selector,
+    check_int,
+    mode_or_int,
+    proto_or_int,
+    unpack_address,
+)
 from ._netlink import XfrmSocket, wait_readable
 from ._netns import Namespace, NetnsSpec
 from .errors import ClosedError, DecodeError, ForkedError
@@ -129,20 +140,6 @@ def _wake(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-def _proto(p: int) -> Proto | int:
-    try:
-        return Proto(p)
-    except ValueError:
-        return p
-
-
-def _mode(m: int) -> Mode | int:
-    try:
-        return Mode(m)
-    except ValueError:
-        return m
-
-
 def decode_event(kind: int, payload: memoryview) -> Acquire | Expire | None:
     """One multicast message -> event (None for types we do not report)."""
     if kind == w.XFRM_MSG_ACQUIRE:
@@ -150,7 +147,7 @@ def decode_event(kind: int, payload: memoryview) -> Acquire | Expire | None:
     if kind == w.XFRM_MSG_EXPIRE:
         sa, hard = w.decode_expire(payload)
         st = KernelState.from_wire(sa)
-        return Expire(spi=sa.spi, dst=st.dst, proto=_proto(sa.proto), hard=hard, state=st)
+        return Expire(spi=sa.spi, dst=st.dst, proto=proto_or_int(sa.proto), hard=hard, state=st)
     return None
 
 
@@ -174,9 +171,9 @@ def acquire_from_wire(a: w.AcquireInfo) -> Acquire:
         seq=a.seq,
         dst=unpack_address(fam, a.daddr),
         src=unpack_address(fam, a.saddr),
-        proto=_proto(a.proto),
+        proto=proto_or_int(a.proto),
         reqid=a.reqid,
-        mode=None if a.mode is None else _mode(a.mode),
+        mode=None if a.mode is None else mode_or_int(a.mode),
         selector=Selector.from_wire(a.selector, fam),
         mark=a.mark,
         if_id=a.if_id,
@@ -187,9 +184,9 @@ def acquire_from_wire(a: w.AcquireInfo) -> Acquire:
                 dst=unpack_address(t.family or fam, t.daddr),
                 src=unpack_address(t.family or fam, t.saddr),
                 spi=t.spi,
-                proto=_proto(t.proto),
+                proto=proto_or_int(t.proto),
                 reqid=t.reqid,
-                mode=_mode(t.mode),
+                mode=mode_or_int(t.mode),
                 share=t.share,
                 optional=bool(t.optional),
                 aalgos=t.aalgos,

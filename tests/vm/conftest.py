@@ -12,6 +12,8 @@ import json
 import os
 import platform
 import re
+import secrets
+import subprocess
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -122,3 +124,15 @@ class Facts:
 @pytest.fixture(scope="session")
 def facts() -> Iterator[Facts]:
     yield Facts()
+
+
+@pytest.fixture
+def name() -> Iterator[str]:
+    """A named network namespace (`ip netns add`), deleted afterwards: for
+    tests that drive it with ip(8) as well as with spialloc."""
+    ns = f"spialloc-vm-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        yield ns
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)

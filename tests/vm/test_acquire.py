@@ -11,23 +11,12 @@ from __future__ import annotations
 import secrets
 import socket
 import subprocess
-from typing import Iterator
 
 import pytest
 
 import spialloc
 
 LOCAL, PEER = "10.96.0.1", "10.96.0.2"
-
-
-@pytest.fixture
-def name() -> Iterator[str]:
-    ns = f"spialloc-vm-acq-{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-        yield ns
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 def ip(ns: str, *args: str) -> str:

@@ -12,23 +12,13 @@ from __future__ import annotations
 import secrets
 import subprocess
 import time
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 
 import spialloc
 
 DST, SRC = "192.0.2.1", "192.0.2.2"
-
-
-@pytest.fixture
-def name() -> Iterator[str]:
-    ns = f"spialloc-vm-sa-{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-        yield ns
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 def _ip(ns: str, *args: str) -> None:

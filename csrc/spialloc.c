@@ -479,3 +479,67 @@ int spialloc_batch_drain(struct spialloc_batch *b)
 	mark_lost(b);
 	return fail(err);
 }
+
+/**
+ * spialloc_alloc_one - one ALLOCSPI round trip, for the single allocate
+ * @o:       the socket's struct spialloc_one (buffers, port id, results)
+ * @fd:      NETLINK_XFRM socket (passed per call: Python's closed socket is -1)
+ * @tmpl:    one ALLOCSPI message (as for a batch); copied, not changed
+ * @len:     its length, at most SPIALLOC_ONE_MAX
+ * @seq:     nlmsg_seq to send it with
+ * @lo, @hi: SPI range to patch in, host order
+ *
+ * Why: one Python-level call instead of a bytearray copy, struct packing,
+ * send(), recvfrom_into() and header parsing, each an object or two.  The
+ * kernel answers inside send(), so one non-blocking read finds the reply.
+ * Only the common case is decided here: anything but our NEWSA (an error,
+ * a stray reply, a dropped one) goes back to Python with what was read.
+ *
+ * Return: 0 (SPI in @o->spi), 1 (see @o->got; Python takes over), or -1
+ * with errno if send() failed (nothing was sent).
+ */
+int spialloc_alloc_one(struct spialloc_one *o, int fd, const char *tmpl,
+		       uint32_t len, uint32_t seq, uint32_t lo, uint32_t hi)
+{
+	struct sockaddr_nl sa;
+	socklen_t salen = sizeof(sa);
+	struct nlmsghdr h;
+	uint32_t spi;
+	ssize_t n;
+
+	if (len < MSG_MAX_OFF + 4 || len > SPIALLOC_ONE_MAX || !o->rbuf)
+		return fail(EINVAL);
+	memset(&sa, 0, sizeof(sa));	/* a sender with no address reads as pid 0 */
+	memcpy(o->scratch, tmpl, len);
+	memcpy(o->scratch + MSG_SEQ_OFF, &seq, 4);
+	memcpy(o->scratch + MSG_MIN_OFF, &lo, 4);
+	memcpy(o->scratch + MSG_MAX_OFF, &hi, 4);
+	do
+		n = send(fd, o->scratch, len, 0);
+	while (n < 0 && errno == EINTR);
+	if (n < 0)
+		return -1;
+	do
+		n = recvfrom(fd, o->rbuf, o->rlen, MSG_DONTWAIT,
+			     (struct sockaddr *)&sa, &salen);
+	while (n < 0 && errno == EINTR);
+	if (n < 0) {
+		o->got = -errno;
+		return 1;
+	}
+	o->got = n;
+	if (sa.nl_pid != 0) {
+		o->got = SPIALLOC_NOT_KERNEL;
+		return 1;
+	}
+	if ((size_t)n < NLMSG_HDRLEN + sizeof(struct xfrm_usersa_info))
+		return 1;
+	h = read_hdr(o->rbuf);
+	if (h.nlmsg_type != XFRM_MSG_NEWSA || h.nlmsg_seq != seq ||
+	    h.nlmsg_pid != o->portid || h.nlmsg_len != (uint32_t)n)
+		return 1;
+	memcpy(&spi, o->rbuf + NLMSG_HDRLEN +
+	       offsetof(struct xfrm_usersa_info, id.spi), 4);
+	o->spi = ntohl(spi);
+	return 0;
+}

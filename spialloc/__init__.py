@@ -19,6 +19,7 @@ from ._model import (
     Mode,
     Proto,
     Reservation,
+    Reservations,
     Selector,
 )
 from ._netns import Namespace
@@ -93,6 +94,7 @@ __all__ = [
     "Proto",
     "Reservation",
     "ReservationLost",
+    "Reservations",
     "ResourceError",
     "Selector",
     "SpiExhausted",

@@ -7,6 +7,7 @@ Sans I/O like ``_rules``: ``BatchRun.plan()`` yields the same operations
 from __future__ import annotations
 
 import errno
+from itertools import repeat
 from typing import Callable, Generator, Iterable, Sequence
 
 from . import _log
@@ -69,10 +70,16 @@ class BatchRun:
         self.guard = book.guard
         self.proto = int(req.proto)
         self.since, self.began, self.chunk = since, began, chunk
-        self.spis = [0] * count
+        self.spis: list[int] = [0] * count
         self.errors: dict[int, SpiallocError] = {}
-        self.owned: dict[int, Key] = {}  # index -> guard key
-        self.holder: dict[Key, int] = {}  # guard key -> index
+        self._owned: dict[int, Key] = {}  # index -> guard key
+        self._holder: dict[Key, int] = {}  # guard key -> index
+        #: The first round got every index its SPI (and, with the guard,
+        #: reserved them all): ``spis`` holds them and ``bulk_tokens`` their
+        #: tokens, and the per-index maps are made only if a rare path
+        #: (a death, a dump check, an interrupt) asks for them.
+        self.bulk = False
+        self.bulk_tokens: Sequence[int] | None = None
         self.keys: set[Key] = set()  # every key this batch put in flight
         self.tokens: dict[Key, int] = {}  # the guard's token of each key this batch reserved
         self.why: dict[int, SpiallocError] = {}  # why an index is being asked again
@@ -84,6 +91,27 @@ class BatchRun:
         self.settled = False  # ... and were handed out or released
         # The round under way: (asked, result, candidates), for clean-up.
         self.in_round: tuple[list[int], RoundResult | None, list[int]] | None = None
+
+    @property
+    def owned(self) -> dict[int, Key]:
+        if self.bulk:
+            self._materialize()
+        return self._owned
+
+    @property
+    def holder(self) -> dict[Key, int]:
+        if self.bulk:
+            self._materialize()
+        return self._holder
+
+    def _materialize(self) -> None:
+        self.bulk = False
+        ks = list(zip(repeat(self.req.gdst), repeat(self.proto), self.spis))
+        self._owned.update(enumerate(ks))
+        self._holder.update(zip(ks, range(self.count), strict=True))
+
+    def n_owned(self) -> int:
+        return self.count if self.bulk else len(self._owned)
 
     # -- the driver's generator --
 
@@ -97,7 +125,7 @@ class BatchRun:
                     break
                 if closed():
                     raise ClosedError(errno.EBADF, "allocator closed during the batch")
-                before = len(self.owned)
+                before = self.n_owned()
                 asked = yield from self._pick(pending)
                 if asked is None:
                     continue  # resynced: pick again
@@ -110,7 +138,7 @@ class BatchRun:
                     self.book.stats.retries += len(retry)
                     self.directed = self.guard is not None
                 pending = sorted(set(retry))
-                if len(self.owned) <= before and not misses:
+                if self.n_owned() <= before and not misses:
                     break  # a round that gained nothing: asking again will not either
             for i in pending:
                 self.errors[i] = self.why.get(i) or NetlinkError(errno.EAGAIN, _GAVE_UP, "allocspi")
@@ -155,7 +183,8 @@ class BatchRun:
         ks = list(ks)
         self.keys.update(ks)
         self.book.inflight.update(ks)
-        self.book.died.difference_update(ks)  # an earlier death of a value is not this state's
+        if self.book.died:
+            self.book.died.difference_update(ks)  # an earlier death of a value is not this state's
 
     def _round(self, asked: list[int]) -> Generator[Op, object, tuple[list[int], int]]:
         """One engine call and its booking: (indices to ask again, directed misses)."""
@@ -170,11 +199,9 @@ class BatchRun:
             # The window overflowed the receive buffer: step down to what came back.
             self.chunk = max(1, min(self.chunk, sum(1 for e in res.errs if e != LOST)) // 2)
         with self.book.lock:
+            # In flight as they are reserved (one step for the watcher): a
+            # death of one of these is the batch's, never on_lost's.
             ok = self._reserve_round(res)
-            if ok:
-                # In flight as they are reserved (one step for the watcher): a
-                # death of one of these is the batch's, never on_lost's.
-                self._in_flight([(self.req.gdst, self.proto, res.got[j]) for j, o in enumerate(ok) if o])
         if self._clean(res, ok):
             self._book_all(asked, res.got)
             retry: list[int] = []
@@ -192,18 +219,32 @@ class BatchRun:
         return retry, misses
 
     def _reserve_round(self, res: RoundResult) -> list[bool]:
-        """Random picks: the round's successes reserved under one lock."""
+        """Random picks: the round's successes reserved and put in flight
+        (the caller holds the book's lock); which were.  Every request a
+        success and every SPI free is the common case, done in bulk."""
         if self.guard is None or self.directed:
             return []
-        succ = [j for j, e in enumerate(res.errs) if e == 0]
-        ok = [False] * len(res.errs)
         gdst, proto, got = self.req.gdst, self.proto, res.got
-        held = self.guard.reserve_many_trusted(gdst, proto, [got[j] for j in succ], self.book.owner)
+        if res.errs.count(0) == len(got):
+            held = self.guard.reserve_many_trusted(gdst, proto, got, self.book.owner)
+            if all(held):
+                ks = list(zip(repeat(gdst), repeat(proto), got))
+                self.tokens.update(zip(ks, held, strict=True))
+                self._in_flight(ks)
+                if not self._owned:
+                    self.bulk_tokens = held
+                return [True] * len(got)
+            succ = list(range(len(got)))
+        else:
+            succ = [j for j, e in enumerate(res.errs) if e == 0]
+            held = self.guard.reserve_many_trusted(gdst, proto, [got[j] for j in succ], self.book.owner)
+        ok = [False] * len(res.errs)
         tokens = self.tokens
         for j, t in zip(succ, held, strict=True):
             if t:
                 ok[j] = True
                 tokens[(gdst, proto, got[j])] = t
+        self._in_flight([(gdst, proto, got[j]) for j, o in enumerate(ok) if o])
         return ok
 
     def _clean(self, res: RoundResult, ok: list[bool]) -> bool:
@@ -215,6 +256,11 @@ class BatchRun:
 
     def _book_all(self, asked: list[int], got: list[int]) -> None:
         """Every request of the round came back as asked: book them in bulk."""
+        if not self._owned and not self.bulk and len(asked) == self.count and not self.directed:
+            self.spis = list(got)  # asked is every index, in order: round one
+            self.bulk = True
+            return
+        self.bulk_tokens = None
         ks = [(self.req.gdst, self.proto, spi) for spi in got]
         self.owned.update(zip(asked, ks, strict=True))
         self.holder.update(zip(ks, asked, strict=True))
@@ -232,6 +278,7 @@ class BatchRun:
         self.owned[i] = key
         self.holder[key] = i
         self.spis[i] = key[2]
+        self.bulk_tokens = None
 
     def _book_each(
         self, asked: list[int], res: RoundResult, ok: list[bool]
@@ -312,7 +359,9 @@ class BatchRun:
     def reap(self) -> list[int]:
         """Indices whose state the watcher saw die (in flight, so kept from
         on_lost): freed, to be asked again."""
-        dead = []
+        dead: list[int] = []
+        if not self.book.died:
+            return dead
         for key in self.book.died.intersection(self.holder):
             i = self.holder.pop(key)
             self.owned.pop(i, None)
@@ -371,6 +420,8 @@ class BatchRun:
 
     def dead(self) -> set[int]:
         """Indices whose state died since their last check (the watcher saw it)."""
+        if not self.book.died:
+            return set()
         died = self.keys & self.book.died
         return {i for i, key in self.owned.items() if key in died} if died else set()
 
@@ -379,7 +430,8 @@ class BatchRun:
         noted until now are ``late``: handed out, they are reported as lost."""
         self.late = sorted(self.dead())
         self.book.inflight.difference_update(self.keys)
-        self.book.died.difference_update(self.keys)
+        if self.book.died:
+            self.book.died.difference_update(self.keys)
 
     def good(self) -> Sequence[int]:
         """Indices that got an SPI, in order."""

@@ -134,3 +134,18 @@ def delsa_batch(
         exc.spialloc_partial = errs.tolist()  # type: ignore[attr-defined]
         raise
     return errs.tolist()
+
+
+def native_single(buf: bytearray, portid: int) -> tuple[Any, ...]:
+    """What ``XfrmSocket.allocspi_native`` needs, made once per socket:
+    ``spialloc_alloc_one``, its struct (``buf``, the socket's own receive
+    buffer, is where the reply is read, for Python's slow path), and a
+    way to read C's errno."""
+    one = ffi.new("struct spialloc_one *")
+    rbuf = ffi.from_buffer("uint8_t[]", buf)
+    one.portid, one.rbuf, one.rlen = portid, rbuf, len(buf)
+    return (lib.spialloc_alloc_one, one, rbuf, lambda: ffi.errno)
+
+
+#: The longest template ``native_single`` takes; longer ones go the Python way.
+ONE_MAX = lib.SPIALLOC_ONE_MAX

@@ -10,11 +10,13 @@ other operation to ``execute`` in a worker thread.
 
 from __future__ import annotations
 
+import array
 import errno
 import ipaddress
 import threading
 import time
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Callable, Generator, Iterable, Literal, Sequence, TypeVar
 
 from . import _backend, _lifecycle, _shared
@@ -33,7 +35,9 @@ from ._model import (
     Proto,
     Request,
     Reservation,
+    Reservations,
     address_key,
+    batch_reservations,
     build_request,
     check_int,
     pack_address,
@@ -42,7 +46,6 @@ from ._model import (
     parse_mark,
     parse_proto,
     parse_range,
-    reservation_from,
 )
 from ._netns import Namespace, NetnsSpec
 from ._shared import GuardSpec
@@ -60,6 +63,10 @@ _CACHEABLE_T = _CACHEABLE | {tuple}
 MAX_BATCH = 0xFFFFFFFF
 #: Distinct argument sets the request cache keeps before it starts over.
 REQUEST_CACHE_SIZE = 1024
+#: ``allocate``'s defaults for everything after dst and proto, compared by
+#: identity (small ints and identifier-like literals are singletons), so
+#: that no equal value of another type (False for 0) can match.
+PLAIN = (None, None, "transport", 0, None, None, None, 0, None)
 
 
 @dataclass
@@ -67,7 +74,7 @@ class BatchResult:
     """What ``allocate_many(..., strict=False)`` returns: the successes in
     request order, and for each failed request index its typed error."""
 
-    reservations: list[Reservation]
+    reservations: Sequence[Reservation]
     errors: dict[int, SpiallocError] = field(default_factory=dict)
 
     @property
@@ -120,6 +127,10 @@ class Core:
         self._idle = threading.Condition()
         self._running = 0  # batches under way; close() waits for them
         self._req_cache: dict[tuple[object, ...], Request] = {}
+        #: Requests made with every option but dst and proto (a str) left
+        #: at its default, by (dst, proto): ``Allocator.allocate`` finds
+        #: them with identity checks instead of hashing eleven arguments.
+        self.plain: dict[tuple[object, str], Request] = {}
         self.ns = Namespace.open(netns)
         self._shared = False
         try:
@@ -237,7 +248,10 @@ class Core:
         if cacheable:
             if len(self._req_cache) >= REQUEST_CACHE_SIZE:
                 self._req_cache.clear()
+                self.plain.clear()
             self._req_cache[args] = req
+            if type(proto) is str and all(a is b for a, b in zip(args[2:], PLAIN, strict=True)):
+                self.plain[(dst, proto)] = req
         return req
 
     def request_for(self, acquire: object, spi_range: tuple[int, int] | None, direction: str | int | None) -> Request:
@@ -381,7 +395,10 @@ class Core:
             raise InvalidRequest(f"allocate_many got unknown options: {', '.join(sorted(unknown))}")
         return check_int("count", count, 0, MAX_BATCH, f"a number of SPIs from 0 to {MAX_BATCH}")
 
-    def run_batch(self, req: Request, count: int, strict: bool) -> list[Reservation] | BatchResult:
+    def empty_batch(self, req: Request) -> Reservations:
+        return batch_reservations(req, array.array("I"), None if self.book.guard is None else array.array("Q"), 0.0)
+
+    def run_batch(self, req: Request, count: int, strict: bool) -> Reservations | BatchResult:
         """A batch through the engine in rounds (``_rules.BatchRun``).  All or
         nothing when ``strict``: a failed batch releases its SPIs and raises
         BatchError; else a BatchResult with the errors by index.
@@ -427,7 +444,7 @@ class Core:
         late = set(run.late) | run.dead()
         return [(req.daddr, run.spis[i], req.family, int(req.proto), req.mark) for i in run.good() if i not in late]
 
-    def _deliver(self, run: BatchRun, req: Request, count: int, strict: bool) -> list[Reservation] | BatchResult:
+    def _deliver(self, run: BatchRun, req: Request, count: int, strict: bool) -> Reservations | BatchResult:
         if run.errors and strict:
             run.settled = True  # by release_all, which a second Ctrl-C does not cut short
             released = self.release_all(self._keys(run, req))
@@ -438,14 +455,24 @@ class Core:
         spis = run.spis
         book = self.book
         gdst, proto = req.gdst, int(req.proto)
-        if book.guard is None:
-            reservations = [reservation_from(req, spis[i], now) for i in run.good()]
+        tokens: array.array[int] | range | None = None
+        if run.bulk and not run.errors:
+            got = array.array("I", spis)
+            if book.guard is not None:
+                held = run.bulk_tokens
+                assert held is not None
+                # Consecutive serials (the common case) stay a range: no 8 bytes per SPI.
+                tokens = held if isinstance(held, range) else array.array("Q", held)
         else:
-            tokens = run.tokens
-            reservations = [reservation_from(req, spis[i], now, tokens[(gdst, proto, spis[i])]) for i in run.good()]
-            if book.on_lost is not None:
-                book.origin.update(((gdst, proto, r.spi), (req, r.token)) for r in reservations)
-        book.stats.allocated += len(reservations)
+            good = run.good()
+            got = array.array("I", [spis[i] for i in good])
+            if book.guard is not None:
+                by_key = run.tokens
+                tokens = array.array("Q", [by_key[(gdst, proto, spi)] for spi in got])
+        reservations = batch_reservations(req, got, tokens, now)
+        if tokens is not None and book.on_lost is not None:
+            book.origin.update(zip(zip(repeat(gdst), repeat(proto), got), zip(repeat(req), tokens), strict=False))
+        book.stats.allocated += len(got)
         for i in sorted(run.late):
             key = (gdst, proto, spis[i])
             book.lost(key, rules.lost_reservation(book, key, run.tokens.get(key, 0)))
@@ -472,6 +499,8 @@ class Core:
     # --- release and commit --------------------------------------------------------------------
 
     def release(self, reservations: Reservation | Iterable[Reservation]) -> int:
+        if type(reservations) is Reservations:
+            return self._release_batch(reservations)
         if isinstance(reservations, Reservation):
             items = [reservations]
         elif isinstance(reservations, Iterable) and not isinstance(reservations, (str, bytes)):
@@ -501,6 +530,33 @@ class Core:
                 )
             return self.release_keys(keys, items)
 
+    def _release_batch(self, rs: Reservations) -> int:
+        """``release`` of an ``allocate_many`` result (or a slice of one):
+        one request, arrays of SPIs and tokens, so every step is one call
+        for the whole batch instead of one per reservation."""
+        req, spis, tokens = rs._parts()
+        if not spis:
+            return 0
+        keys = list(zip(repeat(req.daddr), spis, repeat(req.family), repeat(int(req.proto)), repeat(req.mark)))
+        book = self.book
+        guard = book.guard
+        if guard is None:
+            return self.release_keys(keys)
+        if tokens is None or not book.issued(rs[0]):
+            self.check_issued(rs[:1])  # raises, naming it
+        with guard.deaths_lock:  # as release(): see there
+            self.poll()
+            assert tokens is not None
+            stale = guard.stale_many(req.gdst, int(req.proto), spis, tokens)
+            if stale:
+                raise ReservationLost(
+                    f"{len(stale)} of {len(spis)} reservations are not current (their state expired or was "
+                    f"deleted, or they were released; the SPI may be another's now), e.g. {rs[stale[0]]}: "
+                    "nothing was released",
+                    [rs[i] for i in stale],
+                )
+            return self.release_keys(keys, rs)
+
     def release_keys(self, keys: list[rules.DelKey], items: Sequence[Reservation] | None = None) -> int:
         """DELSA for ``keys`` and forget their tuples (given the reservations
         they came from, only those reservations' entries)."""
@@ -511,7 +567,12 @@ class Core:
             installed = [k for k, r in zip(keys, items, strict=True) if guard.state(*r.key) is State.COMMITTED]
             if installed:
                 deleted += self._delete_moved(installed)
-        rules.forget(self.book, keys, None if items is None else [r.token for r in items])
+        if type(items) is Reservations:
+            req, spis, tokens = items._parts()
+            assert tokens is not None
+            rules.forget_batch(self.book, req, spis, tokens)
+        else:
+            rules.forget(self.book, keys, None if items is None else [r.token for r in items])
         self.book.stats.released += deleted
         return deleted
 

@@ -47,6 +47,8 @@ _CONSTANTS = """
 #define SPIALLOC_LOST ...
 #define SPIALLOC_RECV_SLOT ...
 #define SPIALLOC_RECV_BATCH ...
+#define SPIALLOC_ONE_MAX ...
+#define SPIALLOC_NOT_KERNEL ...
 """
 
 _LAYOUT_NAMES = """
@@ -87,6 +89,17 @@ struct spialloc_batch {
     ...;
 };
 
+struct spialloc_one {
+    uint32_t portid;
+    uint8_t *rbuf;
+    uint32_t rlen;
+    uint32_t spi;
+    int64_t got;
+    ...;
+};
+
+int spialloc_alloc_one(struct spialloc_one *o, int fd, const char *tmpl,
+                       uint32_t len, uint32_t seq, uint32_t lo, uint32_t hi);
 int spialloc_batch_init_allocspi(struct spialloc_batch *b);
 int spialloc_batch_init_delsa(struct spialloc_batch *b);
 int spialloc_batch_step(struct spialloc_batch *b);

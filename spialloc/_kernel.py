@@ -57,6 +57,10 @@ class Kernel:
         self.sock = XfrmSocket(ns, rcvbuf=rcvbuf)
         if book.guard is not None:
             book.guard.adopt_port(self.sock.portid)
+        # The C engine's single-call ALLOCSPI, when the engine has one.
+        native = getattr(engine, "native_single", None)
+        self._one = None if native is None else native(self.sock._buf, self.sock.portid)
+        self._one_max: int = getattr(engine, "ONE_MAX", 0)
         self._lifetime: float | None = None
         self._probes: dict[bytes, Probe] = {}  # by Request.attrs
         #: Set by close(): a running engine round stops after its chunk.
@@ -70,11 +74,16 @@ class Kernel:
 
     def alloc_one(self, req: Request, spi_min: int, spi_max: int) -> int:
         """One ALLOCSPI round trip; returns the SPI (host order)."""
-        msg = bytearray(req.template)
-        if spi_min != req.spi_min or spi_max != req.spi_max:
-            w.patch_range(msg, 0, spi_min, spi_max)
+        one = self._one if len(req.template) <= self._one_max else None
+        msg = bytearray()
+        if one is None:
+            msg = bytearray(req.template)
+            if spi_min != req.spi_min or spi_max != req.spi_max:
+                w.patch_range(msg, 0, spi_min, spi_max)
         for _ in range(64):
             try:
+                if one is not None:
+                    return self.sock.allocspi_native(one, req.template, spi_min, spi_max)
                 return self.sock.allocspi(msg)
             except NetlinkError as exc:
                 if exc.errno in RESTART_ERRNOS:
@@ -85,8 +94,8 @@ class Kernel:
                     continue  # interrupted between random picks: ask again
                 if exc.errno == errno.ENOBUFS and "reply dropped" in str(exc):
                     self.book.stats.overruns += 1
-                    one = frozenset({spi_min}) if spi_min == spi_max else None
-                    self.recover_lost(RecoverOp(req, 1, time.time() - 1.0, frozenset(), one))
+                    named = frozenset({spi_min}) if spi_min == spi_max else None
+                    self.recover_lost(RecoverOp(req, 1, time.time() - 1.0, frozenset(), named))
                 raise
         raise NetlinkError(errno.EINTR, "interrupted by signals 64 times in a row", "allocspi")
 
@@ -260,20 +269,32 @@ class Kernel:
             return int(self.delete(*keys[0]))
         # Messages differ only in size when some carry a mark: batch by size.
         by_size: dict[int, list[bytes]] = {}
-        for k in keys:
-            m = _delsa(*k, self.sock.portid)
-            by_size.setdefault(len(m), []).append(m)
+        daddr, _, family, proto, mark = keys[0]
+        if all(k[0] == daddr and k[2] == family and k[3] == proto and k[4] == mark for k in keys):
+            # One state's template, the SPI patched in: a batch's release.
+            m = _delsa(daddr, 0, family, proto, mark, self.sock.portid)
+            buf = bytearray(m * len(keys))
+            size = len(m)
+            pack = w.BE32.pack_into
+            for i, k in enumerate(keys):
+                pack(buf, i * size + DELSA_SPI_OFFSET, k[1])
+            batches: list[tuple[int, bytes | bytearray, int]] = [(size, buf, len(keys))]
+        else:
+            for k in keys:
+                m = _delsa(*k, self.sock.portid)
+                by_size.setdefault(len(m), []).append(m)
+            batches = [(size, b"".join(msgs), len(msgs)) for size, msgs in by_size.items()]
         deleted = 0
         sock = self.sock
-        for size, msgs in by_size.items():
+        for size, data, count in batches:
             with sock.lock:
-                seq0 = sock.next_seq(len(msgs))
+                seq0 = sock.next_seq(count)
                 errs = self.engine.delsa_batch(
                     sock.sock,
                     sock.portid,
-                    b"".join(msgs),
+                    data,
                     size,
-                    len(msgs),
+                    count,
                     seq0,
                     sock.window(max((p.ack for p in self._probes.values()), default=REPLY_TRUESIZE)),
                 )
@@ -359,6 +380,10 @@ def kept_in_reply(sa: w.SaInfo, field: str) -> bool:
     """Whether the kernel's reply carries the attribute the request set
     (a kernel that parsed it echoes it in every NEWSA)."""
     return getattr(sa, field) is not None
+
+
+#: Where a DELSA message (header, struct xfrm_usersa_id) holds the SPI.
+DELSA_SPI_OFFSET = w.NLMSGHDR_LEN + 16
 
 
 def _delsa(daddr: bytes, spi: int, family: int, proto: int, mark: tuple[int, int] | None, portid: int) -> bytes:

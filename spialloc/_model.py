@@ -3,12 +3,13 @@ into a wire-ready request before any syscall is made."""
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import enum
 import ipaddress
 import time
 from dataclasses import dataclass, field
-from typing import Tuple, Union
+from typing import Any, Iterator, NamedTuple, Sequence, Tuple, Union, overload
 
 from . import _wire as w
 from .errors import InvalidRequest
@@ -229,10 +230,24 @@ class Request:
     #: The whole ALLOCSPI message with nlmsg_seq 0: engines copy it and patch
     #: the sequence number (and range) per request.
     template: bytes = field(default=b"", compare=False, repr=False)
+    #: The fields its reservations share (one object for all of them).
+    shared: Shared | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.template:
             object.__setattr__(self, "template", self.message(0))
+        fields = (
+            self.dst,
+            self.src,
+            self.proto,
+            self.mode,
+            self.reqid,
+            self.mark,
+            self.if_id,
+            self.direction,
+            self.seq,
+        )
+        object.__setattr__(self, "shared", Shared(*fields))
 
     def message(self, nl_seq: int, spi_min: int | None = None, spi_max: int | None = None) -> bytes:
         """The whole message; the range arguments make the slow reference
@@ -358,7 +373,21 @@ def build_request(
     )
 
 
-@dataclass(frozen=True, slots=True)
+class Shared(NamedTuple):
+    """What every reservation of one request has in common: made once per
+    Request and referenced, not copied, by each Reservation."""
+
+    dst: IPAddress
+    src: IPAddress
+    proto: Proto
+    mode: Mode
+    reqid: int
+    mark: tuple[int, int] | None
+    if_id: int | None
+    direction: Direction | None
+    seq: int
+
+
 class Reservation:
     """An SPI the kernel allocated: a larval state (dst, proto, spi) in the SAD.
 
@@ -371,7 +400,126 @@ class Reservation:
     ``commit``/``release`` refuse a handle that is not current (its state
     expired and the SPI was handed out again, or it was released) or was
     not issued by that allocator.  0 for an allocator without a guard.
+
+    Immutable (assigning raises ``dataclasses.FrozenInstanceError``),
+    hashable, picklable; equal when every field but ``allocated_at`` is.
+    Four slots: the request's fields live in one ``Shared`` tuple that all
+    reservations of a request share, so a reservation costs about 64 bytes
+    and is built in four stores.
     """
+
+    __slots__ = ("spi", "_shared", "allocated_at", "token")
+
+    spi: int
+    _shared: Shared
+    allocated_at: float
+    token: int
+
+    def __init__(
+        self,
+        spi: int,
+        dst: IPAddress,
+        src: IPAddress,
+        proto: Proto,
+        mode: Mode = Mode.TRANSPORT,
+        reqid: int = 0,
+        mark: tuple[int, int] | None = None,
+        if_id: int | None = None,
+        direction: Direction | None = None,
+        seq: int = 0,
+        allocated_at: float | None = None,
+        token: int = 0,
+    ) -> None:
+        _s_spi(self, spi)
+        _s_shared(self, Shared(dst, src, proto, mode, reqid, mark, if_id, direction, seq))
+        _s_at(self, time.time() if allocated_at is None else allocated_at)
+        _s_tok(self, token)
+
+    @property
+    def dst(self) -> IPAddress:
+        """The destination address (the SA's daddr)."""
+        return self._shared.dst
+
+    @property
+    def src(self) -> IPAddress:
+        """The source address asked for (0.0.0.0 or :: when none was given)."""
+        return self._shared.src
+
+    @property
+    def proto(self) -> Proto:
+        """ESP, AH or COMP (IPComp: ``spi`` is then a CPI)."""
+        return self._shared.proto
+
+    @property
+    def mode(self) -> Mode:
+        """The mode asked for (the larval state's; UPDSA sets the SA's)."""
+        return self._shared.mode
+
+    @property
+    def reqid(self) -> int:
+        """The reqid asked for."""
+        return self._shared.reqid
+
+    @property
+    def mark(self) -> tuple[int, int] | None:
+        """(value, mask) of the XFRMA_MARK asked for, or None."""
+        return self._shared.mark
+
+    @property
+    def if_id(self) -> int | None:
+        """The XFRMA_IF_ID asked for, or None."""
+        return self._shared.if_id
+
+    @property
+    def direction(self) -> Direction | None:
+        """The XFRMA_SA_DIR asked for, or None."""
+        return self._shared.direction
+
+    @property
+    def seq(self) -> int:
+        """The ACQUIRE seq the request bound (0: none)."""
+        return self._shared.seq
+
+    @property
+    def family(self) -> int:
+        """socket.AF_INET or AF_INET6, from ``dst``."""
+        return w.AF_INET if self._shared.dst.version == 4 else w.AF_INET6
+
+    @property
+    def key(self) -> tuple[bytes, int, int]:
+        """(dst key, proto, spi): the tuple the guard tracks."""
+        return (guard_dst(self.family, pack_address(self.dst)), int(self.proto), self.spi)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not Reservation:
+            return NotImplemented
+        return self.spi == other.spi and self.token == other.token and self._shared == other._shared
+
+    def __hash__(self) -> int:
+        return hash((self.spi, self._shared, self.token))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Reservation, (self.spi, *self._shared, self.allocated_at, self.token))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={value!r}" for name, value in zip(Shared._fields, self._shared, strict=True))
+        return f"Reservation(spi={self.spi!r}, {fields}, allocated_at={self.allocated_at!r}, token={self.token!r})"
+
+    def __str__(self) -> str:
+        return f"{self.proto.name.lower()} spi {self.spi:#010x} dst {self.dst}"
+
+
+@dataclass(frozen=True)
+class _ReservationFields:
+    """Never made: the field list Reservation shows ``dataclasses``, so
+    ``fields``, ``replace``, ``asdict`` and ``is_dataclass`` work on it as
+    on the frozen dataclass it used to be."""
 
     spi: int
     dst: IPAddress
@@ -386,45 +534,127 @@ class Reservation:
     allocated_at: float = field(default_factory=time.time, compare=False)
     token: int = 0
 
-    @property
-    def family(self) -> int:
-        """socket.AF_INET or AF_INET6, from ``dst``."""
-        return w.AF_INET if self.dst.version == 4 else w.AF_INET6
 
-    @property
-    def key(self) -> tuple[bytes, int, int]:
-        """(dst key, proto, spi): the tuple the guard tracks."""
-        return (guard_dst(self.family, pack_address(self.dst)), int(self.proto), self.spi)
+for _name in ("__dataclass_fields__", "__dataclass_params__", "__match_args__"):
+    type.__setattr__(Reservation, _name, getattr(_ReservationFields, _name))
 
-    def __str__(self) -> str:
-        return f"{self.proto.name.lower()} spi {self.spi:#010x} dst {self.dst}"
-
-
-# A frozen dataclass's __init__ sets each field through object.__setattr__
-# (~1.2 us for eleven fields); the slot descriptors' own setters do the same
-# in a third of the time.  Used for the objects the library itself makes from
-# validated requests; user code still goes through __init__.
+# Each slot is stored through its descriptor's own setter: four calls, where
+# a dataclass of twelve fields took twelve (and object.__setattr__ per field
+# three times as long).  Reservations are the one object made per SPI.
 _new = object.__new__
-(_s_spi, _s_dst, _s_src, _s_proto, _s_mode, _s_reqid, _s_mark, _s_if_id, _s_dir, _s_seq, _s_at, _s_tok) = (
-    Reservation.__dict__[f.name].__set__ for f in dataclasses.fields(Reservation)
-)
+_s_spi, _s_shared, _s_at, _s_tok = (Reservation.__dict__[n].__set__ for n in Reservation.__slots__)
 
 
 def reservation_from(req: Request, spi: int, now: float | None = None, token: int = 0) -> Reservation:
     r = _new(Reservation)
     _s_spi(r, spi)
-    _s_dst(r, req.dst)
-    _s_src(r, req.src)
-    _s_proto(r, req.proto)
-    _s_mode(r, req.mode)
-    _s_reqid(r, req.reqid)
-    _s_mark(r, req.mark)
-    _s_if_id(r, req.if_id)
-    _s_dir(r, req.direction)
-    _s_seq(r, req.seq)
+    _s_shared(r, req.shared)
     _s_at(r, time.time() if now is None else now)
     _s_tok(r, token)
     return r
+
+
+class Reservations(Sequence[Reservation]):
+    """The reservations of one ``allocate_many``, in request order.
+
+    A ``Sequence[Reservation]`` stored as the batch's arrays (4 bytes of SPI
+    per entry, and its token: 8 bytes, or none when the guard issued the
+    batch consecutive tokens, or there is no guard) and the request they
+    share: a ``Reservation`` object is built when an entry is read
+    (``rs[i]``, iteration), so a batch nobody reads one by one costs no
+    Python object per SPI.  Reading an entry twice gives two equal objects
+    (not the same one).  ``spis`` gives the SPIs without building any.
+    Hand the whole sequence (or a slice of it) to ``release``: it is
+    released in bulk.  Compares equal to a list or tuple of the same
+    reservations; pickles as a list.  Made by the allocator only.
+    """
+
+    __slots__ = ("_req", "_spis", "_tokens", "_at")
+
+    _req: Request
+    _spis: array.array[int]
+    _tokens: array.array[int] | range | None
+    _at: float
+
+    def __len__(self) -> int:
+        return len(self._spis)
+
+    @overload
+    def __getitem__(self, i: int) -> Reservation: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Reservations: ...
+
+    def __getitem__(self, i: int | slice) -> Reservation | Reservations:
+        if isinstance(i, slice):
+            tokens = self._tokens
+            return batch_reservations(self._req, self._spis[i], None if tokens is None else tokens[i], self._at)
+        spi = self._spis[i]  # IndexError, TypeError as a list's
+        tokens = self._tokens
+        return reservation_from(self._req, spi, self._at, 0 if tokens is None else tokens[i])
+
+    def __iter__(self) -> Iterator[Reservation]:
+        req, at, tokens = self._req, self._at, self._tokens
+        if tokens is None:
+            for spi in self._spis:
+                yield reservation_from(req, spi, at, 0)
+        else:
+            for spi, token in zip(self._spis, tokens, strict=True):
+                yield reservation_from(req, spi, at, token)
+
+    @property
+    def spis(self) -> list[int]:
+        """The SPIs (host order), in request order, without building a Reservation."""
+        return self._spis.tolist()
+
+    def _token_list(self) -> list[int]:
+        """Each entry's token (0 without a guard)."""
+        return [0] * len(self._spis) if self._tokens is None else list(self._tokens)
+
+    def _parts(self) -> tuple[Request, array.array[int], array.array[int] | range | None]:
+        """(request, SPIs, tokens or None): what the allocator releases in bulk."""
+        return self._req, self._spis, self._tokens
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Reservations):
+            return (
+                len(self) == len(other)
+                and self._spis == other._spis
+                and self._token_list() == other._token_list()
+                and (not len(self) or self[0] == other[0])
+            )
+        if isinstance(other, (list, tuple)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __add__(self, other: object) -> list[Reservation]:
+        """As a list's ``+``: a list of both (with a list or Reservations)."""
+        if isinstance(other, (list, Reservations)):
+            return [*self, *other]
+        return NotImplemented
+
+    def __radd__(self, other: object) -> list[Reservation]:
+        if isinstance(other, list):
+            return [*other, *self]
+        return NotImplemented
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (list, (list(self),))
+
+    def __repr__(self) -> str:
+        req = self._req
+        return f"<Reservations: {len(self)} {req.proto.name.lower()} SPIs, dst {req.dst}>"
+
+
+def batch_reservations(
+    req: Request, spis: array.array[int], tokens: array.array[int] | range | None, at: float
+) -> Reservations:
+    """A batch's Reservations over its arrays (``tokens`` None: no guard)."""
+    rs = object.__new__(Reservations)
+    rs._req, rs._spis, rs._tokens, rs._at = req, spis, tokens, at
+    return rs
 
 
 #: "No limit" in a lifetime (the kernel's XFRM_INF).

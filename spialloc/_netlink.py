@@ -15,7 +15,7 @@ import select
 import socket
 import struct
 import threading
-from typing import Iterator
+from typing import Any, Iterator, NoReturn
 
 from . import _wire as w
 from ._netns import Namespace
@@ -128,9 +128,12 @@ class XfrmSocket:
         try:
             self.sock.send(data)
         except OSError as exc:
-            if self.closed or exc.errno == errno.EBADF:
-                raise ClosedError(errno.EBADF, "netlink socket is closed") from None
-            raise NetlinkError(exc.errno or errno.EIO, None, "sendmsg") from None
+            self._send_failed(exc.errno)
+
+    def _send_failed(self, code: int | None) -> NoReturn:
+        if self.closed or code == errno.EBADF:
+            raise ClosedError(errno.EBADF, "netlink socket is closed") from None
+        raise NetlinkError(code or errno.EIO, None, "sendmsg") from None
 
     def recv_nowait(self) -> memoryview | None:
         """One datagram already queued, or None.  ENOBUFS is counted and skipped:
@@ -186,6 +189,27 @@ class XfrmSocket:
                 if kind == w.XFRM_MSG_NEWSA and rseq == seq and pid == self.portid and length == n:
                     return int(w.BE32.unpack_from(self._buf, w.MSG_REPLY_SPI)[0])
             kind, payload = self._reply(seq, "allocspi", self._view[:n] if n >= 0 and addr[0] == 0 else None)
+        if kind != w.XFRM_MSG_NEWSA or payload is None:
+            raise NetlinkError(errno.EPROTO, f"unexpected reply type {kind} to ALLOCSPI", "allocspi")
+        return w.decode_alloc_reply(payload)
+
+    def allocspi_native(self, one: tuple[Any, ...], template: bytes, spi_min: int, spi_max: int) -> int:
+        """``allocspi`` in one C call (``_cbatch.native_single``): the
+        template is copied, numbered and given its range in C, and the
+        reply read into this socket's buffer; anything but our NEWSA is
+        handed to ``_reply`` as ``allocspi`` does."""
+        call, o, _, c_errno = one
+        with self.lock:
+            seq = next(self._seq) & 0xFFFFFFFF
+            rc = call(o, self.sock.fileno(), template, len(template), seq, spi_min, spi_max)
+            if not rc:
+                return o.spi  # type: ignore[no-any-return]
+            if rc < 0:
+                self._send_failed(c_errno())
+            got = o.got
+            if got == -errno.ENOBUFS:
+                self.overruns += 1  # as recv_nowait counts it: the kernel reports it once
+            kind, payload = self._reply(seq, "allocspi", self._view[:got] if got >= 0 else None)
         if kind != w.XFRM_MSG_NEWSA or payload is None:
             raise NetlinkError(errno.EPROTO, f"unexpected reply type {kind} to ALLOCSPI", "allocspi")
         return w.decode_alloc_reply(payload)

@@ -23,6 +23,7 @@ import random
 import threading
 import weakref
 from dataclasses import dataclass, field
+from time import time as _time
 from typing import Any, Callable, Generator, Generic, Iterable, NamedTuple, Sequence, TypeVar, Union
 
 from . import _log
@@ -310,7 +311,7 @@ class Book:
     def won(self, req: Request, spi: int, token: int) -> Reservation:
         """A single allocation succeeded: count it, and hand it out."""
         self.stats.allocated += 1
-        return reservation_from(req, spi, token=token)
+        return reservation_from(req, spi, _time(), token)
 
     def lost(self, key: Key, r: Reservation | None) -> None:
         """A reserved tuple lost its state: count it, log it, tell on_lost of
@@ -348,7 +349,10 @@ def is_directed(book: Book, req: Request) -> bool:
     if size <= DIRECTED_MAX_RANGE:
         return True
     # Dense by the guard's count: random kernel picks would hit outstanding
-    # values often enough that directed picks are cheaper.
+    # values often enough that directed picks are cheaper.  The guard's
+    # total bounds the count: most calls need neither lock nor lookup.
+    if guard.size_hint() * 16 <= size:
+        return False
     return guard.count_in(req.proto, req.gdst) * 16 > size
 
 
@@ -685,6 +689,19 @@ def forget(book: Book, keys: Iterable[DelKey], tokens: Sequence[int] | None = No
             book.held.pop(key, None)
         if book.origin:
             book.origin.pop(key, None)
+
+
+def forget_batch(book: Book, req: Request, spis: Sequence[int], tokens: Sequence[int]) -> None:
+    """``forget`` for reservations of one request, in bulk."""
+    guard = book.guard
+    if guard is None:
+        return
+    proto = int(req.proto)
+    guard.release_many(req.gdst, proto, spis, tokens)
+    for d in (book.held, book.origin):
+        if d:
+            for spi in spis:
+                d.pop((req.gdst, proto, spi), None)
 
 
 def committed(book: Book, r: Reservation) -> None:

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Literal, overload
 from . import _binding as binding
 from . import _rules as rules
 from . import _wire as w
-from ._core import BatchResult, Core, check_callback
+from ._core import PLAIN, BatchResult, Core, check_callback
 from ._model import (
     Address,
     KernelState,
@@ -25,6 +25,7 @@ from ._model import (
     Proto,
     Request,
     Reservation,
+    Reservations,
     check_int,
     pack_address,
     parse_address,
@@ -41,6 +42,8 @@ from .ha import Partition
 from .monitor import Acquire
 
 __all__ = ["Allocator", "AllocatorStats", "BatchResult"]
+
+_PLAIN_MODE, _ZERO = PLAIN[2], PLAIN[3]
 
 
 class Allocator:
@@ -235,6 +238,30 @@ class Allocator:
         core = self.core
         if core.closed:
             core.check_open()
+        if (
+            src is None
+            and spi_range is None
+            and mode is _PLAIN_MODE
+            and reqid is _ZERO
+            and mark is None
+            and if_id is None
+            and direction is None
+            and seq is _ZERO
+            and pcpu is None
+            and hold is None
+            and type(proto) is str
+        ):
+            # The common call, allocate(dst[, proto]): no tuple of eleven to hash.
+            plain = core.plain.get((dst, proto))
+            if plain is not None:
+                book = core.book
+                if book.guard is not None:
+                    return self._allocate(plain, None)
+                try:
+                    return book.won(plain, core.kernel.alloc_one(plain, plain.spi_min, plain.spi_max), 0)
+                except SpiExhausted:
+                    core.kernel.claim_stray(plain)
+                    raise
         until = None if hold is None else core.hold_until(hold)
         req = core.request(dst, proto, src, spi_range, mode, reqid, mark, if_id, direction, seq, pcpu)
         if not req.seq:
@@ -326,7 +353,7 @@ class Allocator:
         direction: str | int | None = ...,
         pcpu: int | None = ...,
         **unknown: object,
-    ) -> list[Reservation]: ...
+    ) -> Reservations: ...
 
     @overload
     def allocate_many(
@@ -363,13 +390,19 @@ class Allocator:
         direction: str | int | None = None,
         pcpu: int | None = None,
         **unknown: object,
-    ) -> list[Reservation] | BatchResult:
+    ) -> Reservations | BatchResult:
         """Allocate ``count`` SPIs with the same parameters in few syscalls.
 
         All or nothing by default: if any request fails, the SPIs that were
         allocated are released and BatchError says how many failed and why.
         With ``strict=False`` a BatchResult carries the successes and, per
         failed index, the error.
+
+        The successes come as ``Reservations``: a sequence over the batch's
+        arrays that builds a ``Reservation`` when an entry is read, so a
+        batch costs no Python object per SPI until you look at one (its
+        ``spis`` lists the SPIs without building any); ``release`` takes it
+        whole, in bulk.
 
         ALLOCSPI ``count`` times, in as few ``sendmsg``/``recvmmsg`` calls as
         the receive buffer allows.  Raises ``BatchError`` (strict), and
@@ -382,7 +415,8 @@ class Allocator:
         core.check_open()
         req = core.request(dst, proto, src, spi_range, mode, reqid, mark, if_id, direction, 0, pcpu)
         if count == 0:
-            return [] if strict else BatchResult([])
+            empty = core.empty_batch(req)
+            return empty if strict else BatchResult(empty)
         return core.run_batch(req, count, strict)
 
     # --- release and commit ------------------------------------------------------

@@ -34,8 +34,8 @@ FOREIGN entries have no token.
 
 Layout.  One dict maps an int key to an int code.  Key: ``proto << 32 |
 spi`` (scope "spi") or ``dst_index << 40 | proto << 32 | spi`` (scope "dst"),
-so ``key >> 32`` is also the ``count_in`` bucket.  Code: ``token << 32 |
-dst_index << 2 | state``; FOREIGN codes (token 0) come from a per-dst table
+so ``key >> 32`` is also the ``count_in`` bucket.  Code: ``token << 24 |
+dst_index << 2 | state`` (``_TOK``); FOREIGN codes (token 0) come from a per-dst table
 of prebuilt ints so those entries share their value object.  dsts are
 interned to reference-counted indices that are recycled when their last
 tuple goes.  A reserved tuple therefore costs one dict entry, its key int
@@ -60,6 +60,7 @@ addresses.  The lost-tuple record adds 124 bytes per remembered tuple, about
 
 from __future__ import annotations
 
+import collections
 import enum
 import ipaddress
 import random
@@ -92,7 +93,11 @@ _R, _C, _F = 0, 1, 2
 #: Low bits of a token: the owner that reserved it.
 OWNER_BITS = 20
 OWNER_MASK = (1 << OWNER_BITS) - 1
-_IDX_MASK = (1 << 30) - 1  # dst_index bits of a code (below the token)
+#: A code is ``token << _TOK | dst_index << 2 | state``: 22 bits of dst index
+#: (4M destinations outstanding at once) keep a code below 91 bits, a 36-byte
+#: int (with 30 bits it was 92 bits and 40 bytes: a million tuples, 4 MB).
+_TOK = 24
+_IDX_MASK = (1 << (_TOK - 2)) - 1
 
 
 class State(enum.Enum):
@@ -229,15 +234,7 @@ class Guard:
             return 0
         idx = self._dst_index.get(dst)
         if idx is None:
-            if self._free_indices:
-                idx = self._free_indices.pop()
-                self._dsts[idx] = dst
-            else:
-                idx = len(self._dsts)
-                self._dsts.append(dst)
-                self._dst_refs.append(0)
-                self._codes.append((idx << 2 | _R, idx << 2 | _C, idx << 2 | _F))
-            self._dst_index[dst] = idx
+            idx = self._intern(dst)
         key = self._key(idx, proto, spi)
         if state == _F:
             token = 1
@@ -246,7 +243,7 @@ class Guard:
             serial = self._serial
             self._serial = serial + 1
             token = serial << OWNER_BITS | owner
-            code = token << 32 | idx << 2 | state
+            code = token << _TOK | idx << 2 | state
         bucket = key >> 32
         count = self._counts.get(bucket, 0) + 1
         # No call from here on: Python delivers a signal (KeyboardInterrupt)
@@ -257,6 +254,60 @@ class Guard:
         self._dst_refs[idx] += 1
         self._by_state[state] += 1
         return token
+
+    def _intern(self, dst: bytes) -> int:
+        if self._free_indices:
+            idx = self._free_indices.pop()
+            self._dsts[idx] = dst
+        else:
+            idx = len(self._dsts)
+            if idx > _IDX_MASK:
+                raise InvalidRequest(f"more than {_IDX_MASK + 1:,} destinations outstanding in one guard")
+            self._dsts.append(dst)
+            self._dst_refs.append(0)
+            self._codes.append((idx << 2 | _R, idx << 2 | _C, idx << 2 | _F))
+        self._dst_index[dst] = idx
+        return idx
+
+    def _reserve_all(self, dst: bytes, proto: int, spis: Sequence[int], owner: int) -> range | None:
+        """Reserve every SPI of a batch at once, with consecutive serials
+        (so the codes are a range, made in C): their tokens, or None,
+        changing nothing, if any of them is outstanding or repeated."""
+        n = len(spis)
+        idx = self._dst_index.get(dst)
+        if idx is None:
+            idx = self._intern(dst)
+        base = self._key(idx, proto, 0)
+        new = dict.fromkeys(map(base.__or__, spis))
+        if len(new) != n or not new.keys().isdisjoint(self._table.keys()):  # views: iterates the smaller
+            if not self._dst_refs[idx]:
+                self._release_index(idx)
+            return None
+        serial = self._serial
+        first = serial << OWNER_BITS | owner
+        step = 1 << OWNER_BITS
+        tokens = range(first, first + n * step, step)
+        code0 = first << _TOK | idx << 2 | _R
+        bucket = base >> 32
+        count = self._counts.get(bucket, 0) + n
+        lost = self._lost
+        # Built before the first change; then no Python-level call until the
+        # counters agree with the table (a signal lands only at one).
+        codes = dict(zip(new, range(code0, code0 + n * (step << _TOK), step << _TOK), strict=True))
+        self._serial = serial + n
+        self._table.update(codes)
+        self._counts[bucket] = count
+        self._dst_refs[idx] += n
+        self._by_state[_R] += n
+        if lost:
+            for spi in spis:
+                lost.pop(_lost_key(dst, proto, spi), None)
+        return tokens
+
+    def _release_index(self, idx: int) -> None:
+        del self._dst_index[self._dsts[idx]]
+        self._dsts[idx] = b""
+        self._free_indices.append(idx)
 
     def _drop(self, key: int, code: int) -> None:
         bucket = key >> 32
@@ -271,9 +322,7 @@ class Guard:
             del self._counts[bucket]
         self._dst_refs[idx] -= 1
         if not self._dst_refs[idx]:
-            del self._dst_index[self._dsts[idx]]
-            self._dsts[idx] = b""
-            self._free_indices.append(idx)
+            self._release_index(idx)
 
     def _reserve(self, dst: bytes, proto: int, spi: int, owner: int = 0) -> int:
         token = self._claim(dst, proto, spi, _R, owner)
@@ -290,7 +339,7 @@ class Guard:
         found = self._exact(dst, proto, spi)
         if found is None or found[1] & 3 == _F:
             return None
-        if token is not None and found[1] >> 32 != token:
+        if token is not None and found[1] >> _TOK != token:
             return None
         return found
 
@@ -350,20 +399,102 @@ class Guard:
         its first occurrence.  All SPIs are checked before any is reserved."""
         checked = [_check(dst, proto, spi) for spi in spis]
         owner = check_int("owner", owner, 0, OWNER_MASK)
-        with self._lock:
-            return [self._reserve(d, p, s, owner) for d, p, s in checked]
+        if not checked:
+            return []
+        return list(self.reserve_many_trusted(checked[0][0], checked[0][1], [s for _, _, s in checked], owner))
 
     def reserve_trusted(self, dst: bytes, proto: int, spi: int, owner: int = 0) -> int:
         """``reserve`` without argument checks, for a caller that validated
-        dst, proto, spi and owner already (the allocator's per-SPI hot path)."""
+        dst, proto, spi and owner already (the allocator's per-SPI hot path).
+        A free tuple of a known dst is claimed inline (``_claim`` unrolled);
+        anything else goes the general way."""
         with self._lock:
+            idx = self._dst_index.get(dst)
+            if idx is not None:
+                key = (idx << 40 | proto << 32 | spi) if self._by_dst else (proto << 32 | spi)
+                table = self._table
+                if key not in table:
+                    serial = self._serial
+                    token = serial << OWNER_BITS | owner
+                    bucket = key >> 32
+                    count = self._counts.get(bucket, 0) + 1
+                    # No call until the counters agree with the table (see _claim).
+                    self._serial = serial + 1
+                    table[key] = token << _TOK | idx << 2 | _R
+                    self._counts[bucket] = count
+                    self._dst_refs[idx] += 1
+                    self._by_state[_R] += 1
+                    if self._lost:
+                        self._lost.pop(_lost_key(dst, proto, spi), None)
+                    return token
             return self._reserve(dst, proto, spi, owner)
 
-    def reserve_many_trusted(self, dst: bytes, proto: int, spis: Sequence[int], owner: int = 0) -> list[int]:
-        """``reserve_many`` without argument checks (see ``reserve_trusted``)."""
+    def reserve_many_trusted(self, dst: bytes, proto: int, spis: Sequence[int], owner: int = 0) -> Sequence[int]:
+        """``reserve_many`` without argument checks (see ``reserve_trusted``).
+        When every SPI was free the tokens are a ``range`` (consecutive
+        serials): a batch stores that, not a token per SPI."""
         with self._lock:
+            if len(spis) > 1:
+                tokens = self._reserve_all(dst, proto, spis, owner)
+                if tokens is not None:
+                    return tokens
             reserve = self._reserve
             return [reserve(dst, proto, spi, owner) for spi in spis]
+
+    def stale_many(self, dst: bytes, proto: int, spis: Sequence[int], tokens: Sequence[int]) -> list[int]:
+        """Indices ``i`` whose (dst, proto, spis[i]) entry is not the
+        reservation ``tokens[i]`` (``is_current`` for a batch, one lock);
+        arguments trusted, as ``reserve_many_trusted``'s."""
+        with self._lock:
+            idx = self._dst_index.get(dst)
+            if idx is None:
+                return list(range(len(spis)))
+            base = self._key(idx, proto, 0)
+            get = self._table.get
+            # A current entry's code is token << _TOK | idx << 2 | state, with
+            # state RESERVED or COMMITTED.  Token 0 is no reservation's: a
+            # FOREIGN code, or a free tuple's 0, would match it.
+            return [
+                i
+                for i, (spi, t) in enumerate(zip(spis, tokens, strict=True))
+                if not t or get(base | spi, 0) >> 2 != (t << _TOK - 2 | idx)
+            ]
+
+    def release_many(self, dst: bytes, proto: int, spis: Sequence[int], tokens: Sequence[int]) -> int:
+        """``release`` with tokens for a batch of one (dst, proto), under one
+        lock; how many were freed (those that were still current)."""
+        with self._lock:
+            idx = self._dst_index.get(dst)
+            if idx is None:
+                return 0
+            base = self._key(idx, proto, 0)
+            table = self._table
+            doomed = []
+            states = [0, 0, 0]
+            for spi, t in zip(spis, tokens, strict=True):
+                key = base | spi
+                code = table.get(key, 0)
+                if t and code >> 2 == (t << _TOK - 2 | idx):
+                    doomed.append(key)
+                    states[code & 3] += 1
+            n = len(doomed)
+            if not n:
+                return 0
+            bucket = base >> 32
+            left = self._counts[bucket] - n
+            # One C-level pass (no signal lands inside it), then the counters:
+            # the table and its counters cannot be left disagreeing.
+            collections.deque(map(table.__delitem__, doomed), maxlen=0)
+            self._by_state[_R] -= states[_R]
+            self._by_state[_C] -= states[_C]
+            if left:
+                self._counts[bucket] = left
+            else:
+                del self._counts[bucket]
+            self._dst_refs[idx] -= n
+            if not self._dst_refs[idx]:
+                self._release_index(idx)
+            return n
 
     def token(self, dst: bytes, proto: int, spi: int) -> int:
         """The token of exactly this tuple's RESERVED or COMMITTED entry; 0 if
@@ -371,7 +502,7 @@ class Guard:
         dst, proto, spi = _check(dst, proto, spi)
         with self._lock:
             found = self._current(dst, proto, spi, None)
-            return 0 if found is None else found[1] >> 32
+            return 0 if found is None else found[1] >> _TOK
 
     def is_current(self, dst: bytes, proto: int, spi: int, token: int) -> bool:
         """Whether ``token`` is the reservation outstanding for this tuple."""
@@ -415,7 +546,7 @@ class Guard:
         dst, proto, spi = _check(dst, proto, spi)
         with self._lock:
             found = self._exact(dst, proto, spi)
-            if found is not None and found[1] & 3 != _F and (token is None or found[1] >> 32 == token):
+            if found is not None and found[1] & 3 != _F and (token is None or found[1] >> _TOK == token):
                 key, code = found
                 if code & 3 == _R:
                     self._table[key] = code | _C
@@ -462,7 +593,7 @@ class Guard:
         dst, proto, spi = _check(dst, proto, spi)
         with self._lock:
             found = self._exact(dst, proto, spi)
-            if found is None or (token is not None and found[1] >> 32 != token):
+            if found is None or (token is not None and found[1] >> _TOK != token):
                 return None
             key, code = found
             self._drop(key, code)
@@ -473,7 +604,7 @@ class Guard:
                 self._lost[_lost_key(dst, proto, spi)] = None
                 if len(self._lost) > self._lost_capacity:
                     self._lost.popitem(last=False)
-            return _STATES[state], code >> 32
+            return _STATES[state], code >> _TOK
 
     def mark_foreign(self, dst: bytes, proto: int, spi: int) -> None:
         """Record a tuple someone else holds (seen in a SAD dump, or the kernel
@@ -566,7 +697,7 @@ class Guard:
             return [
                 (dsts[code >> 2 & _IDX_MASK], key >> 32 & 0xFF, key & _SPI_MAX)
                 for key, code in self._table.items()
-                if code & 3 in wanted and (limit is None or code >> 32 < limit)
+                if code & 3 in wanted and (limit is None or code >> _TOK < limit)
             ]
 
     def mark(self) -> int:
@@ -595,7 +726,7 @@ class Guard:
         death = (dst, proto, spi, added, cause)
         with self._lock:
             found = self._current(dst, proto, spi, None)
-            token = 0 if found is None else found[1] >> 32
+            token = 0 if found is None else found[1] >> _TOK
             before = self._deaths.get(death)
             if before is not None and not again:
                 return before
@@ -636,6 +767,11 @@ class Guard:
                 return self._counts.get(proto, 0)
             idx = self._dst_index.get(dst)
             return 0 if idx is None else self._counts.get(idx << 8 | proto, 0)
+
+    def size_hint(self) -> int:
+        """Tuples held, read without the lock (one dict's length, which the
+        GIL keeps whole): exact, or out of date by a concurrent change."""
+        return len(self._table)
 
     def __len__(self) -> int:
         with self._lock:

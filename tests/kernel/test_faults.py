@@ -198,12 +198,16 @@ def test_close_under_pending_calls_typed_errors_and_no_orphans(netns: Namespace,
     assert sad_count(netns) == 0
 
 
-def test_close_between_send_and_reply_orphans_nothing(netns: Namespace, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_close_between_send_and_reply_orphans_nothing(
+    netns: Namespace, monkeypatch: pytest.MonkeyPatch, backend: str
+) -> None:
     """The race above made deterministic: the request is on its way (the
     kernel has made the state) when close() runs.  Either close() waits for
     the call in flight (the caller gets its Reservation) or the state is
-    deleted; a ClosedError with the state left behind is the bug."""
-    a = Allocator(netns, guard=False)
+    deleted; a ClosedError with the state left behind is the bug.  Backend
+    "c" sends and reads in one C call; it is held up right after it."""
+    a = Allocator(netns, guard=False, backend=backend)
     in_flight = threading.Event()
     real_send = _netlink.XfrmSocket.send
 
@@ -213,7 +217,20 @@ def test_close_between_send_and_reply_orphans_nothing(netns: Namespace, monkeypa
             in_flight.set()
             time.sleep(0.3)
 
-    monkeypatch.setattr(_netlink.XfrmSocket, "send", slow_send)
+    if backend == "c":
+        one = a.core.kernel._one
+        assert one is not None
+        c_call = one[0]
+
+        def slow_call(*args: Any) -> int:
+            rc = int(c_call(*args))
+            in_flight.set()
+            time.sleep(0.3)
+            return rc
+
+        a.core.kernel._one = (slow_call, *one[1:])
+    else:
+        monkeypatch.setattr(_netlink.XfrmSocket, "send", slow_send)
     result: list[object] = []
 
     def call() -> None:

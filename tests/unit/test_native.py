@@ -420,3 +420,86 @@ def test_ranges_must_be_u32_arrays() -> None:
 def test_empty_batches() -> None:
     assert _cbatch.alloc_batch(BadSocket(), 1, b"", 0, 1, None, 2, lambda: None) == ([], [], None, 0)  # type: ignore[arg-type]
     assert _cbatch.delsa_batch(BadSocket(), 1, b"", 40, 0, 1, 2) == []  # type: ignore[arg-type]
+
+
+# --- spialloc_alloc_one, fed through a socketpair -----------------------------------------
+#
+# The C call sends the request and reads one datagram.  With an AF_UNIX
+# datagram pair the request goes to the peer (where the test reads it) and
+# the reply is whatever the test queued before: every case of the parser.
+
+
+class One:
+    def __init__(self) -> None:
+        import socket
+
+        self.ours, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.buf = bytearray(1 << 16)
+        _, self.o, self.rbuf, self.errno = _cbatch.native_single(self.buf, PORTID)
+
+    def call(self, reply: bytes | None, seq: int = 77, lo: int = 0x1000, hi: int = 0x2000) -> int:
+        if reply is not None:
+            self.peer.send(reply)
+        tmpl = allocspi_template()
+        rc = int(lib.spialloc_alloc_one(self.o, self.ours.fileno(), tmpl, len(tmpl), seq, lo, hi))
+        if rc >= 0:
+            sent = self.peer.recv(4096)
+            assert len(sent) == len(tmpl)
+            assert w.U32.unpack_from(sent, w.MSG_SEQ)[0] == seq
+            assert struct.unpack_from("=II", sent, w.NLMSGHDR_LEN + w.XFRM_USERSA_INFO_LEN) == (lo, hi)
+            assert sent[: w.MSG_SEQ] == tmpl[: w.MSG_SEQ]
+        return rc
+
+    def close(self) -> None:
+        self.ours.close()
+        self.peer.close()
+
+
+@pytest.fixture
+def one() -> Any:
+    t = One()
+    yield t
+    t.close()
+
+
+def test_alloc_one_reads_our_newsa(one: One) -> None:
+    assert one.call(newsa(77, 0xC0FFEE01)) == 0
+    assert one.o.spi == 0xC0FFEE01
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        newsa(78, 1),  # another request's reply
+        newsa(77, 1, pid=PORTID + 1),  # another socket's
+        newsa(77, 1, payload_len=100),  # truncated payload
+        newsa(77, 1)[:-4],  # the datagram shorter than its nlmsg_len
+        newsa(77, 1) + b"\0" * 8,  # longer: more than one message
+        nlerr(77, -errno.ENOENT, "No SPI available"),  # an error: Python reads its text
+        w.message(w.NLMSG_DONE, 0, 77, b"\0" * 4, PORTID),
+    ],
+)
+def test_alloc_one_hands_everything_else_to_python(one: One, reply: bytes) -> None:
+    assert one.call(reply) == 1
+    assert one.o.got == len(reply)
+    assert bytes(one.buf[: len(reply)]) == reply  # for _reply, in the socket's own buffer
+
+
+def test_alloc_one_with_nothing_queued_says_why(one: One) -> None:
+    assert one.call(None) == 1
+    assert one.o.got == -errno.EAGAIN
+
+
+def test_alloc_one_refuses_bad_lengths_before_sending(one: One) -> None:
+    for tmpl in (b"", allocspi_template()[:20], b"\0" * (lib.SPIALLOC_ONE_MAX + 1)):
+        assert lib.spialloc_alloc_one(one.o, one.ours.fileno(), tmpl, len(tmpl), 1, 1, 2) == -1
+        assert ffi.errno == errno.EINVAL
+    one.peer.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        one.peer.recv(4096)  # nothing was sent
+
+
+def test_alloc_one_on_a_closed_socket_fails_with_ebadf(one: One) -> None:
+    tmpl = allocspi_template()
+    assert lib.spialloc_alloc_one(one.o, -1, tmpl, len(tmpl), 1, 1, 2) == -1
+    assert ffi.errno == errno.EBADF

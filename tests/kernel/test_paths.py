@@ -1,0 +1,168 @@
+"""The fast paths against the general ones, on the real kernel: the single
+``allocate`` through one C call (backend "c") and through Python's socket
+(backend "python") must behave alike in every case, the common one and the
+ones the C call hands back to Python (an error, a stray reply ahead of ours,
+a reply the kernel dropped); ``allocate_many``'s ``Reservations`` released in
+bulk must refuse what the one-by-one release refuses, before deleting anything.
+Each test runs in a fresh namespace (fixture ``netns``); ip(8) is the witness."""
+
+from __future__ import annotations
+
+import errno
+import pickle
+
+import pytest
+from nsutil import ns_run, sad_count, sad_spis
+
+from spialloc import (
+    Allocator,
+    InvalidRequest,
+    Namespace,
+    NetlinkError,
+    Reservation,
+    ReservationLost,
+    SpiExhausted,
+)
+from spialloc import _wire as w
+from spialloc._model import Reservations
+
+BACKENDS = ["c", "python"]
+DST = "10.0.0.1"
+
+
+def _stray(alloc: Allocator, seq: int = 0x7FFF0000) -> None:
+    """Queue a reply nobody waits for on the allocator's request socket: a
+    GETSA of a state that does not exist (its ESRCH error comes back)."""
+    sock = alloc.core.kernel.sock
+    daddr = bytes(16)
+    sock.send(w.getsa(seq, w.usersa_id(daddr, 0x12345678, w.AF_INET, 50), b""))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("guard", [False, True])
+def test_single_allocate_is_the_same_on_both_paths(netns: Namespace, backend: str, guard: bool) -> None:
+    with Allocator(netns, backend=backend, guard=guard) as a:
+        assert (a.core.kernel._one is not None) == (backend == "c")
+        r = a.allocate(DST, "ah", spi_range=(0x5000, 0x5FFF), reqid=9, mark=(3, 0xFF))
+        assert 0x5000 <= r.spi <= 0x5FFF and r.reqid == 9 and r.mark == (3, 0xFF)
+        st = a.lookup(DST, r.spi, "ah", mark=(3, 0xFF))
+        assert st is not None and st.larval and st.reqid == 9
+        plain = [a.allocate(DST) for _ in range(50)]
+        assert len({p.spi for p in plain}) == 50
+        assert sad_count(netns) == 51
+        assert a.release([r, *plain]) == 51
+        assert sad_count(netns) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_allocate_skips_a_stray_reply(netns: Namespace, backend: str) -> None:
+    with Allocator(netns, backend=backend, guard=False) as a:
+        _stray(a)
+        _stray(a, 0x7FFF0001)
+        r = a.allocate(DST)
+        assert sad_spis(netns) == {r.spi}
+        r2 = a.allocate(DST)  # nothing left behind in the socket
+        assert a.release([r, r2]) == 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_allocate_errors_are_the_kernels(netns: Namespace, backend: str) -> None:
+    with Allocator(netns, backend=backend, guard=False) as a:
+        r = a.allocate(DST, spi_range=(0x7000, 0x7000))
+        with pytest.raises(SpiExhausted) as exc:
+            a.allocate(DST, spi_range=(0x7000, 0x7000))
+        assert exc.value.errno == errno.ENOENT
+        assert sad_spis(netns) == {0x7000}  # the refused request left no state of its own
+        a.release(r)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_allocate_after_a_dropped_reply(netns: Namespace, backend: str) -> None:
+    """The receive buffer is full of strays: the ALLOCSPI reply is dropped
+    (ENOBUFS), its orphaned state is found and deleted, the error is typed,
+    and the next allocate works."""
+    with Allocator(netns, backend=backend, guard=False, rcvbuf=4096) as a:
+        for i in range(200):  # far more error replies than 8 KiB holds
+            _stray(a, 0x7FFF0000 + i)
+        with pytest.raises(NetlinkError) as exc:
+            a.allocate(DST)
+        assert exc.value.errno == errno.ENOBUFS
+        assert a.stats.overruns >= 1
+        assert sad_count(netns) == 0  # the orphan was recovered
+        r = a.allocate(DST)
+        assert sad_spis(netns) == {r.spi}
+        a.release(r)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_allocate_on_a_closed_allocator(netns: Namespace, backend: str) -> None:
+    a = Allocator(netns, backend=backend)
+    a.allocate(DST)
+    a.close()
+    from spialloc import ClosedError
+
+    with pytest.raises(ClosedError):
+        a.allocate(DST)
+
+
+# --- Reservations, released in bulk ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("guard", [False, True])
+def test_a_batch_is_reservations_and_releases_in_slices(netns: Namespace, guard: bool) -> None:
+    with Allocator(netns, guard=guard) as a:
+        rs = a.allocate_many(300, DST, reqid=4)
+        assert isinstance(rs, Reservations) and len(rs) == 300
+        assert set(rs.spis) == sad_spis(netns)
+        assert all(type(r) is Reservation and r.reqid == 4 for r in rs)
+        assert a.release(rs[:100]) == 100
+        assert sad_count(netns) == 200
+        assert a.release(rs[100:]) == 200
+        assert sad_count(netns) == 0
+        empty = a.allocate_many(0, DST)
+        assert len(empty) == 0 and a.release(empty) == 0
+
+
+def test_a_batch_released_twice_deletes_nothing_the_second_time(netns: Namespace) -> None:
+    with Allocator(netns) as a:
+        rs = a.allocate_many(50, DST)
+        assert a.release(rs) == 50
+        again = a.allocate_many(50, DST)  # new states, perhaps on the same SPIs
+        with pytest.raises(ReservationLost) as exc:
+            a.release(rs)
+        assert len(exc.value.reservations) == 50
+        assert sad_count(netns) == 50  # the successors' states are untouched
+        assert a.release(again) == 50
+
+
+def test_a_batch_with_one_state_deleted_outside_releases_nothing(netns: Namespace) -> None:
+    with Allocator(netns) as a:
+        rs = a.allocate_many(20, DST)
+        victim = rs[7]
+        ns_run(netns, ["ip", "xfrm", "state", "delete", "dst", DST, "proto", "esp", "spi", hex(victim.spi)])
+        with pytest.raises(ReservationLost) as exc:
+            a.release(rs)
+        assert exc.value.reservations == [victim]
+        assert sad_count(netns) == 19  # nothing deleted
+        assert a.release(list(rs[:7]) + list(rs[8:])) == 19
+
+
+def test_a_batch_is_only_its_allocators_to_release(netns: Namespace) -> None:
+    with Allocator(netns) as a, Allocator(netns) as b, Allocator(netns, guard=False) as free:
+        rs = a.allocate_many(10, DST)
+        with pytest.raises(InvalidRequest):
+            b.release(rs)  # the same shared guard, another allocator's handles
+        loose = free.allocate_many(10, DST)
+        with pytest.raises(InvalidRequest):
+            a.release(loose)  # no tokens: not issued by a guarded allocator
+        assert sad_count(netns) == 20
+        assert a.release(rs) == 10 and free.release(loose) == 10
+
+
+def test_a_pickled_batch_is_a_list_that_still_releases(netns: Namespace) -> None:
+    with Allocator(netns) as a:
+        rs = a.allocate_many(10, DST)
+        back = pickle.loads(pickle.dumps(rs))
+        assert type(back) is list and back == list(rs)
+        assert a.release(back) == 10
+        assert sad_count(netns) == 0

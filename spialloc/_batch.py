@@ -19,6 +19,7 @@ from ._rules import (
     ClaimOp,
     DeleteOp,
     DelKey,
+    Flight,
     Key,
     LifetimeOp,
     Op,
@@ -80,8 +81,11 @@ class BatchRun:
         #: (a death, a dump check, an interrupt) asks for them.
         self.bulk = False
         self.bulk_tokens: Sequence[int] | None = None
-        self.keys: set[Key] = set()  # every key this batch put in flight
-        self.tokens: dict[Key, int] = {}  # the guard's token of each key this batch reserved
+        self.keys: set[Key] = set()  # every key this batch put in flight (but the flight's)
+        self._tokens: dict[Key, int] = {}  # the guard's token of each key this batch reserved
+        #: Round one reserved whole: in flight as one Flight, its tokens
+        #: ``bulk_tokens``; keys and tokens per SPI only if a rare path asks.
+        self.flight: Flight | None = None
         self.why: dict[int, SpiallocError] = {}  # why an index is being asked again
         self.directed = is_directed(book, req)
         self.resynced = False
@@ -91,6 +95,30 @@ class BatchRun:
         self.settled = False  # ... and were handed out or released
         # The round under way: (asked, result, candidates), for clean-up.
         self.in_round: tuple[list[int], RoundResult | None, list[int]] | None = None
+
+    @property
+    def tokens(self) -> dict[Key, int]:
+        if self.flight is not None:
+            self._land()
+        return self._tokens
+
+    def _drop_bulk_tokens(self) -> None:
+        if self.flight is not None:
+            self._land()
+        self.bulk_tokens = None
+
+    def _land(self) -> None:
+        """The flight's SPIs as keys: in ``inflight`` before the flight goes
+        (so a key is in flight throughout), their tokens in ``_tokens``."""
+        flight = self.flight
+        assert flight is not None and self.bulk_tokens is not None
+        with self.book.lock:
+            ks = flight.keys()
+            self.keys.update(ks)
+            self.book.inflight.update(ks)
+            self._tokens.update(zip(ks, self.bulk_tokens, strict=True))
+            self.book.flights.discard(flight)
+            self.flight = None
 
     @property
     def owned(self) -> dict[int, Key]:
@@ -228,11 +256,17 @@ class BatchRun:
         if res.errs.count(0) == len(got):
             held = self.guard.reserve_many_trusted(gdst, proto, got, self.book.owner)
             if all(held):
+                if not self._owned and len(got) == self.count and self.flight is None:
+                    # Round one, every SPI reserved: in flight whole.
+                    self.bulk_tokens = held
+                    self.flight = Flight(gdst, proto, got)
+                    self.book.flights.add(self.flight)
+                    if self.book.died:
+                        self.book.died.difference_update(self.flight.keys())
+                    return [True] * len(got)
                 ks = list(zip(repeat(gdst), repeat(proto), got))
                 self.tokens.update(zip(ks, held, strict=True))
                 self._in_flight(ks)
-                if not self._owned:
-                    self.bulk_tokens = held
                 return [True] * len(got)
             succ = list(range(len(got)))
         else:
@@ -260,7 +294,7 @@ class BatchRun:
             self.spis = list(got)  # asked is every index, in order: round one
             self.bulk = True
             return
-        self.bulk_tokens = None
+        self._drop_bulk_tokens()
         ks = [(self.req.gdst, self.proto, spi) for spi in got]
         self.owned.update(zip(asked, ks, strict=True))
         self.holder.update(zip(ks, asked, strict=True))
@@ -278,7 +312,7 @@ class BatchRun:
         self.owned[i] = key
         self.holder[key] = i
         self.spis[i] = key[2]
-        self.bulk_tokens = None
+        self._drop_bulk_tokens()
 
     def _book_each(
         self, asked: list[int], res: RoundResult, ok: list[bool]
@@ -422,13 +456,20 @@ class BatchRun:
         """Indices whose state died since their last check (the watcher saw it)."""
         if not self.book.died:
             return set()
-        died = self.keys & self.book.died
+        flight = self.flight
+        died = {k for k in self.book.died if k in self.keys or (flight is not None and flight.holds(k))}
         return {i for i, key in self.owned.items() if key in died} if died else set()
 
     def hand_over(self) -> None:
         """The batch is over: its deaths go to on_lost from now on.  Those
         noted until now are ``late``: handed out, they are reported as lost."""
         self.late = sorted(self.dead())
+        flight = self.flight
+        if flight is not None:
+            if self.book.died:
+                self.book.died.difference_update(flight.keys())
+            self.book.flights.discard(flight)
+            self.flight = None
         self.book.inflight.difference_update(self.keys)
         if self.book.died:
             self.book.died.difference_update(self.keys)

@@ -12,6 +12,7 @@ import array
 import errno
 import os
 import socket
+import weakref
 from typing import Any, Callable
 
 from ._native import ffi, lib
@@ -35,6 +36,27 @@ def _u32_array(name: str, values: array.array[int], count: int) -> Any:
     return ffi.from_buffer("uint32_t[]", values)
 
 
+#: Each socket's send, receive and error-text buffers, kept from one batch
+#: to the next: made (and zeroed, and faulted in) anew they cost more than
+#: the Python work of the whole batch.  A socket runs one batch at a time
+#: (its lock), so its buffers are never shared by two.
+_BUFFERS: weakref.WeakKeyDictionary[socket.socket, tuple[Any, Any, Any]] = weakref.WeakKeyDictionary()
+
+
+def _buffers(sock: socket.socket, send_size: int) -> tuple[Any, Any, Any]:
+    bufs = _BUFFERS.get(sock)
+    if bufs is None or len(bufs[0]) < send_size:
+        old = 0 if bufs is None else len(bufs[0])
+        recv_size = lib.SPIALLOC_RECV_SLOT * lib.SPIALLOC_RECV_BATCH
+        bufs = (
+            ffi.new("uint8_t[]", max(send_size, 2 * old)),
+            ffi.new("uint8_t[]", recv_size),
+            ffi.new("char[]", _ERRMSG_LEN),
+        )
+        _BUFFERS[sock] = bufs
+    return bufs
+
+
 def _new_batch(
     sock: socket.socket, portid: int, msgs: bytes, stride: int, count: int, seq0: int, chunk: int
 ) -> tuple[Any, list[Any]]:
@@ -45,9 +67,7 @@ def _new_batch(
     msg_size = stride or _align4(len(msgs))
     b = ffi.new("struct spialloc_batch *")
     tmpl = ffi.from_buffer("uint8_t[]", msgs)
-    sendbuf = ffi.new("uint8_t[]", chunk * msg_size)
-    recvbuf = ffi.new("uint8_t[]", lib.SPIALLOC_RECV_SLOT * min(chunk + 1, lib.SPIALLOC_RECV_BATCH))
-    errmsg = ffi.new("char[]", _ERRMSG_LEN)
+    sendbuf, recvbuf, errmsg = _buffers(sock, chunk * msg_size)
     b.fd = sock.fileno()
     b.portid = portid
     b.tmpl, b.tmpl_len, b.stride = tmpl, len(msgs), stride

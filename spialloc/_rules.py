@@ -23,6 +23,7 @@ import random
 import threading
 import weakref
 from dataclasses import dataclass, field
+from itertools import repeat
 from time import time as _time
 from typing import Any, Callable, Generator, Generic, Iterable, NamedTuple, Sequence, TypeVar, Union
 
@@ -277,6 +278,29 @@ def book_of(token: int) -> Book | None:
     return _BOOKS.get(owner) if owner else None
 
 
+class Flight:
+    """The SPIs of one batch round that the guard reserved whole, in flight
+    as one object: ``Book.inflight`` would take a key tuple per SPI, three
+    set operations each, on the path every guarded batch takes, for a
+    question asked only when a state dies."""
+
+    __slots__ = ("gdst", "proto", "spis", "_set")
+
+    def __init__(self, gdst: bytes, proto: int, spis: Sequence[int]) -> None:
+        self.gdst, self.proto, self.spis = gdst, proto, spis
+        self._set: frozenset[int] | None = None
+
+    def holds(self, key: Key) -> bool:
+        if key[0] != self.gdst or key[1] != self.proto:
+            return False
+        if self._set is None:
+            self._set = frozenset(self.spis)
+        return key[2] in self._set
+
+    def keys(self) -> list[Key]:
+        return list(zip(repeat(self.gdst), repeat(self.proto), self.spis))
+
+
 @dataclass(eq=False)
 class Book:
     """One allocator's bookkeeping: its guard and what the guard alone does
@@ -297,6 +321,8 @@ class Book:
     #: Keys of running batches, not yet seen by the caller: their deaths are
     #: noted in ``died`` (the batch asks again) instead of going to on_lost.
     inflight: set[Key] = field(default_factory=set)
+    #: ... and batch rounds in flight whole (``Flight``): no key per SPI.
+    flights: set[Flight] = field(default_factory=set)
     died: set[Key] = field(default_factory=set)
     #: Makes "reserve a batch's keys and put them in flight" one step for the
     #: expiry watcher, which checks "in flight?" and expires under it too: in
@@ -307,6 +333,10 @@ class Book:
 
     def __post_init__(self) -> None:
         self.owner = _new_owner(self)
+
+    def in_flight(self, key: Key) -> bool:
+        """Whether ``key`` belongs to a running batch (its death is the batch's)."""
+        return key in self.inflight or (bool(self.flights) and any(f.holds(key) for f in list(self.flights)))
 
     def won(self, req: Request, spi: int, token: int) -> Reservation:
         """A single allocation succeeded: count it, and hand it out."""
@@ -530,7 +560,7 @@ def expired(book: Book, key: Key) -> tuple[Book, State, int] | None:
         # By token: if the entry changed since (released and reserved again),
         # the new reservation has a new state, which did not die.
         found = guard.expire_entry(*key, token=token)
-        if key in owner.inflight:
+        if owner.in_flight(key):
             owner.died.add(key)
             return None
     return None if found is None else (owner, found[0], found[1])
@@ -557,7 +587,7 @@ def installed(book: Book, key: Key) -> None:
     if not token:
         return  # not a reservation of this guard (free, or another's state)
     with owner.lock:
-        if key in owner.inflight:
+        if owner.in_flight(key):
             return  # a running batch's: nobody knows its SPI yet
         try:
             guard.commit(*key, token)

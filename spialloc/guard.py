@@ -278,22 +278,22 @@ class Guard:
         if idx is None:
             idx = self._intern(dst)
         base = self._key(idx, proto, 0)
-        new = dict.fromkeys(map(base.__or__, spis))
-        if len(new) != n or not new.keys().isdisjoint(self._table.keys()):  # views: iterates the smaller
-            if not self._dst_refs[idx]:
-                self._release_index(idx)
-            return None
         serial = self._serial
         first = serial << OWNER_BITS | owner
         step = 1 << OWNER_BITS
-        tokens = range(first, first + n * step, step)
         code0 = first << _TOK | idx << 2 | _R
+        # Keys and codes made in C; one dict that also tells a repeated SPI.
+        codes = dict(zip(map(base.__or__, spis), range(code0, code0 + n * (step << _TOK), step << _TOK), strict=True))
+        if len(codes) != n or not codes.keys().isdisjoint(self._table.keys()):  # views: iterates the smaller
+            if not self._dst_refs[idx]:
+                self._release_index(idx)
+            return None
+        tokens = range(first, first + n * step, step)
         bucket = base >> 32
         count = self._counts.get(bucket, 0) + n
         lost = self._lost
-        # Built before the first change; then no Python-level call until the
-        # counters agree with the table (a signal lands only at one).
-        codes = dict(zip(new, range(code0, code0 + n * (step << _TOK), step << _TOK), strict=True))
+        # Everything built before the first change; then no Python-level call
+        # until the counters agree with the table (a signal lands only at one).
         self._serial = serial + n
         self._table.update(codes)
         self._counts[bucket] = count

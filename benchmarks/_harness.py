@@ -5,6 +5,13 @@ each closed at the end; the host's SAD is never touched.  A case is a
 function ``n -> (wall ns, CPU ns)`` that allocates ``n`` SPIs, times only
 that, and then releases them (untimed), so the table stays at its pre-filled
 size.
+
+``run.py`` puts the guarded cases (``GUARDED_CASES``) in a namespace of their
+own, pre-filled like the main one: a guard's expiry watcher wakes on every
+SA event in its namespace that its own allocators did not cause, so the
+unguarded allocators' releases there would make it work (on the other core,
+taking its locks) while another case's round is timed.  A daemon shares one
+guard per namespace; that cross-talk is an artifact of the benchmark.
 """
 
 from __future__ import annotations
@@ -77,6 +84,8 @@ CASES: dict[str, Case] = {
     )
 }
 TABLE_CASES = tuple(CASES)
+#: Cases whose allocator has a guard (and so an expiry watcher): run.py gives them a namespace of their own.
+GUARDED_CASES = ("c_batch_guard", "single_c_guard", "single_py_guard")
 SCALING_CASES = ("floor_single", "floor_batch", "c_batch", "single_c", "single_c_guard")
 FLOOR_OF = {"single": "floor_single", "batch": "floor_batch", "process": "floor_single"}
 
@@ -94,21 +103,27 @@ class Plan:
     dense_trials: int
     memory_n: int
     profile_n: int
+    coldstart_n: int  # SPIs in the first (and each warm) allocate_many of a fresh process
+    coldstart_warm: int  # warm rounds after the first
+    coldstart_trials: int  # fresh processes per guard setting
 
     @classmethod
     def full(cls) -> Plan:
         return cls(
             quick=False,
             levels=(0, 1000, 10000, 50000),
-            table_levels=(0, 10000),
+            table_levels=(0, 1000, 10000),  # 50,000: the scaling cases only
             n=256,
-            rounds={0: 40, 1000: 20, 10000: 30, 50000: 16},
+            rounds={0: 40, 1000: 40, 10000: 30, 50000: 16},
             ip_n=50,
             ip_rounds=4,
             dense_range=(0x10000, 0x10FFF),
             dense_trials=6,
             memory_n=1_000_000,
             profile_n=20000,
+            coldstart_n=1000,
+            coldstart_warm=5,
+            coldstart_trials=5,
         )
 
     @classmethod
@@ -125,6 +140,9 @@ class Plan:
             dense_trials=1,
             memory_n=20000,
             profile_n=300,
+            coldstart_n=1000,
+            coldstart_warm=5,
+            coldstart_trials=1,
         )
 
     def cases_at(self, level: int) -> tuple[str, ...]:
@@ -472,12 +490,21 @@ def summarize(samples: list[float]) -> dict[str, Any]:
 
 
 def measure_level(
-    bns: BenchNS, plan: Plan, level: int, keys: tuple[str, ...], rng: random.Random, log: Callable[[str], None]
+    bns: BenchNS,
+    plan: Plan,
+    level: int,
+    keys: tuple[str, ...],
+    rng: random.Random,
+    log: Callable[[str], None],
+    guarded: BenchNS | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run every case in rounds, interleaved in a shuffled order each round, so
     drift and background load fall on all cases alike; per-SPI statistics
-    for both clocks."""
-    fns = {k: case_function(bns, k) for k in keys}
+    for both clocks.  With ``guarded`` (a second namespace, pre-filled to the
+    same level), the ``GUARDED_CASES`` run there and the rest in ``bns``."""
+    if guarded is not None and guarded.prefilled != bns.prefilled:
+        raise RuntimeError(f"guarded namespace holds {guarded.prefilled} pre-filled states, the main {bns.prefilled}")
+    fns = {k: case_function(guarded if guarded is not None and k in GUARDED_CASES else bns, k) for k in keys}
     for k, fn in fns.items():  # warm-up (a full round; the ip case: 2): first calls, caches, the fresh pre-fill
         fn(2 if k == "ip_process" else plan.round_size(k))
     wall: dict[str, list[float]] = {k: [] for k in keys}
@@ -573,58 +600,222 @@ def dense_fill(method: str, lo: int, hi: int, max_spurious: int = 10000) -> dict
 # --- memory ----------------------------------------------------------------------
 
 _MEMORY_CHILD = r"""
-import json, random, sys, time, tracemalloc
+import array, json, random, sys, time, tracemalloc
 sys.path[:0] = [sys.argv[2]]
 from spialloc import Guard
-from spialloc._model import build_request, reservation_from
-n = int(sys.argv[1])
+from spialloc._model import batch_reservations, build_request, reservation_from
+n, chunk = int(sys.argv[1]), int(sys.argv[3])
 req = build_request("10.0.0.1")
 spis = random.Random(1).sample(range(0xC0000000, 0xD0000000), n)
-dst, proto = req.gdst, int(req.proto)
+dst, proto, owner = req.gdst, int(req.proto), 5
+chunks = [spis[i : i + chunk] for i in range(0, n, chunk)]
+
+def traced(fn):
+    # Bytes still allocated after fn() (its result kept), per reservation.
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    kept = fn()
+    used = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    return used / n, kept
 
 # timing (CPU), without tracemalloc
 g = Guard()
 t0 = time.thread_time()
 for s in spis:
-    g.reserve(dst, proto, s)
+    g.reserve_trusted(dst, proto, s, owner)
 t1 = time.thread_time()
 rs = [reservation_from(req, s) for s in spis]
 t2 = time.thread_time()
-del g, rs
+g2 = Guard()
+t3 = time.thread_time()
+for c in chunks:
+    g2.reserve_many_trusted(dst, proto, c, owner)
+t4 = time.thread_time()
+del g, g2, rs
 
-tracemalloc.start()
-base = tracemalloc.get_traced_memory()[0]
+# One allocator's allocate_many(chunk) calls: the guard's entries, and the
+# Reservations each batch returns (its SPI and token arrays; no objects).
 g = Guard()
-tokens = [g.reserve(dst, proto, s) for s in spis]
-guard_bytes = tracemalloc.get_traced_memory()[0] - base - sys.getsizeof(tokens)  # the tokens go to the reservations
+def batches():
+    out = []
+    now = time.time()
+    for c in chunks:
+        tokens = g.reserve_many_trusted(dst, proto, c, owner)
+        out.append(batch_reservations(req, array.array("I", c), array.array("Q", tokens), now))
+    return out
+batch_bytes, kept = traced(batches)
+assert len(g) == n and sum(map(len, kept)) == n
+del g, kept
+
+# allocate() one at a time, every Reservation object held in a list.
+g = Guard()
+def singles():
+    out = []
+    for s in spis:
+        out.append(reservation_from(req, s, None, g.reserve_trusted(dst, proto, s, owner)))
+    return out
+single_bytes, kept = traced(singles)
 assert len(g) == n
-base = tracemalloc.get_traced_memory()[0]
-try:  # each reservation holds its token (an int object of its own)
-    rs = [reservation_from(req, s, None, t) for s, t in zip(spis, tokens)]
-except TypeError:  # a version without tokens
-    rs = [reservation_from(req, s) for s in spis]
-res_bytes = tracemalloc.get_traced_memory()[0] - base
-tracemalloc.stop()
+del kept
+# ... and the guard's part of that alone (its entries and the token ints it issued).
+g = Guard()
+guard_bytes, tokens = traced(lambda: [g.reserve_trusted(dst, proto, s, owner) for s in spis])
+guard_bytes -= sys.getsizeof(tokens) / n
 print(json.dumps({
     "n": n,
-    "guard_bytes_per_tuple": guard_bytes / n,
-    "reservation_bytes_each_incl_list_slot": res_bytes / n,
-    "list_slot_bytes": 8,
+    "batch_chunk": chunk,
+    "batch_bytes_per_reservation": batch_bytes,
+    "single_bytes_per_reservation": single_bytes,
+    "guard_bytes_per_tuple": guard_bytes,
+    "reservation_bytes_each_incl_list_slot": single_bytes - guard_bytes,
     "guard_reserve_us": (t1 - t0) / n * 1e6,
+    "guard_reserve_batch_us": (t4 - t3) / n * 1e6,
     "reservation_build_us": (t2 - t1) / n * 1e6,
 }))
 """
 
 
-def memory(n: int) -> dict[str, Any]:
-    """Bytes per outstanding reservation (Guard tuple + Reservation object),
-    traced with tracemalloc in a child process (pure Python, no kernel)."""
+def memory(n: int, chunk: int = 1000) -> dict[str, Any]:
+    """Bytes per outstanding reservation, traced with tracemalloc in a child
+    process (pure Python, no kernel), two ways: ``n`` SPIs reserved in
+    batches of ``chunk`` and held as the Reservations ``allocate_many``
+    returns (guard entries + SPI and token arrays), and one at a time with
+    every Reservation object held in a list (guard entries + objects)."""
     out = subprocess.run(
-        [sys.executable, "-c", _MEMORY_CHILD, str(n), str(REPO)], capture_output=True, text=True, check=True
+        [sys.executable, "-c", _MEMORY_CHILD, str(n), str(REPO), str(chunk)], capture_output=True, text=True, check=True
     ).stdout
     d: dict[str, Any] = json.loads(out)
-    d["bytes_per_reservation"] = d["guard_bytes_per_tuple"] + d["reservation_bytes_each_incl_list_slot"]
+    d["bytes_per_reservation"] = d["batch_bytes_per_reservation"]
     return d
+
+
+# --- cold start: the first batch of a process -------------------------------------
+
+_COLDSTART_CHILD = r"""
+import json, sys, time
+sys.path[:0] = [sys.argv[1]]
+fd, guard, n, warm, dst = int(sys.argv[2]), sys.argv[3] == "on", int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+t0 = time.perf_counter()
+import spialloc
+t1 = time.perf_counter()
+alloc = spialloc.Allocator(fd, guard=guard)  # the namespace's fd (duplicated); untimed: not the batch
+t2 = time.perf_counter()
+
+
+def batch():
+    w0, c0, p0 = time.perf_counter_ns(), time.thread_time_ns(), time.process_time_ns()
+    rs = alloc.allocate_many(n, dst)
+    w1, c1, p1 = time.perf_counter_ns(), time.thread_time_ns(), time.process_time_ns()
+    got = len(rs)
+    alloc.release(rs)  # untimed
+    if got != n:
+        raise SystemExit(f"allocate_many({n}) gave {got} reservations")
+    return [w1 - w0, c1 - c0, p1 - p0]  # process CPU: every thread's (informative)
+
+
+first = batch()
+warm_rounds = [batch() for _ in range(warm)]
+alloc.close()
+print(json.dumps({
+    "spialloc_file": spialloc.__file__,
+    "backend": spialloc.backend,
+    "import_s": t1 - t0,
+    "open_s": t2 - t1,
+    "first": first,
+    "warm": warm_rounds,
+}))
+"""
+
+
+def cold_start(bns: BenchNS, plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
+    """The first ``allocate_many`` of a fresh process against warm ones.
+
+    Per trial and guard setting, a fresh ``sys.executable`` imports spialloc
+    (from where this process got it), opens an Allocator in ``bns``'s
+    namespace (its fd is passed down), then times (wall, thread CPU) the
+    first ``allocate_many(coldstart_n)`` and ``coldstart_warm`` more, each
+    released untimed.  Import and construction are untimed (reported apart).
+    Ratio = first / median of the warm rounds, per clock; per setting, the
+    median of the trials' ratios."""
+    fd = bns.ns.fd
+    if fd is None:
+        raise RuntimeError("the benchmark namespace has no fd to pass to a child process")
+    n, warm = plan.coldstart_n, plan.coldstart_warm
+    pkg_root = str(Path(spialloc.__file__).resolve().parent.parent)  # the repo, in a checkout
+    before = bns.sad_count()
+    per: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+    for trial in range(plan.coldstart_trials):
+        order = ("off", "on") if trial % 2 == 0 else ("on", "off")
+        for setting in order:
+            proc = subprocess.run(
+                [sys.executable, "-c", _COLDSTART_CHILD, pkg_root, str(fd), setting, str(n), str(warm), DST],
+                capture_output=True,
+                text=True,
+                pass_fds=(fd,),
+                timeout=300,
+            )
+            if proc.returncode != 0:
+                raise RuntimeError(f"cold-start child (guard {setting}) failed:\n{proc.stderr}")
+            d: dict[str, Any] = json.loads(proc.stdout)
+            if Path(d["spialloc_file"]).resolve() != Path(spialloc.__file__).resolve():
+                raise RuntimeError(f"cold-start child imported {d['spialloc_file']}, not {spialloc.__file__}")
+            first_w, first_c, first_p = d["first"]
+            warm_w = statistics.median(r[0] for r in d["warm"])
+            warm_c = statistics.median(r[1] for r in d["warm"])
+            warm_p = statistics.median(r[2] for r in d["warm"])
+            t = {
+                "first_wall_us_per_spi": first_w / n / 1000,
+                "first_cpu_us_per_spi": first_c / n / 1000,
+                "warm_wall_us_per_spi": warm_w / n / 1000,
+                "warm_cpu_us_per_spi": warm_c / n / 1000,
+                "ratio_cpu": first_c / warm_c if warm_c else None,
+                "ratio_wall": first_w / warm_w if warm_w else None,
+                # every thread's CPU (a guard's watcher included); not part of the target
+                "ratio_process_cpu": first_p / warm_p if warm_p else None,
+                "warm_wall_us_per_spi_each": [r[0] / n / 1000 for r in d["warm"]],
+                "warm_cpu_us_per_spi_each": [r[1] / n / 1000 for r in d["warm"]],
+                "warm_process_cpu_us_per_spi_each": [r[2] / n / 1000 for r in d["warm"]],
+                "first_process_cpu_us_per_spi": first_p / n / 1000,
+                "import_s": d["import_s"],
+                "open_s": d["open_s"],
+                "backend": d["backend"],
+            }
+            per[setting].append(t)
+            log(
+                f"    guard {setting:3s} trial {trial + 1}: first {t['first_cpu_us_per_spi']:.2f} us/SPI CPU "
+                f"({t['first_wall_us_per_spi']:.2f} wall), warm {t['warm_cpu_us_per_spi']:.2f} "
+                f"({t['warm_wall_us_per_spi']:.2f}); import {t['import_s'] * 1000:.0f} ms, "
+                f"open {t['open_s'] * 1000:.0f} ms"
+            )
+    after = bns.sad_count()
+    if after != before:
+        raise RuntimeError(f"cold start left the namespace with {after} states, {before} before")
+
+    def med(trials: list[dict[str, Any]], key: str) -> float | None:
+        vals = [t[key] for t in trials if t[key] is not None]
+        return statistics.median(vals) if vals else None
+
+    out: dict[str, Any] = {"n": n, "warm_rounds": warm, "trials": plan.coldstart_trials, "states_before": before}
+    for setting, trials in per.items():
+        out[f"guard_{setting}"] = {
+            "ratio_cpu_median": med(trials, "ratio_cpu"),
+            "ratio_wall_median": med(trials, "ratio_wall"),
+            "ratio_process_cpu_median": med(trials, "ratio_process_cpu"),
+            **{
+                f"{k}_median": med(trials, k)
+                for k in (
+                    "first_cpu_us_per_spi",
+                    "first_wall_us_per_spi",
+                    "warm_cpu_us_per_spi",
+                    "warm_wall_us_per_spi",
+                    "import_s",
+                    "open_s",
+                )
+            },
+            "per_trial": trials,
+        }
+    return out
 
 
 # --- where the time goes --------------------------------------------------------
@@ -663,19 +854,20 @@ def _profile_rows(rounds: list[dict[str, tuple[float, float, float]]], per_round
     return rows[:20]
 
 
-def breakdown(bns: BenchNS, total: int, round_n: int) -> dict[str, Any]:
+def breakdown(bns: BenchNS, total: int, round_n: int, guarded_ns: BenchNS | None = None) -> dict[str, Any]:
     """The single ``allocate`` path and the C batch path, piece by piece: CPU
     microseconds per SPI, median over rounds of ``round_n`` in which all
     pieces run interleaved in a shuffled order (so load falls on all alike),
     SPIs released between rounds (untimed); then cProfile's top functions by
-    own time, per round, median over rounds.
+    own time, per round, median over rounds.  The guarded allocator lives in
+    ``guarded_ns`` when given (see the module docstring), else in ``bns``.
 
     Uses a few private names of the library; a piece whose names changed
     says so instead of failing the run."""
     from spialloc._model import build_request, reservation_from
 
     alloc = bns.allocator("c", False)
-    guarded = bns.allocator("c", True)
+    guarded = (guarded_ns or bns).allocator("c", True)
     dst = bns.admin_dst
     args = (DST, "esp", None, None, "transport", 0, None, None, None, 0, None)
     pieces: dict[str, tuple[Piece, Allocator]] = {}
@@ -832,6 +1024,7 @@ def make_tempdir() -> Path:
 __all__ = [
     "CASES",
     "FLOOR_OF",
+    "GUARDED_CASES",
     "SCALING_CASES",
     "TABLE_CASES",
     "BenchNS",
@@ -843,4 +1036,5 @@ __all__ = [
     "measure_level",
     "memory",
     "breakdown",
+    "cold_start",
 ]

@@ -635,14 +635,14 @@ t4 = time.thread_time()
 del g, g2, rs
 
 # One allocator's allocate_many(chunk) calls: the guard's entries, and the
-# Reservations each batch returns (its SPI and token arrays; no objects).
+# Reservations each batch returns (its SPI array and one token; no objects).
 g = Guard()
 def batches():
     out = []
     now = time.time()
     for c in chunks:
-        tokens = g.reserve_many_trusted(dst, proto, c, owner)
-        out.append(batch_reservations(req, array.array("I", c), array.array("Q", tokens), now))
+        token = g.reserve_batch(dst, proto, c, owner)  # one token for the batch
+        out.append(batch_reservations(req, array.array("I", c), token, now))
     return out
 batch_bytes, kept = traced(batches)
 assert len(g) == n and sum(map(len, kept)) == n

@@ -80,12 +80,14 @@ class BatchRun:
         #: tokens, and the per-index maps are made only if a rare path
         #: (a death, a dump check, an interrupt) asks for them.
         self.bulk = False
-        self.bulk_tokens: Sequence[int] | None = None
+        self.bulk_tokens: int | None = None
         self.keys: set[Key] = set()  # every key this batch put in flight (but the flight's)
         self._tokens: dict[Key, int] = {}  # the guard's token of each key this batch reserved
-        #: Round one reserved whole: in flight as one Flight, its tokens
-        #: ``bulk_tokens``; keys and tokens per SPI only if a rare path asks.
+        #: Round one reserved whole: in flight as one Flight (until
+        #: hand_over), its one token ``bulk_tokens``; a token per key in
+        #: ``tokens`` only once a rare path asks (``_unlanded`` until then).
         self.flight: Flight | None = None
+        self._unlanded: tuple[Flight, int] | None = None
         self.why: dict[int, SpiallocError] = {}  # why an index is being asked again
         self.directed = is_directed(book, req)
         self.resynced = False
@@ -98,27 +100,15 @@ class BatchRun:
 
     @property
     def tokens(self) -> dict[Key, int]:
-        if self.flight is not None:
-            self._land()
+        if self._unlanded is not None:
+            flight, token = self._unlanded
+            self._unlanded = None
+            self._tokens.update(zip(flight.keys(), repeat(token)))
         return self._tokens
 
     def _drop_bulk_tokens(self) -> None:
-        if self.flight is not None:
-            self._land()
+        self.tokens  # noqa: B018  (the flight's tokens into the dict first)
         self.bulk_tokens = None
-
-    def _land(self) -> None:
-        """The flight's SPIs as keys: in ``inflight`` before the flight goes
-        (so a key is in flight throughout), their tokens in ``_tokens``."""
-        flight = self.flight
-        assert flight is not None and self.bulk_tokens is not None
-        with self.book.lock:
-            ks = flight.keys()
-            self.keys.update(ks)
-            self.book.inflight.update(ks)
-            self._tokens.update(zip(ks, self.bulk_tokens, strict=True))
-            self.book.flights.discard(flight)
-            self.flight = None
 
     @property
     def owned(self) -> dict[int, Key]:
@@ -254,21 +244,23 @@ class BatchRun:
             return []
         gdst, proto, got = self.req.gdst, self.proto, res.got
         if res.errs.count(0) == len(got):
-            held = self.guard.reserve_many_trusted(gdst, proto, got, self.book.owner)
-            if all(held):
+            token = self.guard.reserve_batch(gdst, proto, got, self.book.owner)
+            if token is not None:
                 if not self._owned and len(got) == self.count and self.flight is None:
                     # Round one, every SPI reserved: in flight whole.
-                    self.bulk_tokens = held
+                    self.bulk_tokens = token
                     self.flight = Flight(gdst, proto, got)
+                    self._unlanded = (self.flight, token)
                     self.book.flights.add(self.flight)
                     if self.book.died:
                         self.book.died.difference_update(self.flight.keys())
                     return [True] * len(got)
                 ks = list(zip(repeat(gdst), repeat(proto), got))
-                self.tokens.update(zip(ks, held, strict=True))
+                self.tokens.update(zip(ks, repeat(token)))
                 self._in_flight(ks)
                 return [True] * len(got)
             succ = list(range(len(got)))
+            held = self.guard.reserve_many_trusted(gdst, proto, got, self.book.owner)
         else:
             succ = [j for j, e in enumerate(res.errs) if e == 0]
             held = self.guard.reserve_many_trusted(gdst, proto, [got[j] for j in succ], self.book.owner)

@@ -57,6 +57,12 @@ def _buffers(sock: socket.socket, send_size: int) -> tuple[Any, Any, Any]:
     return bufs
 
 
+def prepare(sock: socket.socket, send_size: int) -> None:
+    """Make (and fault in: ffi.new zeroes them) the socket's buffers for
+    batches of up to ``send_size`` bytes of requests, ahead of the first."""
+    _buffers(sock, send_size)
+
+
 def _new_batch(
     sock: socket.socket, portid: int, msgs: bytes, stride: int, count: int, seq0: int, chunk: int
 ) -> tuple[Any, list[Any]]:

@@ -137,6 +137,7 @@ class Core:
             chosen, self._shared = _shared.attach(guard, scope, self.ns)
             self.book = rules.Book(chosen, max_retries, on_lost)
             self.kernel = Kernel(self.ns, engine, self.book, rcvbuf)
+            self.kernel.warm()
         except BaseException:
             if self._shared:
                 _shared.detach(chosen)
@@ -455,14 +456,11 @@ class Core:
         spis = run.spis
         book = self.book
         gdst, proto = req.gdst, int(req.proto)
-        tokens: array.array[int] | range | None = None
-        if run.bulk and not run.errors:
+        tokens: array.array[int] | int | None = None
+        if run.bulk and not run.errors and (book.guard is None or run.bulk_tokens is not None):
             got = array.array("I", spis)
-            if book.guard is not None:
-                held = run.bulk_tokens
-                assert held is not None
-                # Consecutive serials (the common case) stay a range: no 8 bytes per SPI.
-                tokens = held if isinstance(held, range) else array.array("Q", held)
+            # One token for the whole batch (the common case): no 8 bytes per SPI.
+            tokens = run.bulk_tokens
         else:
             good = run.good()
             got = array.array("I", [spis[i] for i in good])
@@ -471,7 +469,8 @@ class Core:
                 tokens = array.array("Q", [by_key[(gdst, proto, spi)] for spi in got])
         reservations = batch_reservations(req, got, tokens, now)
         if tokens is not None and book.on_lost is not None:
-            book.origin.update(zip(zip(repeat(gdst), repeat(proto), got), zip(repeat(req), tokens), strict=False))
+            each = repeat(tokens) if isinstance(tokens, int) else tokens
+            book.origin.update(zip(zip(repeat(gdst), repeat(proto), got), zip(repeat(req), each), strict=False))
         book.stats.allocated += len(got)
         for i in sorted(run.late):
             key = (gdst, proto, spis[i])

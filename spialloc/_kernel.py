@@ -11,6 +11,7 @@ counting overruns, and never leaves a state it made unaccounted for.
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import os
 import time
@@ -19,7 +20,7 @@ from typing import NamedTuple, Sequence
 
 from . import _log
 from . import _wire as w
-from ._model import KernelState, Proto, Request
+from ._model import KernelState, Proto, Request, build_request
 from ._netlink import REPLY_TRUESIZE, XfrmSocket
 from ._netns import Namespace, read_sysctl, write_sysctl
 from ._rules import LOST, PENDING, Book, DelKey, RecoverOp, RoundResult, made_by, orphans
@@ -112,6 +113,20 @@ class Kernel:
                     f"or later (or a distribution kernel that backported it); {instead}",
                     "allocspi",
                 )
+
+    def warm(self) -> None:
+        """What the first batch would otherwise pay for, done at open: the
+        larval lifetime (a sysctl read from inside the namespace, in a
+        thread) and the engine's buffers for a full window.  No request is
+        sent (the probe of a request's attributes stays with its first
+        batch: opening leaves no trace in the SAD).  Best effort: whatever
+        fails here is met again, and raised, when a call needs it."""
+        self.lifetime()
+        prepare = getattr(self.engine, "prepare", None)
+        if prepare is not None:
+            with contextlib.suppress(Exception):
+                size = len(build_request("0.0.0.0").template)
+                prepare(self.sock.sock, self.sock.window() * w.align4(size))
 
     def window(self, req: Request) -> int:
         """How many of ``req``'s ALLOCSPI replies fit in the receive buffer."""

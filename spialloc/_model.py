@@ -558,8 +558,8 @@ class Reservations(Sequence[Reservation]):
     """The reservations of one ``allocate_many``, in request order.
 
     A ``Sequence[Reservation]`` stored as the batch's arrays (4 bytes of SPI
-    per entry, and its token: 8 bytes, or none when the guard issued the
-    batch consecutive tokens, or there is no guard) and the request they
+    per entry, and 8 of token when the batch's tokens differ: one int when
+    the guard reserved the batch whole, none without a guard) and the request they
     share: a ``Reservation`` object is built when an entry is read
     (``rs[i]``, iteration), so a batch nobody reads one by one costs no
     Python object per SPI.  Reading an entry twice gives two equal objects
@@ -573,7 +573,7 @@ class Reservations(Sequence[Reservation]):
 
     _req: Request
     _spis: array.array[int]
-    _tokens: array.array[int] | range | None
+    _tokens: array.array[int] | int | None  # per entry, one for all, or none (token 0)
     _at: float
 
     def __len__(self) -> int:
@@ -586,18 +586,20 @@ class Reservations(Sequence[Reservation]):
     def __getitem__(self, i: slice) -> Reservations: ...
 
     def __getitem__(self, i: int | slice) -> Reservation | Reservations:
-        if isinstance(i, slice):
-            tokens = self._tokens
-            return batch_reservations(self._req, self._spis[i], None if tokens is None else tokens[i], self._at)
-        spi = self._spis[i]  # IndexError, TypeError as a list's
         tokens = self._tokens
-        return reservation_from(self._req, spi, self._at, 0 if tokens is None else tokens[i])
+        if isinstance(i, slice):
+            part = tokens if tokens is None or isinstance(tokens, int) else tokens[i]
+            return batch_reservations(self._req, self._spis[i], part, self._at)
+        spi = self._spis[i]  # IndexError, TypeError as a list's
+        token = 0 if tokens is None else tokens if isinstance(tokens, int) else tokens[i]
+        return reservation_from(self._req, spi, self._at, token)
 
     def __iter__(self) -> Iterator[Reservation]:
         req, at, tokens = self._req, self._at, self._tokens
-        if tokens is None:
+        if tokens is None or isinstance(tokens, int):
+            token = tokens or 0
             for spi in self._spis:
-                yield reservation_from(req, spi, at, 0)
+                yield reservation_from(req, spi, at, token)
         else:
             for spi, token in zip(self._spis, tokens, strict=True):
                 yield reservation_from(req, spi, at, token)
@@ -609,11 +611,15 @@ class Reservations(Sequence[Reservation]):
 
     def _token_list(self) -> list[int]:
         """Each entry's token (0 without a guard)."""
-        return [0] * len(self._spis) if self._tokens is None else list(self._tokens)
+        tokens = self._tokens
+        if tokens is None or isinstance(tokens, int):
+            return [tokens or 0] * len(self._spis)
+        return list(tokens)
 
-    def _parts(self) -> tuple[Request, array.array[int], array.array[int] | range | None]:
-        """(request, SPIs, tokens or None): what the allocator releases in bulk."""
-        return self._req, self._spis, self._tokens
+    def _parts(self) -> tuple[Request, array.array[int], list[int] | array.array[int] | None]:
+        """(request, SPIs, each entry's token or None): what the allocator releases in bulk."""
+        tokens = self._tokens
+        return self._req, self._spis, [tokens] * len(self._spis) if isinstance(tokens, int) else tokens
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Reservations):
@@ -649,7 +655,7 @@ class Reservations(Sequence[Reservation]):
 
 
 def batch_reservations(
-    req: Request, spis: array.array[int], tokens: array.array[int] | range | None, at: float
+    req: Request, spis: array.array[int], tokens: array.array[int] | int | None, at: float
 ) -> Reservations:
     """A batch's Reservations over its arrays (``tokens`` None: no guard)."""
     rs = object.__new__(Reservations)

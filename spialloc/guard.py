@@ -22,10 +22,12 @@ dst is a 16-byte destination key; the allocator passes ``_model.guard_dst``
 lengths are refused: a 4-byte key would silently differ from the 16-byte key of
 the same address.
 
-Identity.  Every reservation gets a token, unique in this guard: a serial
-number (from a random start, so a handle from another guard or process
-practically never matches) and the reserving owner's id (``owner``, an
-allocator's; 0 for direct callers).  ``commit``, ``release`` and ``expire``
+Identity.  Every reservation gets a token, unique for its tuple in this
+guard: a serial number (from a random start, so a handle from another guard
+or process practically never matches) and the reserving owner's id
+(``owner``, an allocator's; 0 for direct callers).  A batch reserved whole
+(``reserve_batch``) takes one serial for all its tuples: every check is of
+a (tuple, token) pair, and a tuple is in a batch once.  ``commit``, ``release`` and ``expire``
 given a token act only if it is the token of the current entry: a stale
 handle (its state expired and the SPI was reserved again, or it was
 released) can neither commit nor free its successor.  ``owner_of`` tells
@@ -39,11 +41,14 @@ dst_index << 2 | state`` (``_TOK``); FOREIGN codes (token 0) come from a per-dst
 of prebuilt ints so those entries share their value object.  dsts are
 interned to reference-counted indices that are recycled when their last
 tuple goes.  A reserved tuple therefore costs one dict entry, its key int
-and its code int.  Measured with tracemalloc (Python 3.11; 1,000,000 random
-distinct SPIs of 0xC0000000-0xCFFFFFFF reserved one by one; traced bytes
-after minus before, divided by 1M; the child of ``benchmarks/_harness.memory``):
-scope "spi", one dst: 110 bytes per tuple, plus 36 for the token int the
-Reservation keeps (74 bytes before tokens).  Before tokens, also measured:
+and its code int; the tuples of a batch reserved whole share one code int.
+Measured with tracemalloc (Python 3.11; 1,000,000 random distinct SPIs of
+0xC0000000-0xCFFFFFFF; traced bytes after minus before, divided by 1M; the
+child of ``benchmarks/_harness.memory``), scope "spi", one dst: reserved one
+by one, 142 bytes per tuple with the token int each Reservation keeps;
+reserved in batches of 1,000 (``reserve_batch``, as ``allocate_many`` does),
+78 bytes per tuple including the batch's 4-byte SPI array entry.  Before
+tokens, also measured (one by one):
 
     scope "dst", 16 dsts                  74 bytes per tuple
     scope "spi", 1M dsts (one tuple each) 329 bytes per tuple
@@ -269,32 +274,31 @@ class Guard:
         self._dst_index[dst] = idx
         return idx
 
-    def _reserve_all(self, dst: bytes, proto: int, spis: Sequence[int], owner: int) -> range | None:
-        """Reserve every SPI of a batch at once, with consecutive serials
-        (so the codes are a range, made in C): their tokens, or None,
-        changing nothing, if any of them is outstanding or repeated."""
+    def _reserve_all(self, dst: bytes, proto: int, spis: Sequence[int], owner: int) -> int | None:
+        """Reserve every SPI of a batch at once under one serial: the batch's
+        token, the same for all its tuples (a token identifies a reservation
+        of its tuple, and no tuple is twice in a batch), so every entry
+        shares one code object and costs its dict slot and key alone; or
+        None, changing nothing, if any SPI is outstanding or repeated."""
         n = len(spis)
         idx = self._dst_index.get(dst)
         if idx is None:
             idx = self._intern(dst)
         base = self._key(idx, proto, 0)
         serial = self._serial
-        first = serial << OWNER_BITS | owner
-        step = 1 << OWNER_BITS
-        code0 = first << _TOK | idx << 2 | _R
-        # Keys and codes made in C; one dict that also tells a repeated SPI.
-        codes = dict(zip(map(base.__or__, spis), range(code0, code0 + n * (step << _TOK), step << _TOK), strict=True))
+        token = serial << OWNER_BITS | owner
+        # Keys made in C; one dict, which also tells a repeated SPI.
+        codes = dict.fromkeys(map(base.__or__, spis), token << _TOK | idx << 2 | _R)
         if len(codes) != n or not codes.keys().isdisjoint(self._table.keys()):  # views: iterates the smaller
             if not self._dst_refs[idx]:
                 self._release_index(idx)
             return None
-        tokens = range(first, first + n * step, step)
         bucket = base >> 32
         count = self._counts.get(bucket, 0) + n
         lost = self._lost
         # Everything built before the first change; then no Python-level call
         # until the counters agree with the table (a signal lands only at one).
-        self._serial = serial + n
+        self._serial = serial + 1
         self._table.update(codes)
         self._counts[bucket] = count
         self._dst_refs[idx] += n
@@ -302,7 +306,7 @@ class Guard:
         if lost:
             for spi in spis:
                 lost.pop(_lost_key(dst, proto, spi), None)
-        return tokens
+        return token
 
     def _release_index(self, idx: int) -> None:
         del self._dst_index[self._dsts[idx]]
@@ -401,7 +405,7 @@ class Guard:
         owner = check_int("owner", owner, 0, OWNER_MASK)
         if not checked:
             return []
-        return list(self.reserve_many_trusted(checked[0][0], checked[0][1], [s for _, _, s in checked], owner))
+        return self.reserve_many_trusted(checked[0][0], checked[0][1], [s for _, _, s in checked], owner)
 
     def reserve_trusted(self, dst: bytes, proto: int, spi: int, owner: int = 0) -> int:
         """``reserve`` without argument checks, for a caller that validated
@@ -429,17 +433,24 @@ class Guard:
                     return token
             return self._reserve(dst, proto, spi, owner)
 
-    def reserve_many_trusted(self, dst: bytes, proto: int, spis: Sequence[int], owner: int = 0) -> Sequence[int]:
-        """``reserve_many`` without argument checks (see ``reserve_trusted``).
-        When every SPI was free the tokens are a ``range`` (consecutive
-        serials): a batch stores that, not a token per SPI."""
+    def reserve_many_trusted(self, dst: bytes, proto: int, spis: Sequence[int], owner: int = 0) -> list[int]:
+        """``reserve_many`` without argument checks (see ``reserve_trusted``)."""
+        token = self.reserve_batch(dst, proto, spis, owner)
+        if token is not None:
+            return [token] * len(spis)
         with self._lock:
-            if len(spis) > 1:
-                tokens = self._reserve_all(dst, proto, spis, owner)
-                if tokens is not None:
-                    return tokens
             reserve = self._reserve
             return [reserve(dst, proto, spi, owner) for spi in spis]
+
+    def reserve_batch(self, dst: bytes, proto: int, spis: Sequence[int], owner: int = 0) -> int | None:
+        """Reserve every SPI of ``spis`` (one or more) as one batch, with one
+        token for all, if every one is free and none repeated; else None and
+        nothing reserved (``reserve_many_trusted`` then decides per SPI).
+        Arguments trusted, as ``reserve_trusted``'s."""
+        if not spis:
+            return None
+        with self._lock:
+            return self._reserve_all(dst, proto, spis, owner)
 
     def stale_many(self, dst: bytes, proto: int, spis: Sequence[int], tokens: Sequence[int]) -> list[int]:
         """Indices ``i`` whose (dst, proto, spis[i]) entry is not the

@@ -549,16 +549,25 @@ def test_ctrl_c_during_a_large_batch_leaves_no_orphans(netns: Namespace, backend
     assert sad_count(netns) == 0
 
 
-@pytest.mark.parametrize("at", [1, 500], ids=["first-reserve", "500th-reserve"])
+@pytest.mark.parametrize("at", [0, 1, 500], ids=["whole-batch-reserve", "first-reserve", "500th-reserve"])
 def test_interrupt_after_the_engine_returned_leaves_no_orphans(netns: Namespace, at: int) -> None:
     """Ctrl-C delivered while the allocator books a finished round (a signal
     handler raising in Python code between the engine call and the return):
-    simulated by the guard raising KeyboardInterrupt while it reserves the
-    ``at``-th SPI of the round.  Nothing of the batch may stay in the kernel."""
+    simulated by the guard raising KeyboardInterrupt when it reserves the
+    round whole (``at`` 0) or, the round reserved one SPI at a time, at the
+    ``at``-th SPI.  Nothing of the batch may stay in the kernel."""
     with Allocator(netns, backend="c") as alloc:
         assert alloc.guard is not None
         real = alloc.guard.reserve_trusted
         calls = [0]
+
+        def reserve_batch(dst: bytes, proto: int, spis: list[int], owner: int = 0) -> int | None:
+            if at == 0:
+                calls[0] += 1
+                raise KeyboardInterrupt
+            return None  # as if one SPI were held: reserved one by one, below
+
+        alloc.guard.reserve_batch = reserve_batch  # type: ignore[method-assign]
 
         def reserve_many(dst: bytes, proto: int, spis: list[int], owner: int = 0) -> list[int]:
             out = []
@@ -572,7 +581,7 @@ def test_interrupt_after_the_engine_returned_leaves_no_orphans(netns: Namespace,
         alloc.guard.reserve_many_trusted = reserve_many  # type: ignore[method-assign]
         with pytest.raises(KeyboardInterrupt):
             alloc.allocate_many(1000, DST)
-        assert calls[0] == at
+        assert calls[0] == max(at, 1)
         assert sad_count(netns) == 0  # observed: 1,000 (first-reserve), 501 or 1,000 (500th)
 
 

@@ -166,3 +166,51 @@ def test_a_pickled_batch_is_a_list_that_still_releases(netns: Namespace) -> None
         assert type(back) is list and back == list(rs)
         assert a.release(back) == 10
         assert sad_count(netns) == 0
+
+
+def test_a_batch_reserved_whole_that_loses_a_state_mid_batch_delivers_exact_handles(
+    netns: Namespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Round one is reserved whole (one token, in flight as one Flight); then
+    one of its states is deleted from outside before the batch ends: that
+    index is asked again, and the batch is delivered the general way.  Every
+    handle must be current (its own token), the lost state's SPI not among
+    them, and release must find them all."""
+    from spialloc._batch import BatchRun
+
+    with Allocator(netns) as a:
+        real_reap = BatchRun.reap
+        victim: list[int] = []
+
+        def reap(self: BatchRun) -> list[int]:
+            if not victim and self.flight is not None:
+                victim.append(self.spis[3])
+                ns_run(netns, ["ip", "xfrm", "state", "delete", "dst", DST, "proto", "esp", "spi", hex(victim[0])])
+                a.poll_events()  # the watcher's work, now: the death is the batch's
+            return real_reap(self)
+
+        monkeypatch.setattr(BatchRun, "reap", reap)
+        rs = a.allocate_many(50, DST)
+        assert victim and victim[0] not in rs.spis
+        assert a.stats.expired_in_batch == 1
+        assert len(set(rs.spis)) == 50 and set(rs.spis) == sad_spis(netns)
+        guard = a.guard
+        assert guard is not None
+        assert all(guard.is_current(*r.key, r.token) for r in rs)
+        assert a.release(rs) == 50
+        assert sad_count(netns) == 0
+
+
+def test_a_batch_checked_against_a_dump_delivers_exact_handles(netns: Namespace) -> None:
+    """A batch that outlives half the larval lifetime checks its states
+    against a dump (made here with a lifetime of 0), which undoes the bulk
+    booking of round one: the handles must still carry their tokens (this
+    path once raised KeyError after the round's flight was handed over)."""
+    with Allocator(netns) as a:
+        a.core.kernel.lifetime = lambda: 0.0  # type: ignore[method-assign]
+        rs = a.allocate_many(50, DST)
+        guard = a.guard
+        assert guard is not None
+        assert all(r.token and guard.is_current(*r.key, r.token) for r in rs)
+        assert a.release(rs) == 50
+        assert sad_count(netns) == 0

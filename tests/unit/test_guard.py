@@ -562,7 +562,8 @@ class GuardMachine(RuleBasedStateMachine):
                 self.collisions += 1
 
     def issued_token(self, dst: bytes, proto: int, spi: int, token: int) -> None:
-        assert all(token != t for *_, t in self.issued), "a token was issued twice"
+        # Unique per tuple: a batch reserved whole shares one token among its tuples.
+        assert all((dst, proto, spi, token) != issued for issued in self.issued), "a token was issued twice"
         self.tokens[(dst, proto, spi)] = token
         self.issued.append((dst, proto, spi, token))
 

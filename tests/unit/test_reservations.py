@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spialloc import Guard, Reservation
+from spialloc import guard as guard_mod
 from spialloc._model import Proto, Reservations, batch_reservations, build_request, reservation_from
 
 REQ = build_request("10.0.0.1", "esp", reqid=7, mark=(1, 0xFF))
@@ -174,6 +175,12 @@ pre_state = st.lists(
 )
 
 
+def _untokened(g: Guard) -> tuple[object, ...]:
+    """A guard's state with the tokens left out of its codes."""
+    table = {k: code & ((1 << guard_mod._TOK) - 1) for k, code in g._table.items()}
+    return (g.stats, sorted(g.reserved(committed=True)), table, g._counts, g._dst_index, g._by_state)
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.sampled_from(["spi", "dst"]), pre_state, st.lists(spi_values, max_size=20), st.integers(0, 5))
 def test_reserve_many_is_reserve_one_by_one(
@@ -182,19 +189,42 @@ def test_reserve_many_is_reserve_one_by_one(
     bulk, single = _twins(scope, pre)
     got = bulk.reserve_many_trusted(DST, 50, spis, owner)
     want = [single.reserve_trusted(DST, 50, s, owner) for s in spis]
-    # Tokens are serials: equal when both guards reserved the same tuples in order.
-    assert list(got) == want
-    assert _state(bulk) == _state(single)
+    # The same tuples reserved, refused and counted; a batch taken whole has
+    # one token for all its tuples, the one-by-one calls one each.
+    assert [bool(t) for t in got] == [bool(t) for t in want]
+    assert all(t & 0xFFFFF == owner for t in got if t)
+    assert _untokened(bulk) == _untokened(single)
+    for s, t in zip(spis, got, strict=True):
+        if t:
+            assert bulk.is_current(DST, 50, s, t)
 
 
-def test_a_free_batch_gets_consecutive_tokens_in_one_step() -> None:
+def test_a_free_batch_is_reserved_whole_under_one_token() -> None:
     g = Guard()
-    tokens = g.reserve_many_trusted(DST, 50, list(range(0x1000, 0x1100)), 3)
-    assert isinstance(tokens, range)  # a batch keeps this, not 256 ints
-    assert len(set(tokens)) == 0x100 and all(t & 0xFFFFF == 3 for t in tokens)
-    assert [b - a for a, b in zip(tokens, tokens[1:], strict=False)] == [1 << 20] * 0xFF
-    assert all(g.is_current(DST, 50, s, t) for s, t in zip(range(0x1000, 0x1100), tokens, strict=True))
+    spis = list(range(0x1000, 0x1100))
+    token = g.reserve_batch(DST, 50, spis, 3)
+    assert token is not None and token & 0xFFFFF == 3
+    assert all(g.is_current(DST, 50, s, token) for s in spis)
     assert g.stats.reserved == 0x100
+    codes = {id(g._table[(50 << 32) | s]) for s in spis}
+    assert len(codes) == 1  # one code object shared by the batch's entries
+    # the next batch gets the next serial; a batch with a held SPI is refused whole
+    assert g.reserve_batch(DST, 50, [0x2000, 0x2001], 3) == token + (1 << 20)
+    assert g.reserve_batch(DST, 50, [0x3000, 0x1000], 3) is None
+    assert g.reserve_batch(DST, 50, [0x4000, 0x4000], 3) is None  # repeated
+    assert not g.is_outstanding(DST, 50, 0x3000) and not g.is_outstanding(DST, 50, 0x4000)
+    assert g.stats.reserved == 0x102
+
+
+def test_a_stale_handle_of_a_batch_frees_nothing() -> None:
+    g = Guard()
+    old = g.reserve_batch(DST, 50, [0x10, 0x11], 1)
+    assert old is not None and g.release(DST, 50, 0x10, old)
+    new = g.reserve_batch(DST, 50, [0x10, 0x12], 1)
+    assert new is not None and new != old
+    assert not g.release(DST, 50, 0x10, old)  # the first batch's handle is stale
+    assert g.release_many(DST, 50, [0x10, 0x11], [old, old]) == 1  # only 0x11 is still the old batch's
+    assert g.is_current(DST, 50, 0x10, new)
 
 
 @settings(max_examples=300, deadline=None)

@@ -449,7 +449,8 @@ class BatchRun:
         if not self.book.died:
             return set()
         flight = self.flight
-        died = {k for k in self.book.died if k in self.keys or (flight is not None and flight.holds(k))}
+        # A copy first (one C call): the watcher thread adds to ``died`` as it goes.
+        died = {k for k in self.book.died.copy() if k in self.keys or (flight is not None and flight.holds(k))}
         return {i for i, key in self.owned.items() if key in died} if died else set()
 
     def hand_over(self) -> None:

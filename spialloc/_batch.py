@@ -106,10 +106,6 @@ class BatchRun:
             self._tokens.update(zip(flight.keys(), repeat(token)))
         return self._tokens
 
-    def _drop_bulk_tokens(self) -> None:
-        self.tokens  # noqa: B018  (the flight's tokens into the dict first)
-        self.bulk_tokens = None
-
     @property
     def owned(self) -> dict[int, Key]:
         if self.bulk:
@@ -286,7 +282,7 @@ class BatchRun:
             self.spis = list(got)  # asked is every index, in order: round one
             self.bulk = True
             return
-        self._drop_bulk_tokens()
+        self.bulk_tokens = None  # its tokens stay in _unlanded until asked for
         ks = [(self.req.gdst, self.proto, spi) for spi in got]
         self.owned.update(zip(asked, ks, strict=True))
         self.holder.update(zip(ks, asked, strict=True))
@@ -304,7 +300,7 @@ class BatchRun:
         self.owned[i] = key
         self.holder[key] = i
         self.spis[i] = key[2]
-        self._drop_bulk_tokens()
+        self.bulk_tokens = None  # its tokens stay in _unlanded until asked for
 
     def _book_each(
         self, asked: list[int], res: RoundResult, ok: list[bool]

@@ -611,10 +611,8 @@ class Reservations(Sequence[Reservation]):
 
     def _token_list(self) -> list[int]:
         """Each entry's token (0 without a guard)."""
-        tokens = self._tokens
-        if tokens is None or isinstance(tokens, int):
-            return [tokens or 0] * len(self._spis)
-        return list(tokens)
+        tokens = self._parts()[2]
+        return [0] * len(self._spis) if tokens is None else list(tokens)
 
     def _parts(self) -> tuple[Request, array.array[int], list[int] | array.array[int] | None]:
         """(request, SPIs, each entry's token or None): what the allocator releases in bulk."""

@@ -189,9 +189,7 @@ class XfrmSocket:
                 if kind == w.XFRM_MSG_NEWSA and rseq == seq and pid == self.portid and length == n:
                     return int(w.BE32.unpack_from(self._buf, w.MSG_REPLY_SPI)[0])
             kind, payload = self._reply(seq, "allocspi", self._view[:n] if n >= 0 and addr[0] == 0 else None)
-        if kind != w.XFRM_MSG_NEWSA or payload is None:
-            raise NetlinkError(errno.EPROTO, f"unexpected reply type {kind} to ALLOCSPI", "allocspi")
-        return w.decode_alloc_reply(payload)
+        return _alloc_reply(kind, payload)
 
     def allocspi_native(self, one: tuple[Any, ...], template: bytes, spi_min: int, spi_max: int) -> int:
         """``allocspi`` in one C call (``_cbatch.native_single``): the
@@ -210,9 +208,7 @@ class XfrmSocket:
             if got == -errno.ENOBUFS:
                 self.overruns += 1  # as recv_nowait counts it: the kernel reports it once
             kind, payload = self._reply(seq, "allocspi", self._view[:got] if got >= 0 else None)
-        if kind != w.XFRM_MSG_NEWSA or payload is None:
-            raise NetlinkError(errno.EPROTO, f"unexpected reply type {kind} to ALLOCSPI", "allocspi")
-        return w.decode_alloc_reply(payload)
+        return _alloc_reply(kind, payload)
 
     def transact(self, msg: bytes | bytearray, seq: int, operation: str) -> tuple[int, memoryview | None]:
         """Send one request and return (type, payload) of its reply.
@@ -286,6 +282,13 @@ class XfrmSocket:
                     entries.append((kind, bytes(payload)))
         for kind, raw in entries:
             yield kind, memoryview(raw)
+
+
+def _alloc_reply(kind: int, payload: memoryview | None) -> int:
+    """The SPI of an ALLOCSPI's reply read the general way (``_reply``)."""
+    if kind != w.XFRM_MSG_NEWSA or payload is None:
+        raise NetlinkError(errno.EPROTO, f"unexpected reply type {kind} to ALLOCSPI", "allocspi")
+    return w.decode_alloc_reply(payload)
 
 
 __all__ = ["XfrmSocket", "DecodeError"]

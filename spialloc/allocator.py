@@ -254,14 +254,7 @@ class Allocator:
             # The common call, allocate(dst[, proto]): no tuple of eleven to hash.
             plain = core.plain.get((dst, proto))
             if plain is not None:
-                book = core.book
-                if book.guard is not None:
-                    return self._allocate(plain, None)
-                try:
-                    return book.won(plain, core.kernel.alloc_one(plain, plain.spi_min, plain.spi_max), 0)
-                except SpiExhausted:
-                    core.kernel.claim_stray(plain)
-                    raise
+                return self._allocate(plain, None)
         until = None if hold is None else core.hold_until(hold)
         req = core.request(dst, proto, src, spi_range, mode, reqid, mark, if_id, direction, seq, pcpu)
         if not req.seq:

@@ -495,11 +495,13 @@ int spialloc_batch_drain(struct spialloc_batch *b)
  * Only the common case is decided here: anything but our NEWSA (an error,
  * a stray reply, a dropped one) goes back to Python with what was read.
  *
- * Return: 0 (SPI in @o->spi), 1 (see @o->got; Python takes over), or -1
- * with errno if send() failed (nothing was sent).
+ * Return: the SPI, host order (0 to 2^32 - 1: the return value carries it,
+ * so Python reads no struct field on its common path); SPIALLOC_ONE_OTHER
+ * (see @o->got; Python takes over); or SPIALLOC_ONE_FAILED with errno if
+ * send() failed (nothing was sent).
  */
-int spialloc_alloc_one(struct spialloc_one *o, int fd, const char *tmpl,
-		       uint32_t len, uint32_t seq, uint32_t lo, uint32_t hi)
+int64_t spialloc_alloc_one(struct spialloc_one *o, int fd, const char *tmpl,
+			   uint32_t len, uint32_t seq, uint32_t lo, uint32_t hi)
 {
 	struct sockaddr_nl sa;
 	socklen_t salen = sizeof(sa);
@@ -507,8 +509,10 @@ int spialloc_alloc_one(struct spialloc_one *o, int fd, const char *tmpl,
 	uint32_t spi;
 	ssize_t n;
 
-	if (len < MSG_MAX_OFF + 4 || len > SPIALLOC_ONE_MAX || !o->rbuf)
-		return fail(EINVAL);
+	if (len < MSG_MAX_OFF + 4 || len > SPIALLOC_ONE_MAX || !o->rbuf) {
+		errno = EINVAL;
+		return SPIALLOC_ONE_FAILED;
+	}
 	memset(&sa, 0, sizeof(sa));	/* a sender with no address reads as pid 0 */
 	memcpy(o->scratch, tmpl, len);
 	memcpy(o->scratch + MSG_SEQ_OFF, &seq, 4);
@@ -518,28 +522,27 @@ int spialloc_alloc_one(struct spialloc_one *o, int fd, const char *tmpl,
 		n = send(fd, o->scratch, len, 0);
 	while (n < 0 && errno == EINTR);
 	if (n < 0)
-		return -1;
+		return SPIALLOC_ONE_FAILED;
 	do
 		n = recvfrom(fd, o->rbuf, o->rlen, MSG_DONTWAIT,
 			     (struct sockaddr *)&sa, &salen);
 	while (n < 0 && errno == EINTR);
 	if (n < 0) {
 		o->got = -errno;
-		return 1;
+		return SPIALLOC_ONE_OTHER;
 	}
 	o->got = n;
 	if (sa.nl_pid != 0) {
 		o->got = SPIALLOC_NOT_KERNEL;
-		return 1;
+		return SPIALLOC_ONE_OTHER;
 	}
 	if ((size_t)n < NLMSG_HDRLEN + sizeof(struct xfrm_usersa_info))
-		return 1;
+		return SPIALLOC_ONE_OTHER;
 	h = read_hdr(o->rbuf);
 	if (h.nlmsg_type != XFRM_MSG_NEWSA || h.nlmsg_seq != seq ||
 	    h.nlmsg_pid != o->portid || h.nlmsg_len != (uint32_t)n)
-		return 1;
+		return SPIALLOC_ONE_OTHER;
 	memcpy(&spi, o->rbuf + NLMSG_HDRLEN +
 	       offsetof(struct xfrm_usersa_info, id.spi), 4);
-	o->spi = ntohl(spi);
-	return 0;
+	return ntohl(spi);
 }

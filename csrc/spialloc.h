@@ -117,12 +117,15 @@ struct spialloc_batch {
 #define SPIALLOC_ONE_MAX	512
 /* spialloc_one.got: the datagram read was not from the kernel (ignored) */
 #define SPIALLOC_NOT_KERNEL	(-65537)
+/* spialloc_alloc_one(): send() failed, errno says why (nothing was sent) */
+#define SPIALLOC_ONE_FAILED	(-1)
+/* spialloc_alloc_one(): sent, but what came back is for Python (see @got) */
+#define SPIALLOC_ONE_OTHER	(-2)
 
 /**
  * struct spialloc_one - a socket's state for spialloc_alloc_one()
  * @portid:  the socket's netlink port id
  * @rbuf:    receive buffer of @rlen bytes (Python's, read on its slow path)
- * @spi:     out: the SPI, host order, when the call returned 0
  * @got:     out: bytes of the datagram read into @rbuf, -errno if recvfrom()
  *           failed, or SPIALLOC_NOT_KERNEL
  * @scratch: where the message is built
@@ -131,13 +134,12 @@ struct spialloc_one {
 	uint32_t portid;
 	uint8_t *rbuf;
 	uint32_t rlen;
-	uint32_t spi;
 	int64_t got;
 	uint8_t scratch[SPIALLOC_ONE_MAX];
 };
 
-int spialloc_alloc_one(struct spialloc_one *o, int fd, const char *tmpl,
-		       uint32_t len, uint32_t seq, uint32_t lo, uint32_t hi);
+int64_t spialloc_alloc_one(struct spialloc_one *o, int fd, const char *tmpl,
+			   uint32_t len, uint32_t seq, uint32_t lo, uint32_t hi);
 
 int spialloc_batch_init_allocspi(struct spialloc_batch *b);
 int spialloc_batch_init_delsa(struct spialloc_batch *b);

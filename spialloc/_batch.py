@@ -6,9 +6,10 @@ Sans I/O like ``_rules``: ``BatchRun.plan()`` yields the same operations
 
 from __future__ import annotations
 
+import array
 import errno
 from itertools import repeat
-from typing import Callable, Generator, Iterable, Sequence
+from typing import Callable, Generator, Iterable, MutableSequence, Sequence
 
 from . import _log
 from ._model import Request
@@ -71,7 +72,7 @@ class BatchRun:
         self.guard = book.guard
         self.proto = int(req.proto)
         self.since, self.began, self.chunk = since, began, chunk
-        self.spis: list[int] = [0] * count
+        self.spis: MutableSequence[int] = [0] * count
         self.errors: dict[int, SpiallocError] = {}
         self._owned: dict[int, Key] = {}  # index -> guard key
         self._holder: dict[Key, int] = {}  # guard key -> index
@@ -208,14 +209,16 @@ class BatchRun:
         res = yield RoundOp(self.req, len(asked), cands, self.since, self.chunk, self.box)
         assert isinstance(res, RoundResult)
         self.in_round = (asked, res, self.cands)
-        self.refused = errno.ENOENT in res.errs  # leaves an SPI-0 larval state, unless reused later
+        self.refused = not res.clean and errno.ENOENT in res.errs  # leaves an SPI-0 larval state, unless reused
         if res.overran:
             # The window overflowed the receive buffer: step down to what came back.
             self.chunk = max(1, min(self.chunk, sum(1 for e in res.errs if e != LOST)) // 2)
-        with self.book.lock:
-            # In flight as they are reserved (one step for the watcher): a
-            # death of one of these is the batch's, never on_lost's.
-            ok = self._reserve_round(res)
+        ok: list[bool] = []
+        if self.guard is not None:
+            with self.book.lock:
+                # In flight as they are reserved (one step for the watcher): a
+                # death of one of these is the batch's, never on_lost's.
+                ok = self._reserve_round(res)
         if self._clean(res, ok):
             self._book_all(asked, res.got)
             retry: list[int] = []
@@ -239,7 +242,7 @@ class BatchRun:
         if self.guard is None or self.directed:
             return []
         gdst, proto, got = self.req.gdst, self.proto, res.got
-        if res.errs.count(0) == len(got):
+        if res.clean:
             token = self.guard.reserve_batch(gdst, proto, got, self.book.owner)
             if token is not None:
                 if not self._owned and len(got) == self.count and self.flight is None:
@@ -270,16 +273,16 @@ class BatchRun:
         return ok
 
     def _clean(self, res: RoundResult, ok: list[bool]) -> bool:
-        if res.errs.count(0) != len(res.errs):
+        if not res.clean:
             return False
         if self.directed:
-            return res.got == self.cands
+            return res.got.tolist() == self.cands
         return self.guard is None or all(ok)
 
-    def _book_all(self, asked: list[int], got: list[int]) -> None:
+    def _book_all(self, asked: list[int], got: array.array[int]) -> None:
         """Every request of the round came back as asked: book them in bulk."""
         if not self._owned and not self.bulk and len(asked) == self.count and not self.directed:
-            self.spis = list(got)  # asked is every index, in order: round one
+            self.spis = got  # asked is every index, in order: round one (an array('I'))
             self.bulk = True
             return
         self.bulk_tokens = None  # its tokens stay in _unlanded until asked for

@@ -129,7 +129,8 @@ def _alloc_once(args: BatchArgs) -> Result:
         _run(b, check_interrupt)
         # Inside the try: an interrupt while the result is made still
         # hands the caller what the kernel allocated.
-        result = spis.tolist(), errs.tolist(), ffi.string(b.errmsg).decode("utf-8", "replace") or None, b.overruns
+        # The arrays themselves: no int object per SPI until one is read.
+        result = spis, errs, ffi.string(b.errmsg).decode("utf-8", "replace") or None, b.overruns
     except BaseException as exc:
         exc.spialloc_partial = (spis.tolist(), errs.tolist())  # type: ignore[attr-defined]
         raise
@@ -165,12 +166,12 @@ def delsa_batch(
 def native_single(buf: bytearray, portid: int) -> tuple[Any, ...]:
     """What ``XfrmSocket.allocspi_native`` needs, made once per socket:
     ``spialloc_alloc_one``, its struct (``buf``, the socket's own receive
-    buffer, is where the reply is read, for Python's slow path), and a
-    way to read C's errno."""
+    buffer, is where the reply is read, for Python's slow path), a way to
+    read C's errno, and the return value that means send() failed."""
     one = ffi.new("struct spialloc_one *")
     rbuf = ffi.from_buffer("uint8_t[]", buf)
     one.portid, one.rbuf, one.rlen = portid, rbuf, len(buf)
-    return (lib.spialloc_alloc_one, one, rbuf, lambda: ffi.errno)
+    return (lib.spialloc_alloc_one, one, rbuf, lambda: ffi.errno, lib.SPIALLOC_ONE_FAILED)
 
 
 #: The longest template ``native_single`` takes; longer ones go the Python way.

@@ -297,8 +297,13 @@ class Core:
     def execute(self, op: rules.Op) -> object:
         """One of the rules' operations, with blocking calls."""
         k = self.kernel
+        # The hot ones first: a single's AllocOp, a batch's RoundOp and LifetimeOp.
         if isinstance(op, rules.AllocOp):
             return k.alloc_one(op.req, op.lo, op.hi)
+        if isinstance(op, rules.RoundOp):
+            return k.round(op.req, op.n, op.cands, op.since, op.chunk, op.box)
+        if isinstance(op, rules.LifetimeOp):
+            return k.lifetime()
         if isinstance(op, rules.DeleteOp):
             return k.delete(op.daddr, op.spi, op.family, op.proto, op.mark)
         if isinstance(op, rules.PollOp):
@@ -308,14 +313,10 @@ class Core:
         if isinstance(op, rules.ClaimOp):
             k.claim_stray(op.req)
             return None
-        if isinstance(op, rules.RoundOp):
-            return k.round(op.req, op.n, op.cands, op.since, op.chunk, op.box)
         if isinstance(op, rules.RecoverOp):
             return k.recover_lost(op)
         if isinstance(op, rules.PresentOp):
             return k.present(op.req)
-        if isinstance(op, rules.LifetimeOp):
-            return k.lifetime()
         if isinstance(op, rules.ReleaseOp):
             return self.release_keys(op.keys)
         raise TypeError(f"unknown operation {op!r}")
@@ -436,7 +437,8 @@ class Core:
     def _stopped(self) -> None:
         with self._idle:
             self._running -= 1
-            self._idle.notify_all()
+            if self.closed:  # set before close() waits: only then is anyone waiting
+                self._idle.notify_all()
 
     @staticmethod
     def _keys(run: BatchRun, req: Request) -> list[rules.DelKey]:
@@ -458,7 +460,7 @@ class Core:
         gdst, proto = req.gdst, int(req.proto)
         tokens: array.array[int] | int | None = None
         if run.bulk and not run.errors and (book.guard is None or run.bulk_tokens is not None):
-            got = array.array("I", spis)
+            got = spis if isinstance(spis, array.array) else array.array("I", spis)
             # One token for the whole batch (the common case): no 8 bytes per SPI.
             tokens = run.bulk_tokens
         else:

@@ -93,13 +93,14 @@ struct spialloc_one {
     uint32_t portid;
     uint8_t *rbuf;
     uint32_t rlen;
-    uint32_t spi;
     int64_t got;
     ...;
 };
 
-int spialloc_alloc_one(struct spialloc_one *o, int fd, const char *tmpl,
-                       uint32_t len, uint32_t seq, uint32_t lo, uint32_t hi);
+#define SPIALLOC_ONE_FAILED ...
+#define SPIALLOC_ONE_OTHER ...
+int64_t spialloc_alloc_one(struct spialloc_one *o, int fd, const char *tmpl,
+                           uint32_t len, uint32_t seq, uint32_t lo, uint32_t hi);
 int spialloc_batch_init_allocspi(struct spialloc_batch *b);
 int spialloc_batch_init_delsa(struct spialloc_batch *b);
 int spialloc_batch_step(struct spialloc_batch *b);

@@ -75,30 +75,39 @@ class Kernel:
 
     def alloc_one(self, req: Request, spi_min: int, spi_max: int) -> int:
         """One ALLOCSPI round trip; returns the SPI (host order)."""
-        one = self._one if len(req.template) <= self._one_max else None
-        msg = bytearray()
-        if one is None:
-            msg = bytearray(req.template)
-            if spi_min != req.spi_min or spi_max != req.spi_max:
-                w.patch_range(msg, 0, spi_min, spi_max)
-        for _ in range(64):
+        one = self._one
+        if one is not None and len(req.template) <= self._one_max:
+            # The common case first, with no loop or message to set up.
+            try:
+                return self.sock.allocspi_native(one, req.template, spi_min, spi_max)
+            except NetlinkError as exc:
+                self._refused(req, spi_min, spi_max, exc)
+        msg = bytearray(req.template)
+        if one is None and (spi_min != req.spi_min or spi_max != req.spi_max):
+            w.patch_range(msg, 0, spi_min, spi_max)
+        for _ in range(63):
             try:
                 if one is not None:
                     return self.sock.allocspi_native(one, req.template, spi_min, spi_max)
                 return self.sock.allocspi(msg)
             except NetlinkError as exc:
-                if exc.errno in RESTART_ERRNOS:
-                    if spi_min == spi_max:
-                        # The kernel checks for signals only after a pick that
-                        # hit a used SPI: with one value, that value is taken.
-                        raise SpiExhausted(errno.ENOENT, "the requested SPI is in use", "allocspi") from None
-                    continue  # interrupted between random picks: ask again
-                if exc.errno == errno.ENOBUFS and "reply dropped" in str(exc):
-                    self.book.stats.overruns += 1
-                    named = frozenset({spi_min}) if spi_min == spi_max else None
-                    self.recover_lost(RecoverOp(req, 1, time.time() - 1.0, frozenset(), named))
-                raise
+                self._refused(req, spi_min, spi_max, exc)
         raise NetlinkError(errno.EINTR, "interrupted by signals 64 times in a row", "allocspi")
+
+    def _refused(self, req: Request, spi_min: int, spi_max: int, exc: NetlinkError) -> None:
+        """An ALLOCSPI failed: return to ask again (a signal came between
+        random picks), else raise what the caller should see."""
+        if exc.errno in RESTART_ERRNOS:
+            if spi_min == spi_max:
+                # The kernel checks for signals only after a pick that
+                # hit a used SPI: with one value, that value is taken.
+                raise SpiExhausted(errno.ENOENT, "the requested SPI is in use", "allocspi") from None
+            return
+        if exc.errno == errno.ENOBUFS and "reply dropped" in str(exc):
+            self.book.stats.overruns += 1
+            named = frozenset({spi_min}) if spi_min == spi_max else None
+            self.recover_lost(RecoverOp(req, 1, time.time() - 1.0, frozenset(), named))
+        raise exc
 
     def require(self, req: Request) -> None:
         """Raise UnsupportedByKernel if ``req`` carries an attribute this
@@ -193,9 +202,10 @@ class Kernel:
         with sock.lock:
             seq0 = sock.next_seq(n)
             try:
-                window = min(chunk, self.window(req))
+                # ``chunk``: the window read at the batch's start (one
+                # getsockopt per batch), halved after an overrun.
                 got, errs, text, overruns = self.engine.alloc_batch(
-                    sock.sock, sock.portid, req.template, n, seq0, ranges, window, self._stop_if_closing
+                    sock.sock, sock.portid, req.template, n, seq0, ranges, chunk, self._stop_if_closing
                 )
                 if box is not None:
                     box[0] = (got, errs)  # no call since the engine returned
@@ -204,8 +214,10 @@ class Kernel:
                 raise
         self.book.stats.batches += 1
         self.book.stats.overruns += overruns
-        errs = list(errs)
-        return RoundResult(list(got), errs, text, bool(overruns) or LOST in errs)
+        clean = errs.count(0) == n
+        if not isinstance(got, array.array):
+            got = array.array("I", got)  # the Python engine's list
+        return RoundResult(got, errs, text, bool(overruns) or (not clean and LOST in errs), clean)
 
     def _stop_if_closing(self) -> None:
         # Called by the engine after every chunk: what it sent is settled

@@ -196,13 +196,13 @@ class XfrmSocket:
         template is copied, numbered and given its range in C, and the
         reply read into this socket's buffer; anything but our NEWSA is
         handed to ``_reply`` as ``allocspi`` does."""
-        call, o, _, c_errno = one
+        call, o, _, c_errno, failed = one
         with self.lock:
             seq = next(self._seq) & 0xFFFFFFFF
             rc = call(o, self.sock.fileno(), template, len(template), seq, spi_min, spi_max)
-            if not rc:
-                return o.spi  # type: ignore[no-any-return]
-            if rc < 0:
+            if rc >= 0:
+                return rc  # type: ignore[no-any-return]  # the SPI
+            if rc == failed:
                 self._send_failed(c_errno())
             got = o.got
             if got == -errno.ENOBUFS:

@@ -19,7 +19,7 @@ import errno
 import os
 import socket
 import struct
-from typing import Any, Callable, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, MutableSequence, NamedTuple, Optional, Tuple
 
 from . import _wire as w
 
@@ -213,7 +213,9 @@ class BatchArgs(NamedTuple):
     check_interrupt: Callable[[], None]
 
 
-Result = Tuple[List[int], List[int], Optional[str], int]
+#: (spis, errs, first error text, overruns): the C engine's arrays as they are
+#: (array('I'), array('i')), the Python engine's lists.
+Result = Tuple[MutableSequence[int], MutableSequence[int], Optional[str], int]
 AllocOnce = Callable[[BatchArgs], Result]
 
 
@@ -225,6 +227,8 @@ def restart_interrupted(once: AllocOnce, args: BatchArgs) -> Result:
     sequence numbers from ``seq0`` on: every reply of the previous round was
     read or dropped inside its sendmsg, none can arrive late."""
     spis, errs, text, overruns = once(args)
+    if errs.count(0) == len(errs):
+        return spis, errs, text, overruns  # the common case: nothing to restart
     try:
         ranges = args.ranges
         again = [i for i, e in enumerate(errs) if e == ERESTARTSYS]
@@ -274,7 +278,7 @@ def engine_entry(once: AllocOnce) -> Callable[..., Result]:
         check_interrupt: Callable[[], None],
     ) -> Result:
         """Allocate ``count`` SPIs (see ``BatchArgs``); returns (spis, errs,
-        first error text, overruns) as lists of int.
+        first error text, overruns), spis and errs as sequences of int.
 
         ``errs[i]`` is 0 (``spis[i]`` is valid, host order), a positive
         errno, or LOST.  If anything raises between chunks

@@ -17,6 +17,7 @@ batch is given its start times and asks for the larval lifetime as an op.
 
 from __future__ import annotations
 
+import array
 import errno
 import inspect
 import random
@@ -224,10 +225,13 @@ class Stepper(Generic[T]):
 
 
 class RoundResult(NamedTuple):
-    got: list[int]  # SPI per request (valid where errs is 0)
-    errs: list[int]  # 0, a positive errno, or LOST
+    got: array.array[int]  # SPI per request (valid where errs is 0), array('I')
+    errs: Sequence[int]  # 0, a positive errno, or LOST
     text: str | None  # the kernel's extended-ack text of the first error
     overran: bool  # the receive buffer overflowed (replies were dropped)
+    #: Every request succeeded (errs all 0): counted once, so a batch's
+    #: common case scans its errs no further.
+    clean: bool
 
 
 # --- the bookkeeping the rules act on ------------------------------------------------------

@@ -727,9 +727,9 @@ def test_engines_restart_requests_the_kernel_answered_erestartsys(
         signal.signal(signal.SIGALRM, old)
         sock.close()
     assert _pybatch.ERESTARTSYS in rounds[0], "the kernel did not leak ERESTARTSYS this time"
-    assert errs == [errno.ENOENT] * 100 + [0] * 100, f"rounds: {rounds}"
+    assert list(errs) == [errno.ENOENT] * 100 + [0] * 100, f"rounds: {rounds}"
     print(f"\n{engine}: ERESTARTSYS per round: {[r.count(_pybatch.ERESTARTSYS) for r in rounds]}")
-    assert spis[100:] == list(range(lo + 100, lo + 200))
+    assert list(spis[100:]) == list(range(lo + 100, lo + 200))
 
 
 def test_single_allocate_under_signals_never_surfaces_erestartsys(netns: Namespace) -> None:

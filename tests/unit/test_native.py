@@ -435,14 +435,14 @@ class One:
 
         self.ours, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.buf = bytearray(1 << 16)
-        _, self.o, self.rbuf, self.errno = _cbatch.native_single(self.buf, PORTID)
+        _, self.o, self.rbuf, self.errno, _ = _cbatch.native_single(self.buf, PORTID)
 
     def call(self, reply: bytes | None, seq: int = 77, lo: int = 0x1000, hi: int = 0x2000) -> int:
         if reply is not None:
             self.peer.send(reply)
         tmpl = allocspi_template()
         rc = int(lib.spialloc_alloc_one(self.o, self.ours.fileno(), tmpl, len(tmpl), seq, lo, hi))
-        if rc >= 0:
+        if rc != lib.SPIALLOC_ONE_FAILED:
             sent = self.peer.recv(4096)
             assert len(sent) == len(tmpl)
             assert w.U32.unpack_from(sent, w.MSG_SEQ)[0] == seq
@@ -463,8 +463,13 @@ def one() -> Any:
 
 
 def test_alloc_one_reads_our_newsa(one: One) -> None:
-    assert one.call(newsa(77, 0xC0FFEE01)) == 0
-    assert one.o.spi == 0xC0FFEE01
+    assert one.call(newsa(77, 0xC0FFEE01)) == 0xC0FFEE01  # the SPI is the return value
+
+
+def test_alloc_one_returns_every_spi_value(one: One) -> None:
+    # 0 and 2^32 - 1 too: only the negative values are not SPIs.
+    for spi in (0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF):
+        assert one.call(newsa(77, spi)) == spi
 
 
 @pytest.mark.parametrize(
@@ -480,19 +485,19 @@ def test_alloc_one_reads_our_newsa(one: One) -> None:
     ],
 )
 def test_alloc_one_hands_everything_else_to_python(one: One, reply: bytes) -> None:
-    assert one.call(reply) == 1
+    assert one.call(reply) == lib.SPIALLOC_ONE_OTHER
     assert one.o.got == len(reply)
     assert bytes(one.buf[: len(reply)]) == reply  # for _reply, in the socket's own buffer
 
 
 def test_alloc_one_with_nothing_queued_says_why(one: One) -> None:
-    assert one.call(None) == 1
+    assert one.call(None) == lib.SPIALLOC_ONE_OTHER
     assert one.o.got == -errno.EAGAIN
 
 
 def test_alloc_one_refuses_bad_lengths_before_sending(one: One) -> None:
     for tmpl in (b"", allocspi_template()[:20], b"\0" * (lib.SPIALLOC_ONE_MAX + 1)):
-        assert lib.spialloc_alloc_one(one.o, one.ours.fileno(), tmpl, len(tmpl), 1, 1, 2) == -1
+        assert lib.spialloc_alloc_one(one.o, one.ours.fileno(), tmpl, len(tmpl), 1, 1, 2) == lib.SPIALLOC_ONE_FAILED
         assert ffi.errno == errno.EINVAL
     one.peer.setblocking(False)
     with pytest.raises(BlockingIOError):
@@ -501,5 +506,5 @@ def test_alloc_one_refuses_bad_lengths_before_sending(one: One) -> None:
 
 def test_alloc_one_on_a_closed_socket_fails_with_ebadf(one: One) -> None:
     tmpl = allocspi_template()
-    assert lib.spialloc_alloc_one(one.o, -1, tmpl, len(tmpl), 1, 1, 2) == -1
+    assert lib.spialloc_alloc_one(one.o, -1, tmpl, len(tmpl), 1, 1, 2) == lib.SPIALLOC_ONE_FAILED
     assert ffi.errno == errno.EBADF

@@ -10,6 +10,7 @@ the same paths against the real kernel where it can reach them.
 
 from __future__ import annotations
 
+import array
 import errno
 import random
 from typing import Any, Callable, Generator
@@ -142,7 +143,7 @@ class FakeKernel:
                 got.append(0)
                 errs.append(exc.errno or errno.EIO)
                 text = text or "No SPI available in the requested range"
-        return rules.RoundResult(got, errs, text, rules.LOST in errs)
+        return rules.RoundResult(array.array("I", got), errs, text, rules.LOST in errs, errs.count(0) == len(errs))
 
 
 class _Lost(Exception):

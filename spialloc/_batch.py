@@ -67,6 +67,29 @@ class BatchRun:
     check (delivered, then reported lost as any other reservation).
     """
 
+    # Scalars that most batches never change start as class attributes: a
+    # batch is made per allocate_many, and its set-up is on the hot path.
+
+    #: The first round got every index its SPI (and, with the guard,
+    #: reserved them all): ``spis`` holds them and ``bulk_tokens`` their
+    #: tokens, and the per-index maps are made only if a rare path
+    #: (a death, a dump check, an interrupt) asks for them.
+    bulk = False
+    bulk_tokens: int | None = None
+    #: Round one reserved whole: in flight as one Flight (until
+    #: hand_over), its one token ``bulk_tokens``; a token per key in
+    #: ``tokens`` only once a rare path asks (``_unlanded`` until then).
+    flight: Flight | None = None
+    _unlanded: tuple[Flight, int] | None = None
+    resynced = False
+    refused = False
+    finished = False  # the plan ran to its end: its states await hand-off
+    settled = False  # ... and were handed out or released
+    #: The round under way: (asked, result, candidates), for clean-up.
+    in_round: tuple[Sequence[int], RoundResult | None, Sequence[int]] | None = None
+    #: This round's directed candidates, by index of ``asked`` (none for random picks).
+    cands: Sequence[int] = ()
+
     def __init__(self, book: Book, req: Request, count: int, *, since: float, began: float, chunk: int) -> None:
         self.book, self.req, self.count = book, req, count
         self.guard = book.guard
@@ -76,28 +99,11 @@ class BatchRun:
         self.errors: dict[int, SpiallocError] = {}
         self._owned: dict[int, Key] = {}  # index -> guard key
         self._holder: dict[Key, int] = {}  # guard key -> index
-        #: The first round got every index its SPI (and, with the guard,
-        #: reserved them all): ``spis`` holds them and ``bulk_tokens`` their
-        #: tokens, and the per-index maps are made only if a rare path
-        #: (a death, a dump check, an interrupt) asks for them.
-        self.bulk = False
-        self.bulk_tokens: int | None = None
         self.keys: set[Key] = set()  # every key this batch put in flight (but the flight's)
         self._tokens: dict[Key, int] = {}  # the guard's token of each key this batch reserved
-        #: Round one reserved whole: in flight as one Flight (until
-        #: hand_over), its one token ``bulk_tokens``; a token per key in
-        #: ``tokens`` only once a rare path asks (``_unlanded`` until then).
-        self.flight: Flight | None = None
-        self._unlanded: tuple[Flight, int] | None = None
         self.why: dict[int, SpiallocError] = {}  # why an index is being asked again
         self.directed = is_directed(book, req)
-        self.resynced = False
-        self.refused = False
         self.late: list[int] = []
-        self.finished = False  # the plan ran to its end: its states await hand-off
-        self.settled = False  # ... and were handed out or released
-        # The round under way: (asked, result, candidates), for clean-up.
-        self.in_round: tuple[list[int], RoundResult | None, list[int]] | None = None
 
     @property
     def tokens(self) -> dict[Key, int]:
@@ -133,7 +139,7 @@ class BatchRun:
     def plan(self, clock: Callable[[], float], closed: Callable[[], bool]) -> Generator[Op, object, None]:
         """``clock``: monotonic seconds; ``closed``: whether the allocator was
         closed meanwhile (the batch then releases what it has and raises)."""
-        pending = list(range(self.count))
+        pending: Sequence[int] = range(self.count)
         try:
             for _ in range(BATCH_ROUNDS):
                 if not pending:
@@ -141,7 +147,7 @@ class BatchRun:
                 if closed():
                     raise ClosedError(errno.EBADF, "allocator closed during the batch")
                 before = self.n_owned()
-                asked = yield from self._pick(pending)
+                asked = (yield from self._pick(pending)) if self.directed else pending
                 if asked is None:
                     continue  # resynced: pick again
                 if not asked:
@@ -152,7 +158,7 @@ class BatchRun:
                 if retry:
                     self.book.stats.retries += len(retry)
                     self.directed = self.guard is not None
-                pending = sorted(set(retry))
+                pending = sorted(set(retry)) if retry else ()
                 if self.n_owned() <= before and not misses:
                     break  # a round that gained nothing: asking again will not either
             for i in pending:
@@ -172,12 +178,10 @@ class BatchRun:
         # states out (hand_over) or released them: a death before then is
         # the batch's, never on_lost's (the caller may never see them).
 
-    def _pick(self, pending: list[int]) -> Generator[Op, object, list[int] | None]:
-        """The indices to ask for this round; with directed picks, their
-        candidates reserved.  None: foreign marks were resynced, pick again."""
-        if not self.directed:
-            self.cands: list[int] = []
-            return pending
+    def _pick(self, pending: Sequence[int]) -> Generator[Op, object, Sequence[int] | None]:
+        """Directed picks: the indices to ask for this round, their
+        candidates (``cands``) reserved.  None: foreign marks were resynced,
+        pick again.  (Random picks ask for every pending index.)"""
         req = self.req
         picked = take_candidates(self.book, req, len(pending))
         cands = [c for c, _ in picked]
@@ -201,7 +205,7 @@ class BatchRun:
         if self.book.died:
             self.book.died.difference_update(ks)  # an earlier death of a value is not this state's
 
-    def _round(self, asked: list[int]) -> Generator[Op, object, tuple[list[int], int]]:
+    def _round(self, asked: Sequence[int]) -> Generator[Op, object, tuple[list[int], int]]:
         """One engine call and its booking: (indices to ask again, directed misses)."""
         cands = self.cands if self.directed else None
         self.box: list[tuple[Sequence[int], Sequence[int]] | None] = [None]
@@ -279,7 +283,7 @@ class BatchRun:
             return res.got.tolist() == self.cands
         return self.guard is None or all(ok)
 
-    def _book_all(self, asked: list[int], got: array.array[int]) -> None:
+    def _book_all(self, asked: Sequence[int], got: array.array[int]) -> None:
         """Every request of the round came back as asked: book them in bulk."""
         if not self._owned and not self.bulk and len(asked) == self.count and not self.directed:
             self.spis = got  # asked is every index, in order: round one (an array('I'))
@@ -306,7 +310,7 @@ class BatchRun:
         self.bulk_tokens = None  # its tokens stay in _unlanded until asked for
 
     def _book_each(
-        self, asked: list[int], res: RoundResult, ok: list[bool]
+        self, asked: Sequence[int], res: RoundResult, ok: list[bool]
     ) -> Generator[Op, object, tuple[list[int], int, int]]:
         """Book a round index by index: (to ask again, directed misses, dropped replies)."""
         req, guard = self.req, self.guard

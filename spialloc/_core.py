@@ -124,7 +124,10 @@ class Core:
         self.forked_from: int | None = None
         #: The face's name, for errors.
         self.what = "Allocator"
-        self._idle = threading.Condition()
+        # The count is kept under the bare lock (a C-level with); only a
+        # close() waiting for it to reach 0 needs the Condition.
+        self._idle_lock = threading.Lock()
+        self._idle = threading.Condition(self._idle_lock)
         self._running = 0  # batches under way; close() waits for them
         self._req_cache: dict[tuple[object, ...], Request] = {}
         #: Requests made with every option but dst and proto (a str) left
@@ -408,7 +411,7 @@ class Core:
         Every exit other than the return hands the batch's states back: an
         interrupted plan releases them itself; after it finished, a Ctrl-C,
         close() or anything else before the return releases them here."""
-        with self._idle:
+        with self._idle_lock:
             self._running += 1
         running = True
         run: BatchRun | None = None
@@ -435,7 +438,7 @@ class Core:
                 self._stopped()
 
     def _stopped(self) -> None:
-        with self._idle:
+        with self._idle_lock:
             self._running -= 1
             if self.closed:  # set before close() waits: only then is anyone waiting
                 self._idle.notify_all()

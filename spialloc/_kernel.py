@@ -190,7 +190,7 @@ class Kernel:
         self,
         req: Request,
         n: int,
-        cands: list[int] | None,
+        cands: Sequence[int] | None,
         since: float,
         chunk: int,
         box: list[tuple[Sequence[int], Sequence[int]] | None] | None = None,
@@ -226,7 +226,11 @@ class Kernel:
             raise ClosedError(errno.EBADF, "allocator closed during the batch")
 
     def _abandon_round(
-        self, req: Request, partial: tuple[Sequence[int], Sequence[int]] | None, since: float, cands: list[int] | None
+        self,
+        req: Request,
+        partial: tuple[Sequence[int], Sequence[int]] | None,
+        since: float,
+        cands: Sequence[int] | None,
     ) -> None:
         if partial is None:
             return

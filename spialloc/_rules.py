@@ -91,6 +91,10 @@ class PollOp(NamedTuple):
     """Handle queued EXPIRE events now; result: how many."""
 
 
+#: A Stepper's operation before its plan's first (it is never carried out).
+_NO_OP = PollOp()
+
+
 class SyncOp(NamedTuple):
     """Re-seed the guard's foreign marks from a SAD dump; result: their count."""
 
@@ -107,7 +111,7 @@ class RoundOp(NamedTuple):
 
     req: Request
     n: int
-    cands: list[int] | None
+    cands: Sequence[int] | None
     since: float
     chunk: int
     #: Filled by the kernel side with (got, errs) the moment the engine
@@ -204,7 +208,7 @@ class Stepper(Generic[T]):
     def __init__(self, plan: Generator[Op, object, T]) -> None:
         self._plan = plan
         self.done = False
-        self.op: Op = PollOp()
+        self.op: Op = _NO_OP
         self._advance(plan.send, None)
 
     def _advance(self, step: Callable[[Any], Op], arg: Any) -> None:

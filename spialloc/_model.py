@@ -555,7 +555,6 @@ for _name in ("__dataclass_fields__", "__dataclass_params__", "__match_args__"):
     type.__setattr__(Reservation, _name, getattr(_ReservationFields, _name))
 
 
-
 def _frozen(name: str) -> property:
     """``name``'s read-only property, given a setter and a deleter that raise
     FrozenInstanceError, as a frozen dataclass's fields do."""

@@ -89,6 +89,14 @@ class BatchRun:
     in_round: tuple[Sequence[int], RoundResult | None, Sequence[int]] | None = None
     #: This round's directed candidates, by index of ``asked`` (none for random picks).
     cands: Sequence[int] = ()
+    #: Round one's result and which of its SPIs were reserved, when the
+    #: caller made that engine call itself (``first_round``, ``took_first``):
+    #: the plan starts from them instead of asking.
+    _first: tuple[RoundResult, list[bool]] | None = None
+    #: plan() has started: from then on it cleans up after itself.
+    planned = False
+    #: Filled by the kernel side with the engine's (got, errs) of the round under way.
+    box: list[tuple[Sequence[int], Sequence[int]] | None]
 
     def __init__(self, book: Book, req: Request, count: int, *, since: float, began: float, chunk: int) -> None:
         self.book, self.req, self.count = book, req, count
@@ -139,6 +147,7 @@ class BatchRun:
     def plan(self, clock: Callable[[], float], closed: Callable[[], bool]) -> Generator[Op, object, None]:
         """``clock``: monotonic seconds; ``closed``: whether the allocator was
         closed meanwhile (the batch then releases what it has and raises)."""
+        self.planned = True
         pending: Sequence[int] = range(self.count)
         try:
             for _ in range(BATCH_ROUNDS):
@@ -205,24 +214,62 @@ class BatchRun:
         if self.book.died:
             self.book.died.difference_update(ks)  # an earlier death of a value is not this state's
 
+    def first_round(self) -> RoundOp | None:
+        """Round one's engine call, for a caller that makes it itself and
+        hands the result to ``took_first`` (no driver, no generator: the
+        common batch is one engine call and its booking).  Random picks
+        only; None for directed ones (``plan()`` picks them)."""
+        if self.directed:
+            return None
+        self.box = [None]
+        self.in_round = (range(self.count), None, ())
+        return RoundOp(self.req, self.count, None, self.since, self.chunk, self.box)
+
+    def took_first(self, res: RoundResult, elapsed: float, lifetime: float) -> bool:
+        """Round one's result (of ``first_round``), reserved as ``plan()``
+        reserves a round.  True: it finished the batch, booked as ``plan()``
+        books it: every request succeeded and, with the guard, was reserved,
+        no death is waiting to be reaped, and the batch is within half the
+        larval lifetime (no dump check due).  False: ``plan()`` must run,
+        and starts from this result."""
+        self.in_round = (range(self.count), res, ())
+        ok: list[bool] = []
+        if self.guard is not None:
+            with self.book.lock:
+                ok = self._reserve_round(res)
+        # Deaths last, as plan() reaps them after booking: one that lands
+        # after this check is the batch's ``late``, as after plan()'s reap.
+        if res.overran or elapsed > lifetime / 2 or not self._clean(res, ok) or self.book.died:
+            self._first = (res, ok)
+            return False
+        self._book_all(range(self.count), res.got)
+        self.in_round = None
+        self.finished = True
+        return True
+
     def _round(self, asked: Sequence[int]) -> Generator[Op, object, tuple[list[int], int]]:
         """One engine call and its booking: (indices to ask again, directed misses)."""
         cands = self.cands if self.directed else None
-        self.box: list[tuple[Sequence[int], Sequence[int]] | None] = [None]
-        self.in_round = (asked, None, self.cands)
-        res = yield RoundOp(self.req, len(asked), cands, self.since, self.chunk, self.box)
-        assert isinstance(res, RoundResult)
-        self.in_round = (asked, res, self.cands)
+        first, self._first = self._first, None
+        if first is not None:
+            res, ok = first  # round one: made and reserved already (took_first)
+        else:
+            self.box = [None]
+            self.in_round = (asked, None, self.cands)
+            answer = yield RoundOp(self.req, len(asked), cands, self.since, self.chunk, self.box)
+            assert isinstance(answer, RoundResult)
+            res = answer
+            self.in_round = (asked, res, self.cands)
+            ok = []
+            if self.guard is not None:
+                with self.book.lock:
+                    # In flight as they are reserved (one step for the watcher): a
+                    # death of one of these is the batch's, never on_lost's.
+                    ok = self._reserve_round(res)
         self.refused = not res.clean and errno.ENOENT in res.errs  # leaves an SPI-0 larval state, unless reused
         if res.overran:
             # The window overflowed the receive buffer: step down to what came back.
             self.chunk = max(1, min(self.chunk, sum(1 for e in res.errs if e != LOST)) // 2)
-        ok: list[bool] = []
-        if self.guard is not None:
-            with self.book.lock:
-                # In flight as they are reserved (one step for the watcher): a
-                # death of one of these is the batch's, never on_lost's.
-                ok = self._reserve_round(res)
         if self._clean(res, ok):
             self._book_all(asked, res.got)
             retry: list[int] = []

@@ -419,7 +419,15 @@ class Core:
             run = BatchRun(
                 self.book, req, count, since=time.time() - 1.0, began=time.monotonic(), chunk=self.kernel.window(req)
             )
-            self.drive(run.plan(time.monotonic, lambda: self.closed))
+            # Round one's engine call made here, and the plan driven only if
+            # its result leaves anything to do: the generator, its driver and
+            # their operations cost a batch more than its guard bookkeeping.
+            op = run.first_round()
+            k = self.kernel
+            if op is None or not run.took_first(
+                k.round(op.req, op.n, op.cands, op.since, op.chunk, op.box), time.monotonic() - run.began, k.lifetime()
+            ):
+                self.drive(run.plan(time.monotonic, lambda: self.closed))
             if self.closed:
                 # close() came while the last round ran: nobody may get SPIs
                 # from a closed allocator, so they go back while close() waits.
@@ -431,6 +439,11 @@ class Core:
         except BaseException:
             if run is not None and run.finished and not run.settled:
                 self.release_all(self._keys(run, req))
+                run.hand_over()
+            elif run is not None and not run.planned and run.in_round is not None:
+                # Round one made here (first_round) and then interrupted
+                # before a plan took it over: its states go, as a plan's would.
+                self.release_all(run._abandon())
                 run.hand_over()
             raise
         finally:

@@ -10,14 +10,15 @@ are ``_rules``; the kernel I/O is ``_kernel``; both faces share a ``_core.Core``
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from dataclasses import replace
-from typing import Callable, Iterable, Literal, overload
+from typing import TYPE_CHECKING, Callable, Iterable, Literal, overload
 
 from . import _binding as binding
 from . import _rules as rules
 from . import _wire as w
-from ._core import PLAIN, BatchResult, Core, check_callback
+from ._core import BatchResult, Core, check_callback
 from ._model import (
     Address,
     KernelState,
@@ -42,8 +43,6 @@ from .ha import Partition
 from .monitor import Acquire
 
 __all__ = ["Allocator", "AllocatorStats", "BatchResult"]
-
-_PLAIN_MODE, _ZERO = PLAIN[2], PLAIN[3]
 
 
 class Allocator:
@@ -238,23 +237,6 @@ class Allocator:
         core = self.core
         if core.closed:
             core.check_open()
-        if (
-            src is None
-            and spi_range is None
-            and mode is _PLAIN_MODE
-            and reqid is _ZERO
-            and mark is None
-            and if_id is None
-            and direction is None
-            and seq is _ZERO
-            and pcpu is None
-            and hold is None
-            and type(proto) is str
-        ):
-            # The common call, allocate(dst[, proto]): no tuple of eleven to hash.
-            plain = core.plain.get((dst, proto))
-            if plain is not None:
-                return self._allocate(plain, None)
         until = None if hold is None else core.hold_until(hold)
         req = core.request(dst, proto, src, spi_range, mode, reqid, mark, if_id, direction, seq, pcpu)
         if not req.seq:
@@ -263,6 +245,25 @@ class Allocator:
         r = self._allocate(req, until)
         binding.bound(req.seq, r, False)
         return r
+
+    if not TYPE_CHECKING:
+        _allocate_options = allocate
+
+        @functools.wraps(_allocate_options)
+        def allocate(self, dst, proto="esp", **options):
+            # The per-SPI call, allocate(dst[, proto]), by hand: a call of
+            # the signature above fills its ten keyword-only defaults in
+            # (CPython looks each one up in a dict) and then has to tell
+            # them apart from the caller's; with no options there is
+            # nothing to tell, and the request is found by (dst, proto).
+            # The signature above is what type checkers, help() and the
+            # docs show, and what every other call goes through.
+            if not options and type(proto) is str:
+                core = self.core
+                plain = core.plain.get((dst, proto))
+                if plain is not None and not core.closed:
+                    return self._allocate(plain, None)
+            return self._allocate_options(dst, proto, **options)
 
     def allocate_for(
         self,

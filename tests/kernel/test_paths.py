@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import pickle
+from typing import Any
 
 import pytest
 from nsutil import ns_run, sad_count, sad_spis
@@ -179,17 +180,19 @@ def test_a_batch_reserved_whole_that_loses_a_state_mid_batch_delivers_exact_hand
     from spialloc._batch import BatchRun
 
     with Allocator(netns) as a:
-        real_reap = BatchRun.reap
+        real_clean = BatchRun._clean
         victim: list[int] = []
 
-        def reap(self: BatchRun) -> list[int]:
+        def lose_one_then_check(self: BatchRun, res: Any, ok: list[bool]) -> bool:
+            # Right after round one was reserved (the book's lock released),
+            # before it is booked, whichever way the batch runs.
             if not victim and self.flight is not None:
-                victim.append(self.spis[3])
+                victim.append(res.got[3])
                 ns_run(netns, ["ip", "xfrm", "state", "delete", "dst", DST, "proto", "esp", "spi", hex(victim[0])])
                 a.poll_events()  # the watcher's work, now: the death is the batch's
-            return real_reap(self)
+            return real_clean(self, res, ok)
 
-        monkeypatch.setattr(BatchRun, "reap", reap)
+        monkeypatch.setattr(BatchRun, "_clean", lose_one_then_check)
         rs = a.allocate_many(50, DST)
         assert victim and victim[0] not in rs.spis
         assert a.stats.expired_in_batch == 1

@@ -427,6 +427,125 @@ def test_batch_directed_misses_are_learned(book: rules.Book) -> None:
     assert book.guard is not None and book.guard.stats.foreign == 2
 
 
+def batch_first(book: rules.Book, k: FakeKernel, req: Request, count: int, **kw: Any) -> rules.BatchRun:
+    """``batch`` the way Core.run_batch runs it: round one's engine call made
+    outside the plan (``first_round``, ``took_first``), the plan driven only
+    if that leaves anything to do, and an interrupt before the plan took
+    over releasing round one's states."""
+    clock = kw.pop("clock", lambda: 0.0)
+    closed = kw.pop("closed", lambda: False)
+    run = BatchRun(book, req, count, since=0.0, began=0.0, chunk=kw.pop("chunk", 64))
+    try:
+        op = run.first_round()
+        if op is None or not run.took_first(k.execute(op), clock() - run.began, k.lifetime):  # type: ignore[arg-type]
+            drive(run.plan(clock, closed), k.execute)
+    except BaseException:
+        if not run.planned and run.in_round is not None:
+            k.execute(rules.ReleaseOp(run._abandon()))
+            run.hand_over()
+        raise
+    run.hand_over()
+    return run
+
+
+def _scenario(
+    name: str, book: rules.Book, k: FakeKernel, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Request, int, dict[str, Any]]:
+    """A batch's set-up: (request, count, batch() keywords)."""
+    if name == "lost":
+        k.script = [rules.LOST] * 3
+    elif name == "duplicate":
+        k.script = [single(book, k, req_for()).spi]
+    elif name == "refused":
+        k.script = [SpiExhausted(errno.ENOENT, "x", "allocspi")]
+    elif name == "dies":
+        k.script = [single(book, k, req_for()).spi]
+        real_round = k._round
+
+        def round_then_die(op: rules.RoundOp) -> rules.RoundResult:
+            res = real_round(op)
+            if not any(isinstance(o, rules.PollOp) for o in k.ops):
+                k.expire((op.req.gdst, int(op.req.proto), res.got[-1]))
+            return res
+
+        k._round = round_then_die  # type: ignore[method-assign]
+    elif name == "dies-at-reserve":
+        # The watcher thread sees a death of the batch right after its round
+        # was reserved (in flight), before it is booked: asked again.
+        real_reserve = BatchRun._reserve_round
+
+        def reserve_then_die(run: BatchRun, res: rules.RoundResult) -> list[bool]:
+            ok = real_reserve(run, res)
+            if not book.stats.expired_in_batch and not book.died:
+                key = (run.req.gdst, run.proto, res.got[0])
+                k.sad.pop((run.proto, res.got[0]))
+                rules.died(book, key)
+                assert key in book.died
+            return ok
+
+        monkeypatch.setattr(BatchRun, "_reserve_round", reserve_then_die)
+    elif name == "old":
+        k.lifetime = 0.0  # past half the lifetime at once: the dump check is due
+        return req_for(), 6, {"clock": lambda: 1.0}
+    elif name == "directed":
+        return req_for(spi_range=NARROW), 20, {}
+    return req_for(), 6, {}
+
+
+@pytest.mark.parametrize(
+    ("name", "guarded"),
+    [(n, True) for n in ("clean", "lost", "duplicate", "dies", "dies-at-reserve", "old", "directed")]
+    + [(n, False) for n in ("clean", "lost", "refused", "old")],  # collisions and deaths need a guard
+)
+def test_first_round_taken_outside_the_plan_ends_as_the_plan_does(
+    name: str, guarded: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Core makes round one's engine call itself and drives the plan only if
+    the result leaves anything to do: every scripted batch must end the
+    same as with the plan alone (the fake kernel's picks are seeded alike)."""
+    ends = []
+    for run_it in (batch, batch_first):
+        book = rules.Book(Guard() if guarded else None)
+        book.rng.seed(1)
+        k = FakeKernel(book)
+        req, count, kw = _scenario(name, book, k, monkeypatch)
+        run = run_it(book, k, req, count, **kw)
+        guard = book.guard
+        ends.append(
+            (
+                list(run.spis),
+                {i: type(e) for i, e in run.errors.items()},
+                dict(k.sad),
+                None if guard is None else (len(guard), guard.stats.reserved),
+                book.stats.expired_in_batch,
+                book.stats.collisions,
+                run.late,
+                [type(op).__name__ for op in k.ops if not isinstance(op, rules.LifetimeOp)],
+            )
+        )
+    assert ends[0] == ends[1]
+    if name == "clean":
+        assert ends[1][-1] == ["RoundOp"]
+
+
+def test_first_round_interrupted_before_a_plan_releases_its_states(book: rules.Book) -> None:
+    """Ctrl-C inside took_first's whole-batch reserve: round one's states and
+    reservations go, though no plan ever ran."""
+    assert book.guard is not None
+    k = FakeKernel(book)
+    real = book.guard.reserve_batch
+
+    def interrupted(*args: Any) -> Any:
+        real(*args)
+        raise KeyboardInterrupt
+
+    book.guard.reserve_batch = interrupted  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        batch_first(book, k, req_for(), 8)
+    assert k.sad == {} and not book.inflight and not book.flights
+    assert kinds(k) == ["RoundOp", "ReleaseOp"]
+
+
 def test_batch_larger_than_the_range_fails_the_rest_up_front(book: rules.Book) -> None:
     k = FakeKernel(book)
     run = batch(book, k, req_for(spi_range=NARROW), 20)

@@ -233,10 +233,7 @@ class BatchRun:
         larval lifetime (no dump check due).  False: ``plan()`` must run,
         and starts from this result."""
         self.in_round = (range(self.count), res, ())
-        ok: list[bool] = []
-        if self.guard is not None:
-            with self.book.lock:
-                ok = self._reserve_round(res)
+        ok = self._reserve(res)
         # Deaths last, as plan() reaps them after booking: one that lands
         # after this check is the batch's ``late``, as after plan()'s reap.
         if res.overran or elapsed > lifetime / 2 or not self._clean(res, ok) or self.book.died:
@@ -260,12 +257,7 @@ class BatchRun:
             assert isinstance(answer, RoundResult)
             res = answer
             self.in_round = (asked, res, self.cands)
-            ok = []
-            if self.guard is not None:
-                with self.book.lock:
-                    # In flight as they are reserved (one step for the watcher): a
-                    # death of one of these is the batch's, never on_lost's.
-                    ok = self._reserve_round(res)
+            ok = self._reserve(res)
         self.refused = not res.clean and errno.ENOENT in res.errs  # leaves an SPI-0 larval state, unless reused
         if res.overran:
             # The window overflowed the receive buffer: step down to what came back.
@@ -285,6 +277,15 @@ class BatchRun:
             yield RecoverOp(self.req, lost, self.since, known, named, doubt)
         self.in_round = None
         return retry, misses
+
+    def _reserve(self, res: RoundResult) -> list[bool]:
+        """``_reserve_round`` under the book's lock (none without a guard)."""
+        if self.guard is None:
+            return []
+        with self.book.lock:
+            # In flight as they are reserved (one step for the watcher): a
+            # death of one of these is the batch's, never on_lost's.
+            return self._reserve_round(res)
 
     def _reserve_round(self, res: RoundResult) -> list[bool]:
         """Random picks: the round's successes reserved and put in flight

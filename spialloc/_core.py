@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from itertools import repeat
-from typing import Callable, Generator, Iterable, Literal, Sequence, TypeVar
+from typing import Callable, Generator, Iterable, Literal, Sequence, TypeVar, cast
 
 from . import _backend, _lifecycle, _shared
 from . import _rules as rules
@@ -423,9 +423,8 @@ class Core:
             # its result leaves anything to do: the generator, its driver and
             # their operations cost a batch more than its guard bookkeeping.
             op = run.first_round()
-            k = self.kernel
             if op is None or not run.took_first(
-                k.round(op.req, op.n, op.cands, op.since, op.chunk, op.box), time.monotonic() - run.began, k.lifetime()
+                cast(rules.RoundResult, self.execute(op)), time.monotonic() - run.began, self.kernel.lifetime()
             ):
                 self.drive(run.plan(time.monotonic, lambda: self.closed))
             if self.closed:

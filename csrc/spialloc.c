@@ -361,30 +361,24 @@ static int recv_some(struct spialloc_batch *b)
 {
 	struct mmsghdr mm[SPIALLOC_RECV_BATCH];
 	struct iovec iov[SPIALLOC_RECV_BATCH];
-	struct sockaddr_nl from[SPIALLOC_RECV_BATCH];
 	uint32_t i, slots = b->recvbuf_len / SPIALLOC_RECV_SLOT;
 	int n;
 
 	if (slots > SPIALLOC_RECV_BATCH)
 		slots = SPIALLOC_RECV_BATCH;
 	memset(mm, 0, sizeof(mm[0]) * slots);
-	memset(from, 0, sizeof(from[0]) * slots);
 	for (i = 0; i < slots; i++) {
 		iov[i].iov_base = b->recvbuf + (size_t)i * SPIALLOC_RECV_SLOT;
 		iov[i].iov_len = SPIALLOC_RECV_SLOT;
 		mm[i].msg_hdr.msg_iov = &iov[i];
 		mm[i].msg_hdr.msg_iovlen = 1;
-		mm[i].msg_hdr.msg_name = &from[i];
-		mm[i].msg_hdr.msg_namelen = sizeof(from[i]);
 	}
 	n = recvmmsg(b->fd, mm, slots, MSG_DONTWAIT, NULL);
-	for (i = 0; n > 0 && i < (uint32_t)n; i++) {
-		/* a sender we cannot identify is not the kernel */
-		uint32_t pid = mm[i].msg_hdr.msg_namelen >= sizeof(from[i]) ?
-			       from[i].nl_pid : UINT32_MAX;
-		spialloc_batch_feed(b, iov[i].iov_base, mm[i].msg_len, pid,
+	/* No sender addresses asked for: the socket is connected to the
+	 * kernel (see the header), so every datagram is the kernel's. */
+	for (i = 0; n > 0 && i < (uint32_t)n; i++)
+		spialloc_batch_feed(b, iov[i].iov_base, mm[i].msg_len, 0,
 				    !!(mm[i].msg_hdr.msg_flags & MSG_TRUNC));
-	}
 	return n;
 }
 
@@ -483,7 +477,8 @@ int spialloc_batch_drain(struct spialloc_batch *b)
 /**
  * spialloc_alloc_one - one ALLOCSPI round trip, for the single allocate
  * @o:       the socket's struct spialloc_one (buffers, port id, results)
- * @fd:      NETLINK_XFRM socket (passed per call: Python's closed socket is -1)
+ * @fd:      NETLINK_XFRM socket connected to the kernel (passed per call:
+ *           Python's closed socket is -1)
  * @tmpl:    one ALLOCSPI message (as for a batch); copied, not changed
  * @len:     its length, at most SPIALLOC_ONE_MAX
  * @seq:     nlmsg_seq to send it with
@@ -503,8 +498,6 @@ int spialloc_batch_drain(struct spialloc_batch *b)
 int64_t spialloc_alloc_one(struct spialloc_one *o, int fd, const char *tmpl,
 			   uint32_t len, uint32_t seq, uint32_t lo, uint32_t hi)
 {
-	struct sockaddr_nl sa;
-	socklen_t salen = sizeof(sa);
 	struct nlmsghdr h;
 	uint32_t spi;
 	ssize_t n;
@@ -513,7 +506,6 @@ int64_t spialloc_alloc_one(struct spialloc_one *o, int fd, const char *tmpl,
 		errno = EINVAL;
 		return SPIALLOC_ONE_FAILED;
 	}
-	memset(&sa, 0, sizeof(sa));	/* a sender with no address reads as pid 0 */
 	memcpy(o->scratch, tmpl, len);
 	memcpy(o->scratch + MSG_SEQ_OFF, &seq, 4);
 	memcpy(o->scratch + MSG_MIN_OFF, &lo, 4);
@@ -524,18 +516,13 @@ int64_t spialloc_alloc_one(struct spialloc_one *o, int fd, const char *tmpl,
 	if (n < 0)
 		return SPIALLOC_ONE_FAILED;
 	do
-		n = recvfrom(fd, o->rbuf, o->rlen, MSG_DONTWAIT,
-			     (struct sockaddr *)&sa, &salen);
+		n = recv(fd, o->rbuf, o->rlen, MSG_DONTWAIT);
 	while (n < 0 && errno == EINTR);
 	if (n < 0) {
 		o->got = -errno;
 		return SPIALLOC_ONE_OTHER;
 	}
 	o->got = n;
-	if (sa.nl_pid != 0) {
-		o->got = SPIALLOC_NOT_KERNEL;
-		return SPIALLOC_ONE_OTHER;
-	}
 	if ((size_t)n < NLMSG_HDRLEN + sizeof(struct xfrm_usersa_info))
 		return SPIALLOC_ONE_OTHER;
 	h = read_hdr(o->rbuf);

@@ -61,6 +61,11 @@ class XfrmSocket:
                 # Joining XFRM multicast groups needs CAP_NET_ADMIN, like ALLOCSPI.
                 raise InsufficientPrivilege(errno.EPERM, None, "bind to XFRM events") from None
             self.portid: int = self.sock.getsockname()[0]
+            # Connected to the kernel, the socket takes unicast from no one
+            # else (the kernel answers other senders ECONNREFUSED): the C
+            # engine relies on it and reads no sender address (csrc/spialloc.h).
+            # Multicast (groups) is not affected; its readers still check.
+            self.sock.connect((0, 0))
         except BaseException:
             self.sock.close()
             raise

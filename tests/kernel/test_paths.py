@@ -67,6 +67,34 @@ def test_single_allocate_skips_a_stray_reply(netns: Namespace, backend: str) -> 
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_only_the_kernel_can_answer_a_request(netns: Namespace, backend: str) -> None:
+    """Root may unicast to any netlink port: a NEWSA forged by another socket
+    for the allocator's next requests (an SPI the kernel never allocated) is
+    refused by the kernel, because the request socket is connected to it.
+    The C paths read no sender address and rely on exactly that."""
+    import socket
+
+    with Allocator(netns, backend=backend, guard=False) as a:
+        sock = a.core.kernel.sock
+        assert sock.sock.getpeername() == (0, 0)
+        forged = bytearray(w.NLMSGHDR_LEN + w.XFRM_USERSA_INFO_LEN)
+        with netns.socket(socket.AF_NETLINK, socket.SOCK_RAW, w.NETLINK_XFRM) as other:
+            other.bind((0, 0))
+            seq = sock.next_seq(1) + 1
+            for s in range(seq, seq + 64):  # whatever seq the next requests take
+                w.NLMSGHDR.pack_into(forged, 0, len(forged), w.XFRM_MSG_NEWSA, 0, s, sock.portid)
+                w.BE32.pack_into(forged, w.MSG_REPLY_SPI, 0xDEADBEEF)
+                with pytest.raises(ConnectionRefusedError):
+                    other.sendto(forged, (sock.portid, 0))
+        one = a.allocate(DST)
+        many = a.allocate_many(50, DST)
+        got = {one.spi, *many.spis}
+        assert 0xDEADBEEF not in got and len(got) == 51
+        assert sad_spis(netns) == got
+        assert a.release([one, *many]) == 51
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_single_allocate_errors_are_the_kernels(netns: Namespace, backend: str) -> None:
     with Allocator(netns, backend=backend, guard=False) as a:
         r = a.allocate(DST, spi_range=(0x7000, 0x7000))

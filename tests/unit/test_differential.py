@@ -11,11 +11,11 @@ with ``Request.message`` (the model's own encoder), request by request.
 
 Parsing, two ways:
 
-* through the socket: the peer end is bound to an abstract Unix address whose
-  bytes 2..5 of ``sun_path`` are zero.  The C engine reads the sender's address
-  into a ``sockaddr_nl``, where those bytes are ``nl_pid`` (0: "the kernel");
-  Python's ``recvmsg_into`` returns the abstract name as bytes, whose first byte
-  (what ``_pybatch`` takes as the pid) is always 0.  So replies written by the
+* through the socket: the peer end is bound to an abstract Unix address, which
+  ``recvmsg_into`` returns as bytes whose first byte (what ``_pybatch`` takes
+  as the sender's pid) is always 0, "the kernel"; the C engine reads no sender
+  address (a real request socket is connected to the kernel, which refuses
+  anyone else's unicast: tests/kernel/test_paths.py).  So replies written by the
   test before the batch starts are read by each engine's real receive path
   (recvmmsg with 1 KiB slots / recvmsg_into).  Only for a single chunk: C reads
   up to 64 datagrams per recvmmsg, so replies meant for a later chunk would be
@@ -100,9 +100,8 @@ class Wire:
         if sndbuf is not None:
             self.engine_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
         if kernel_name:
-            # sun_path[2:6] is where sockaddr_nl.nl_pid lies: zero means the kernel.
-            self.peer.bind(b"\0K\0\0\0\0" + os.urandom(12).hex().encode())
-            assert self.peer.getsockname()[2:6] == b"\0\0\0\0"
+            # Named, so that Python's engine sees a sender; its first byte, 0, reads as the kernel.
+            self.peer.bind(b"\0K" + os.urandom(12).hex().encode())
         self.sent: list[bytes] = []
         self._reader: threading.Thread | None = None
 

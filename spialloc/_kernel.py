@@ -213,7 +213,9 @@ class Kernel:
                 self._abandon_round(req, getattr(exc, "spialloc_partial", None), since, cands)
                 raise
         self.book.stats.batches += 1
-        self.book.stats.overruns += overruns
+        if overruns:
+            self.book.stats.overruns += overruns
+            sock.forget_size()  # the window was too big: someone shrank the buffer?
         clean = errs.count(0) == n
         if not isinstance(got, array.array):
             got = array.array("I", got)  # the Python engine's list
@@ -336,6 +338,7 @@ class Kernel:
                     # Only the ack was dropped: the kernel handles a request
                     # inside sendmsg, so the state is gone (counted as ours).
                     self.book.stats.overruns += 1
+                    sock.forget_size()
                     deleted += 1
                 elif e != errno.ESRCH:
                     raise from_errno(e, None, "delsa")

@@ -74,6 +74,7 @@ class XfrmSocket:
         self._buf = bytearray(RECV_BUF)
         self._view = memoryview(self._buf)
         self.overruns = 0
+        self._rcvbuf_seen: int | None = None
 
     def _force_buf(self, plain: int, forced: int, size: int) -> None:
         # FORCE needs CAP_NET_ADMIN in the netns' user namespace, which ALLOCSPI
@@ -94,8 +95,18 @@ class XfrmSocket:
     def window(self, truesize: int = REPLY_TRUESIZE) -> int:
         """How many replies of ``truesize`` bytes fit in the receive buffer:
         the most requests we may have in flight without the kernel dropping
-        a reply (ENOBUFS)."""
-        return max(1, min(4096, self.rcvbuf // max(1, truesize)))
+        a reply (ENOBUFS).  The buffer's size is read once, not per batch
+        (a getsockopt each time was a measurable part of a batch's own
+        cost): only setsockopt changes it, and on this private socket only
+        a test does, which an overrun then shows (``forget_size``)."""
+        size = self._rcvbuf_seen
+        if size is None:
+            size = self._rcvbuf_seen = self.rcvbuf
+        return max(1, min(4096, size // max(1, truesize)))
+
+    def forget_size(self) -> None:
+        """Read the receive buffer's size again at the next ``window``."""
+        self._rcvbuf_seen = None
 
     def queued(self) -> int:
         """Bytes of receive buffer the queued datagrams occupy (their truesize)."""

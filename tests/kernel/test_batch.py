@@ -192,6 +192,34 @@ def test_unguarded_exhaustion_carries_the_kernel_text(netns: Namespace, backend:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_receive_buffer_shrunk_behind_our_back_is_read_again(netns: Namespace, backend: str) -> None:
+    """The window comes from the receive buffer's size, read once rather than
+    per batch.  Shrunk from outside (only setsockopt changes it), the first
+    batch overruns and recovers, and the size is read again: the next batch
+    fits the small buffer and overruns no more."""
+    import socket
+
+    with Allocator(netns, backend=backend, guard=False) as alloc:
+        sock = alloc.core.kernel.sock
+        rs = alloc.allocate_many(10, DST)
+        big = sock.window()
+        sock.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)  # shrinking needs no privilege
+        assert sock.window() == big > 64  # still the size read before
+        more = alloc.allocate_many(1000, DST)
+        assert alloc.stats.overruns >= 1
+        assert sock.window() <= 64 < big  # read again after the overrun
+        before = alloc.stats.overruns
+        last = alloc.allocate_many(1000, DST)
+        assert alloc.stats.overruns == before
+        got = set(spis_of(rs)) | set(spis_of(more)) | set(spis_of(last))
+        sad = sad_spis(netns)
+        # The dropped replies' states, when they cannot be told from ours
+        # (guard off), are left to expire and counted: nothing else is there.
+        assert len(got) == 2010 and got <= sad and len(sad - got) == alloc.stats.unrecovered
+        assert alloc.release(rs) + alloc.release(more) + alloc.release(last) == 2010
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_tiny_receive_buffer_flow_control(netns: Namespace, backend: str) -> None:
     with Allocator(netns, backend=backend, rcvbuf=4096) as alloc:
         assert alloc.core.kernel.sock.rcvbuf <= 2 * 4096 + 512  # the kernel doubles it

@@ -296,16 +296,17 @@ class Guard:
         bucket = base >> 32
         count = self._counts.get(bucket, 0) + n
         lost = self._lost
-        # Everything built before the first change; then no Python-level call
-        # until the counters agree with the table (a signal lands only at one).
+        if lost:  # before any change: an interrupt here leaves hints only
+            for spi in spis:
+                lost.pop(_lost_key(dst, proto, spi), None)
+        # Everything built before the first change; then stores only, and the
+        # one call last: Python delivers a signal (KeyboardInterrupt) when a
+        # call returns, so the table's update must find the counters agreeing.
         self._serial = serial + 1
-        self._table.update(codes)
         self._counts[bucket] = count
         self._dst_refs[idx] += n
         self._by_state[_R] += n
-        if lost:
-            for spi in spis:
-                lost.pop(_lost_key(dst, proto, spi), None)
+        self._table.update(codes)
         return token
 
     def _release_index(self, idx: int) -> None:
@@ -493,9 +494,10 @@ class Guard:
                 return 0
             bucket = base >> 32
             left = self._counts[bucket] - n
-            # One C-level pass (no signal lands inside it), then the counters:
-            # the table and its counters cannot be left disagreeing.
-            collections.deque(map(table.__delitem__, doomed), maxlen=0)
+            # The counters (stores only), then one C-level pass over the
+            # table: a signal is delivered when a call returns, never inside
+            # that pass, so the table and its counters cannot be left
+            # disagreeing.
             self._by_state[_R] -= states[_R]
             self._by_state[_C] -= states[_C]
             if left:
@@ -503,6 +505,7 @@ class Guard:
             else:
                 del self._counts[bucket]
             self._dst_refs[idx] -= n
+            collections.deque(map(table.__delitem__, doomed), maxlen=0)
             if not self._dst_refs[idx]:
                 self._release_index(idx)
             return n

@@ -141,6 +141,9 @@ class Core:
             self.book = rules.Book(chosen, max_retries, on_lost)
             self.kernel = Kernel(self.ns, engine, self.book, rcvbuf)
             self.kernel.warm()
+            #: The C single call for ``Allocator.allocate``'s plain requests
+            #: (every one in ``plain`` then fits it), guard off only.
+            self.quick = self.kernel.quick if self.book.guard is None else None
         except BaseException:
             if self._shared:
                 _shared.detach(chosen)
@@ -254,7 +257,11 @@ class Core:
                 self._req_cache.clear()
                 self.plain.clear()
             self._req_cache[args] = req
-            if type(proto) is str and all(a is b for a, b in zip(args[2:], PLAIN, strict=True)):
+            if (
+                type(proto) is str
+                and all(a is b for a, b in zip(args[2:], PLAIN, strict=True))
+                and (self.quick is None or self.kernel.fits(req.template))
+            ):
                 self.plain[(dst, proto)] = req
         return req
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 import array
 import contextlib
 import errno
+import functools
 import os
 import time
 from types import ModuleType
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 from . import _log
 from . import _wire as w
@@ -62,6 +63,12 @@ class Kernel:
         native = getattr(engine, "native_single", None)
         self._one = None if native is None else native(self.sock._buf, self.sock.portid)
         self._one_max: int = getattr(engine, "ONE_MAX", 0)
+        #: ``alloc_one``'s first try alone, ``quick(template, lo, hi)``, for
+        #: a caller that has checked ``fits(template)``; on a NetlinkError
+        #: the caller goes on with ``alloc_one(..., failed=exc)``.
+        self.quick: Callable[[bytes, int, int], int] | None = None
+        if self._one is not None:
+            self.quick = functools.partial(self.sock.allocspi_native, self._one)
         self._lifetime: float | None = None
         self._probes: dict[bytes, Probe] = {}  # by Request.attrs
         #: Set by close(): a running engine round stops after its chunk.
@@ -73,10 +80,13 @@ class Kernel:
 
     # --- ALLOCSPI ---------------------------------------------------------------------
 
-    def alloc_one(self, req: Request, spi_min: int, spi_max: int) -> int:
-        """One ALLOCSPI round trip; returns the SPI (host order)."""
+    def alloc_one(self, req: Request, spi_min: int, spi_max: int, failed: NetlinkError | None = None) -> int:
+        """One ALLOCSPI round trip; returns the SPI (host order).  ``failed``:
+        how a first try made by ``quick`` (same request and range) failed."""
         one = self._one
-        if one is not None and len(req.template) <= self._one_max:
+        if failed is not None:
+            self._refused(req, spi_min, spi_max, failed)
+        elif one is not None and len(req.template) <= self._one_max:
             # The common case first, with no loop or message to set up.
             try:
                 return self.sock.allocspi_native(one, req.template, spi_min, spi_max)
@@ -93,6 +103,10 @@ class Kernel:
             except NetlinkError as exc:
                 self._refused(req, spi_min, spi_max, exc)
         raise NetlinkError(errno.EINTR, "interrupted by signals 64 times in a row", "allocspi")
+
+    def fits(self, template: bytes) -> bool:
+        """Whether ``quick`` takes this request."""
+        return self._one is not None and len(template) <= self._one_max
 
     def _refused(self, req: Request, spi_min: int, spi_max: int, exc: NetlinkError) -> None:
         """An ALLOCSPI failed: return to ask again (a signal came between

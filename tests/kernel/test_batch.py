@@ -41,6 +41,7 @@ from spialloc import (
     _pybatch,
 )
 from spialloc import _wire as w
+from spialloc._kernel import Kernel
 from spialloc._model import address_key, build_request
 from spialloc._netlink import XfrmSocket
 from spialloc._rules import RecoverOp
@@ -758,6 +759,40 @@ def test_engines_restart_requests_the_kernel_answered_erestartsys(
     assert list(errs) == [errno.ENOENT] * 100 + [0] * 100, f"rounds: {rounds}"
     print(f"\n{engine}: ERESTARTSYS per round: {[r.count(_pybatch.ERESTARTSYS) for r in rounds]}")
     assert list(spis[100:]) == list(range(lo + 100, lo + 200))
+
+
+def test_plain_allocate_guard_off_under_signals_never_surfaces_erestartsys(
+    netns: Namespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``allocate(dst)`` guard off makes the C call straight from
+    ``allocate`` (``Kernel.quick``); a pick interrupted by a signal
+    (ERESTARTSYS) goes on in ``Kernel.alloc_one``, which asks again.  Random
+    picks (no guard) in a range a quarter held: collisions, hence
+    interrupted picks, are frequent, 64 in a row practically never."""
+    lo = 0x20000
+    _slow_table_with_held(netns, lo, 100)
+    restarts = 0
+    real = Kernel._refused
+
+    def counted(self: Kernel, req: Any, spi_min: int, spi_max: int, exc: Any) -> None:
+        nonlocal restarts
+        real(self, req, spi_min, spi_max, exc)
+        restarts += 1  # returned: asked again
+
+    old = signal.signal(signal.SIGALRM, lambda *a: None)
+    with Allocator(netns, backend="c", guard=False, spi_range=(lo, lo + 399)) as alloc:
+        assert alloc.core.quick is not None
+        monkeypatch.setattr(Kernel, "_refused", counted)
+        signal.setitimer(signal.ITIMER_REAL, 0.0001, 0.0001)
+        try:
+            got = [alloc.allocate(DST) for _ in range(100)]
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+        spis = {r.spi for r in got}
+        assert len(spis) == 100 and all(lo + 100 <= s <= lo + 399 for s in spis)
+        assert restarts > 0, "no pick was interrupted this time"
+        alloc.release(got)
 
 
 def test_single_allocate_under_signals_never_surfaces_erestartsys(netns: Namespace) -> None:

@@ -106,6 +106,28 @@ def test_single_allocate_errors_are_the_kernels(netns: Namespace, backend: str) 
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_plain_allocate_exhausted_is_the_kernels_error(netns: Namespace, backend: str) -> None:
+    """``allocate(dst)`` guard off takes the C call straight (backend "c"):
+    its refusal is the general path's, the refused request's SPI-less
+    larval state claimed, and nothing of ours left behind."""
+    with Allocator(netns, backend=backend, guard=False, spi_range=(0x7000, 0x7000)) as a:
+        assert (a.core.quick is not None) == (backend == "c")
+        r = a.allocate(DST)
+        sock = a.core.kernel.sock
+        sent = []  # requests each refusal took: not asked again after the quick try
+        for options in ({}, {"spi_range": (0x7000, 0x7000)}):  # the quick path; the general one
+            before = sock.next_seq()
+            with pytest.raises(SpiExhausted) as exc:
+                a.allocate(DST, **options)
+            sent.append(sock.next_seq() - before)
+            assert exc.value.errno == errno.ENOENT
+        assert sent[0] == sent[1]
+        assert sad_spis(netns) == {0x7000}
+        a.release(r)
+        assert a.allocate(DST).spi == 0x7000  # and the next one works
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_single_allocate_after_a_dropped_reply(netns: Namespace, backend: str) -> None:
     """The receive buffer is full of strays: the ALLOCSPI reply is dropped
     (ENOBUFS), its orphaned state is found and deleted, the error is typed,

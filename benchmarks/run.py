@@ -579,7 +579,7 @@ def render_md(results: dict[str, Any], plan: h.Plan) -> str:
     )
     add(f"| of which the guard entry (key, code and token ints, dict slot) | {_f(mem['guard_bytes_per_tuple'], 1)} | |")
     add(
-        f"| of which a `Reservation` object (4 slots, its float, 8-byte list slot) "
+        f"| of which a `Reservation` object (4 slots, its SPI int and float, 8-byte list slot) "
         f"| {_f(mem['reservation_bytes_each_incl_list_slot'], 1)} | |"
     )
     add("")

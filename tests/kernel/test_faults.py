@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import os
 import signal
@@ -128,8 +129,9 @@ def _hammer_then_close(
     batch: bool,
     threads: int = 4,
     run_for: float = 0.3,
+    guard: bool = True,
 ) -> tuple[list[Reservation], collections.Counter[str], list[BaseException]]:
-    a = Allocator(netns)
+    a = Allocator(netns, guard=guard)
     got: list[Reservation] = []
     kinds: collections.Counter[str] = collections.Counter()
     unrelated: list[BaseException] = []
@@ -172,8 +174,9 @@ def _left_over(netns: Namespace, got: list[Reservation]) -> set[int]:
     return left
 
 
+@pytest.mark.parametrize("guard", [True, False], ids=["guard", "no-guard"])
 @pytest.mark.parametrize("batch", [False, True], ids=["single", "single+batch"])
-def test_close_under_pending_calls_typed_errors_and_no_orphans(netns: Namespace, batch: bool) -> None:
+def test_close_under_pending_calls_typed_errors_and_no_orphans(netns: Namespace, batch: bool, guard: bool) -> None:
     """Four threads allocate in a loop; another thread closes the allocator.
     Each thread must end with ClosedError (or another SpiallocError), none
     may hang, and the only states left are those handed to callers.
@@ -189,7 +192,7 @@ def test_close_under_pending_calls_typed_errors_and_no_orphans(netns: Namespace,
     unrelated_all: list[str] = []
     orphans_all: set[int] = set()
     for _ in range(5):
-        got, kinds, unrelated = _hammer_then_close(netns, batch)
+        got, kinds, unrelated = _hammer_then_close(netns, batch, guard=guard)  # no guard: Kernel.quick
         unrelated_all += [f"{type(e).__name__}: {e}" for e in unrelated]
         assert sum(kinds.values()) + len(unrelated) == 4
         orphans_all |= _left_over(netns, got)
@@ -198,16 +201,22 @@ def test_close_under_pending_calls_typed_errors_and_no_orphans(netns: Namespace,
     assert sad_count(netns) == 0
 
 
+@pytest.mark.parametrize("warm", [False, True], ids=["first-call", "plain-warm"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_close_between_send_and_reply_orphans_nothing(
-    netns: Namespace, monkeypatch: pytest.MonkeyPatch, backend: str
+    netns: Namespace, monkeypatch: pytest.MonkeyPatch, backend: str, warm: bool
 ) -> None:
     """The race above made deterministic: the request is on its way (the
     kernel has made the state) when close() runs.  Either close() waits for
     the call in flight (the caller gets its Reservation) or the state is
     deleted; a ClosedError with the state left behind is the bug.  Backend
-    "c" sends and reads in one C call; it is held up right after it."""
+    "c" sends and reads in one C call; it is held up right after it.  warm:
+    allocate(dst)'s request is known already, so with backend "c" the call
+    is made straight from allocate (Kernel.quick), not through _allocate."""
     a = Allocator(netns, guard=False, backend=backend)
+    if warm:
+        a.release(a.allocate(DST))
+        assert (a.core.quick is not None) == (backend == "c")
     in_flight = threading.Event()
     real_send = _netlink.XfrmSocket.send
 
@@ -229,6 +238,8 @@ def test_close_between_send_and_reply_orphans_nothing(
             return rc
 
         a.core.kernel._one = (slow_call, *one[1:])
+        if a.core.quick is not None:
+            a.core.quick = functools.partial(a.core.kernel.sock.allocspi_native, a.core.kernel._one)
     else:
         monkeypatch.setattr(_netlink.XfrmSocket, "send", slow_send)
     result: list[object] = []

@@ -113,7 +113,7 @@ def _run(b: Any, check_interrupt: Callable[[], None] | None) -> None:
 
 
 def _alloc_once(args: BatchArgs) -> Result:
-    sock, portid, template, count, seq0, ranges, chunk, check_interrupt = args
+    sock, portid, template, count, seq0, ranges, chunk, check_interrupt, box = args
     if count <= 0:
         return [], [], None, 0
     b, keep = _new_batch(sock, portid, template, 0, count, seq0, chunk)
@@ -125,6 +125,8 @@ def _alloc_once(args: BatchArgs) -> Result:
         keep += [_u32_array("ranges[0]", ranges[0], count), _u32_array("ranges[1]", ranges[1], count)]
         b.mins, b.maxs = keep[-2], keep[-1]
     _check_init(lib.spialloc_batch_init_allocspi(b), "alloc_batch")
+    if box is not None:
+        box[0] = (spis, errs)  # every errs[i] PENDING now, filled in place from here on
     try:
         _run(b, check_interrupt)
         # Inside the try: an interrupt while the result is made still

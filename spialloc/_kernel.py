@@ -213,18 +213,24 @@ class Kernel:
         it is interrupted, what the kernel allocated is deleted first."""
         ranges = None if cands is None else (array.array("I", cands), array.array("I", cands))
         sock = self.sock
+        if box is None:
+            box = [None]
         with sock.lock:
             seq0 = sock.next_seq(n)
             try:
-                # ``chunk``: the window read at the batch's start (one
-                # getsockopt per batch), halved after an overrun.
+                # ``chunk``: the window read at the batch's start, halved
+                # after an overrun.  The engine puts its result in ``box``
+                # as soon as it exists.
                 got, errs, text, overruns = self.engine.alloc_batch(
-                    sock.sock, sock.portid, req.template, n, seq0, ranges, chunk, self._stop_if_closing
+                    sock.sock, sock.portid, req.template, n, seq0, ranges, chunk, self._stop_if_closing, box
                 )
-                if box is not None:
-                    box[0] = (got, errs)  # no call since the engine returned
             except BaseException as exc:
-                self._abandon_round(req, getattr(exc, "spialloc_partial", None), since, cands)
+                # Raised inside the engine: its partial result.  Raised as the
+                # result came back up (a signal is delivered when a call
+                # returns): the box has it.  Deleted here, so not by the caller.
+                partial = getattr(exc, "spialloc_partial", None) or box[0]
+                box[0] = None
+                self._abandon_round(req, partial, since, cands)
                 raise
         self.book.stats.batches += 1
         if overruns:

@@ -211,6 +211,10 @@ class BatchArgs(NamedTuple):
     ranges: tuple[array.array[int], array.array[int]] | None
     chunk: int
     check_interrupt: Callable[[], None]
+    #: Where the engine puts its (spis, errs) as soon as they exist (filled
+    #: in place as replies come): a caller interrupted after the engine
+    #: returned, before it got the result, still finds what was allocated.
+    box: list[Any] | None = None
 
 
 #: (spis, errs, first error text, overruns): the C engine's arrays as they are
@@ -237,10 +241,12 @@ def restart_interrupted(once: AllocOnce, args: BatchArgs) -> Result:
             sub = None
             if ranges is not None:
                 sub = (array.array("I", [ranges[0][i] for i in again]), array.array("I", [ranges[1][i] for i in again]))
+            subbox: list[Any] = [None]
             try:
-                s2, e2, t2, o2 = once(args._replace(n=len(again), ranges=sub))
+                s2, e2, t2, o2 = once(args._replace(n=len(again), ranges=sub, box=subbox))
             except BaseException as exc:
-                partial = getattr(exc, "spialloc_partial", None)
+                # Raised inside the engine: its partial; on the way back: its box.
+                partial = getattr(exc, "spialloc_partial", None) or subbox[0]
                 if partial is not None:
                     for j, i in enumerate(again):
                         if partial[1][j] != PENDING:  # PENDING: not re-sent, ERESTARTSYS stands
@@ -276,6 +282,7 @@ def engine_entry(once: AllocOnce) -> Callable[..., Result]:
         ranges: tuple[array.array[int], array.array[int]] | None,
         chunk: int,
         check_interrupt: Callable[[], None],
+        box: list[Any] | None = None,
     ) -> Result:
         """Allocate ``count`` SPIs (see ``BatchArgs``); returns (spis, errs,
         first error text, overruns), spis and errs as sequences of int.
@@ -287,14 +294,17 @@ def engine_entry(once: AllocOnce) -> Callable[..., Result]:
         ``spialloc_partial = (spis, errs)`` so the caller can release them;
         there ``errs[i] == PENDING`` means request i was never sent.
         Requests answered with ERESTARTSYS are sent again
-        (``restart_interrupted``)."""
-        return restart_interrupted(once, BatchArgs(sock, portid, template, count, seq0, ranges, chunk, check_interrupt))
+        (``restart_interrupted``).  ``box`` (a one-item list): see
+        ``BatchArgs.box``."""
+        return restart_interrupted(
+            once, BatchArgs(sock, portid, template, count, seq0, ranges, chunk, check_interrupt, box)
+        )
 
     return alloc_batch
 
 
 def _alloc_once(args: BatchArgs) -> Result:
-    sock, portid, template, count, seq0, ranges, chunk, check_interrupt = args
+    sock, portid, template, count, seq0, ranges, chunk, check_interrupt, box = args
     if count <= 0:
         return [], [], None, 0
     mins = maxs = None
@@ -310,6 +320,8 @@ def _alloc_once(args: BatchArgs) -> Result:
     seq0 &= 0xFFFFFFFF
     spis = [0] * count
     errs = [PENDING] * count
+    if box is not None:
+        box[0] = (spis, errs)
     text: list[str | None] = [None]
     overruns = 0
     stride = w.align4(tlen)

@@ -657,7 +657,15 @@ def test_restart_rounds_are_bounded_and_merge_partial_results() -> None:
     calls: list[tuple[int, int, Any]] = []
 
     def once(
-        sock: Any, portid: int, template: bytes, count: int, seq0: int, ranges: Any, chunk: int, check: Any
+        sock: Any,
+        portid: int,
+        template: bytes,
+        count: int,
+        seq0: int,
+        ranges: Any,
+        chunk: int,
+        check: Any,
+        box: Any = None,
     ) -> tuple[list[int], list[int], str | None, int]:
         calls.append((count, seq0, None if ranges is None else (list(ranges[0]), list(ranges[1]))))
         if len(calls) == 1:
@@ -690,6 +698,26 @@ def test_restart_rounds_are_bounded_and_merge_partial_results() -> None:
     )
     assert res == ([0, 0, 0], [512, 512, 512], None, 0)
     assert len(calls) == 1 + _pybatch.MAX_RESTARTS
+
+
+def test_restart_round_cut_off_on_its_way_back_is_merged_from_its_box() -> None:
+    """A signal delivered as a re-send round's engine call returns: its
+    result never reaches restart_interrupted, but the engine put it in the
+    round's box, so the partial result the caller releases includes it."""
+    calls = []
+
+    def once(args: _pybatch.BatchArgs) -> Any:
+        calls.append(args.n)
+        if len(calls) == 1:
+            return [1, 0], [0, 512], None, 0
+        assert args.box is not None
+        args.box[0] = ([7], [0])  # what the engine filled in
+        raise KeyboardInterrupt  # delivered when the call returned
+
+    with pytest.raises(KeyboardInterrupt) as info:
+        _pybatch.restart_interrupted(once, _pybatch.BatchArgs(None, 1, b"", 2, 5, None, 64, lambda: None))  # type: ignore[arg-type]
+    assert calls == [2, 1]
+    assert info.value.spialloc_partial == ([1, 7], [0, 0])  # type: ignore[attr-defined]
 
 
 def test_restart_rounds_that_settle_something_are_not_counted() -> None:

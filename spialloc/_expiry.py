@@ -50,9 +50,15 @@ class ExpiryWatcher:
         self.kernel = kernel
         self.sock = XfrmSocket(ns, groups=EXPIRE_GROUP | SA_GROUP, rcvbuf=EVENT_RCVBUF)
         self._filter_version = -1
+        #: Held while a filter is made and attached, and while the socket
+        #: closes: ``ports_changed`` runs in whichever thread made a socket.
+        self._filter_lock = threading.Lock()
+        self._closing = False
         opened: list[int] = []
         sel: selectors.BaseSelector | None = None
         try:
+            if book.guard is not None:
+                book.guard.follow_ports(self)  # first: no port adopted from here on goes unfiltered
             self._refilter()
             # Both made here, not in the thread: out of fds must fail the
             # constructor, not leave a watcher that died unseen.
@@ -72,7 +78,6 @@ class ExpiryWatcher:
                 raise out_of_fds(exc.errno, "expiry watcher") or exc from None
             raise
         self._sel = sel
-        self._closing = False
         self._thread = threading.Thread(
             target=_watch,
             args=(weakref.ref(self), sel, self._wake_r),
@@ -97,13 +102,15 @@ class ExpiryWatcher:
             self._thread.join()
         os.close(self._wake_r)
         os.close(self._wake_w)
-        self.sock.close()
+        with self._filter_lock:
+            self.sock.close()
 
     def after_fork(self) -> None:
         """In a fork child (``_lifecycle``): the thread stayed in the parent,
         and the pipe and socket are shared with it.  Close this process's
         copies only: a byte on the pipe would stop the parent's watcher."""
         self._closing = True
+        self._filter_lock = threading.Lock()  # perhaps held by a parent's thread at fork time
         close_copy(self.sock.sock)
         close_copy(self._wake_r)
         close_copy(self._wake_w)
@@ -195,10 +202,22 @@ class ExpiryWatcher:
         guard = self.book.guard
         if guard is None:
             return
-        version, ports = guard.ports()
-        if version != self._filter_version:
-            self._filter_version = version
-            self.sock.attach_filter(w.filter_own_events(ports))
+        with self._filter_lock:
+            if self._closing:
+                return
+            version, ports = guard.ports()
+            if version != self._filter_version:
+                self._filter_version = version
+                self.sock.attach_filter(w.filter_own_events(ports))
+
+    def ports_changed(self) -> None:
+        """An allocator joined the guard (``Guard.adopt_port``, in its thread).
+        The filter only saves wake-ups (``_handle`` skips our own DELSAs
+        anyway), so its failure must not fail the allocator that joined."""
+        try:
+            self._refilter()
+        except OSError as exc:
+            _log.watcher.warning("expiry watcher: could not refresh its socket filter: %s", exc)
 
     def _in_sad(self, key: rules.Key) -> bool:
         """Whether a state holds the tuple now (a rare question: a second

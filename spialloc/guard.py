@@ -70,9 +70,10 @@ import enum
 import ipaddress
 import random
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal, Protocol, Sequence
 
 from . import _lifecycle
 from ._lifecycle import InertLock
@@ -87,6 +88,7 @@ LOST_CAPACITY = 65536
 #: Deaths remembered for ``seen_death``: far more than a watcher's socket
 #: buffer queues (about 1,000 events) before it overruns and resyncs.
 DEATHS_KEPT = 16384
+
 #: Port ids of request sockets remembered by ``adopt_port``.
 PORTS_KEPT = 4096
 #: Random probes before ``pick_free`` falls back to a scan: even at 97%
@@ -103,6 +105,12 @@ OWNER_MASK = (1 << OWNER_BITS) - 1
 #: int (with 30 bits it was 92 bits and 40 bytes: a million tuples, 4 MB).
 _TOK = 24
 _IDX_MASK = (1 << (_TOK - 2)) - 1
+
+
+class PortFollower(Protocol):
+    """What ``Guard.follow_ports`` calls (an expiry watcher, to refilter)."""
+
+    def ports_changed(self) -> None: ...
 
 
 class State(enum.Enum):
@@ -192,6 +200,7 @@ class Guard:
         self.deaths_lock: threading.RLock | InertLock = threading.RLock()
         self._ports: OrderedDict[int, None] = OrderedDict()
         self._ports_version = 0
+        self._port_followers: weakref.WeakSet[PortFollower] = weakref.WeakSet()
         # Random start: a token from another guard or process (pickled, or
         # built by hand) practically never equals a live one here.
         self._serial = self._rng.getrandbits(40) + 1
@@ -754,12 +763,24 @@ class Guard:
         """A request socket of an allocator on this guard: the DELSAs it
         sends carry ``portid``, and are booked here as they are sent.
         Kept after the socket closes (its events may be read later), up to
-        PORTS_KEPT, oldest out first."""
+        PORTS_KEPT, oldest out first.  The followers (watchers) hear of it
+        before this returns, so a socket filter drops the new port's events
+        from its first request on: a filter changed later lets through what
+        was queued before it."""
         with self._lock:
             self._ports[portid] = None
             if len(self._ports) > PORTS_KEPT:
                 self._ports.popitem(last=False)
             self._ports_version += 1
+            followers = list(self._port_followers)
+        for follower in followers:  # outside the lock: each takes it again in ports()
+            follower.ports_changed()
+
+    def follow_ports(self, follower: PortFollower) -> None:
+        """Call ``follower.ports_changed()`` on each ``adopt_port`` from now
+        on, while ``follower`` lives (a weak reference: no close needed)."""
+        with self._lock:
+            self._port_followers.add(follower)
 
     def ports(self) -> tuple[int, list[int]]:
         """(version, port ids) of ``adopt_port``, newest last: what the

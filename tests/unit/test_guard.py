@@ -755,3 +755,23 @@ def test_batch_release_interrupted_as_its_table_changes_keeps_the_guard_whole(
     assert len(g) == 1 and g.stats.reserved == 1 and g.count_in(50, D1) == 1
     assert g.release(D1, 50, 0x99)
     assert len(g) == 0 and g.count_in(50, D1) == 0
+
+
+def test_port_followers_hear_each_new_port_until_dropped() -> None:
+    """Watchers refilter from ``adopt_port`` itself, before the new socket's
+    first request; a follower that is gone (weakly held) is not called."""
+    g = Guard()
+    heard: list[list[int]] = []
+
+    class Follower:
+        def ports_changed(self) -> None:
+            heard.append(g.ports()[1])  # as a watcher does: takes the lock again
+
+    f = Follower()
+    g.follow_ports(f)
+    g.adopt_port(7)
+    g.adopt_port(9)
+    assert heard == [[7], [7, 9]]
+    del f
+    g.adopt_port(11)
+    assert heard == [[7], [7, 9]] and g.ports()[1] == [7, 9, 11]

@@ -39,7 +39,7 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import spialloc  # noqa: E402
-from spialloc import Allocator, AsyncAllocator, Namespace  # noqa: E402
+from spialloc import Allocator, AsyncAllocator, Namespace, Reservations  # noqa: E402
 
 DST4 = "192.0.2.1"
 DST6 = "2001:db8::1"
@@ -167,7 +167,7 @@ class Churn:
     def async_batch(self) -> int:
         async def run() -> int:
             got = await self.aio.allocate_many(32, DST6)
-            assert isinstance(got, list)
+            assert isinstance(got, Reservations)
             await self.aio.release(got)
             return len(got)
 

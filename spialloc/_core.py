@@ -38,6 +38,7 @@ from ._model import (
     Reservations,
     address_key,
     batch_reservations,
+    batch_without,
     build_request,
     check_int,
     pack_address,
@@ -467,7 +468,7 @@ class Core:
         """The DELSA keys of a finished batch's states (the late dead are
         gone already: their SPIs may be someone else's now)."""
         late = set(run.late) | run.dead()
-        return [(req.daddr, run.spis[i], req.family, int(req.proto), req.mark) for i in run.good() if i not in late]
+        return Core._batch_keys(req, [run.spis[i] for i in run.good() if i not in late])
 
     def _deliver(self, run: BatchRun, req: Request, count: int, strict: bool) -> Reservations | BatchResult:
         if run.errors and strict:
@@ -511,12 +512,13 @@ class Core:
                 continue
 
     def outcome(
-        self, count: int, reservations: list[Reservation], errors: dict[int, SpiallocError], strict: bool
-    ) -> list[Reservation] | BatchResult:
+        self, count: int, reservations: Reservations, errors: dict[int, SpiallocError], strict: bool
+    ) -> Reservations | BatchResult:
         """Batches run in parts (AsyncAllocator), put together: all or
-        nothing when ``strict``, as ``run_batch``."""
+        nothing when ``strict``, as ``run_batch``.  What a failed batch
+        releases is what it still owns: a part lost meanwhile is skipped."""
         if errors and strict:
-            raise BatchError(count, errors, self.release(reservations))
+            raise BatchError(count, errors, self.release_owned(reservations))
         return reservations if strict else BatchResult(reservations, errors)
 
     # --- release and commit --------------------------------------------------------------------
@@ -553,31 +555,44 @@ class Core:
                 )
             return self.release_keys(keys, items)
 
-    def _release_batch(self, rs: Reservations) -> int:
+    def release_owned(self, rs: Reservations) -> int:
+        """Release what a batch nobody was given still owns (an
+        ``AsyncAllocator.allocate_many`` that failed or was cancelled after
+        some chunks): entries lost meanwhile (expired, deleted by someone
+        else) are skipped, not refused, since their SPIs may be others' now."""
+        return self._release_batch(rs, skip_stale=True) if len(rs) else 0
+
+    def _release_batch(self, rs: Reservations, skip_stale: bool = False) -> int:
         """``release`` of an ``allocate_many`` result (or a slice of one):
         one request, arrays of SPIs and tokens, so every step is one call
         for the whole batch instead of one per reservation."""
         req, spis, tokens = rs._parts()
         if not spis:
             return 0
-        keys = list(zip(repeat(req.daddr), spis, repeat(req.family), repeat(int(req.proto)), repeat(req.mark)))
         book = self.book
         guard = book.guard
         if guard is None:
-            return self.release_keys(keys)
+            return self.release_keys(self._batch_keys(req, spis))
         self.check_issued(rs[:1])  # one allocator's tokens: the first tells (token 0: none of ours)
         with guard.deaths_lock:  # as release(): see there
             self.poll()
             assert tokens is not None
             stale = guard.stale_many(req.gdst, int(req.proto), spis, tokens)
             if stale:
-                raise ReservationLost(
-                    f"{len(stale)} of {len(spis)} reservations are not current (their state expired or was "
-                    f"deleted, or they were released; the SPI may be another's now), e.g. {rs[stale[0]]}: "
-                    "nothing was released",
-                    [rs[i] for i in stale],
-                )
-            return self.release_keys(keys, rs)
+                if not skip_stale:
+                    raise ReservationLost(
+                        f"{len(stale)} of {len(spis)} reservations are not current (their state expired or was "
+                        f"deleted, or they were released; the SPI may be another's now), e.g. {rs[stale[0]]}: "
+                        "nothing was released",
+                        [rs[i] for i in stale],
+                    )
+                rs = batch_without(rs, set(stale))
+                req, spis, tokens = rs._parts()
+            return self.release_keys(self._batch_keys(req, spis), rs)
+
+    @staticmethod
+    def _batch_keys(req: Request, spis: Sequence[int]) -> list[rules.DelKey]:
+        return list(zip(repeat(req.daddr), spis, repeat(req.family), repeat(int(req.proto)), repeat(req.mark)))
 
     def release_keys(self, keys: list[rules.DelKey], items: Sequence[Reservation] | None = None) -> int:
         """DELSA for ``keys`` and forget their tuples (given the reservations

@@ -9,7 +9,7 @@ import enum
 import ipaddress
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, NamedTuple, Sequence, Tuple, Union, overload
+from typing import Any, Collection, Iterator, NamedTuple, Sequence, Tuple, Union, cast, overload
 
 from . import _wire as w
 from .errors import InvalidRequest
@@ -690,6 +690,35 @@ def batch_reservations(
     rs = object.__new__(Reservations)
     rs._req, rs._spis, rs._tokens, rs._at = req, spis, tokens, at
     return rs
+
+
+def joined_batches(req: Request, parts: Sequence[Reservations]) -> Reservations:
+    """Batches of one request (``AsyncAllocator.allocate_many``'s chunks) as
+    one, in order, still arrays.  Each chunk has its own token, so the
+    tokens become one array; ``allocated_at`` is the first chunk's, the
+    earliest (a caller timing a larval state's lifetime from it errs early).
+    At least one part."""
+    parts = [p for p in parts if len(p)] or [parts[0]]
+    if len(parts) == 1:
+        return parts[0]
+    spis: array.array[int] = array.array("I")
+    tokens: array.array[int] | None = None if parts[0]._tokens is None else array.array("Q")
+    for p in parts:
+        spis.extend(p._spis)
+        if tokens is not None:
+            t = p._tokens
+            tokens.extend(array.array("Q", [t]) * len(p) if isinstance(t, int) else cast("array.array[int]", t))
+    return batch_reservations(req, spis, tokens, parts[0]._at)
+
+
+def batch_without(rs: Reservations, skip: Collection[int]) -> Reservations:
+    """``rs`` but the entries at indices ``skip``."""
+    keep = [i for i in range(len(rs)) if i not in skip]
+    spis = rs._spis
+    tokens = rs._tokens
+    if tokens is not None and not isinstance(tokens, int):
+        tokens = array.array("Q", [tokens[i] for i in keep])
+    return batch_reservations(rs._req, array.array("I", [spis[i] for i in keep]), tokens, rs._at)
 
 
 #: "No limit" in a lifetime (the kernel's XFRM_INF).

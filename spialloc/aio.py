@@ -22,7 +22,7 @@ import asyncio
 import errno
 import functools
 import warnings
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Literal, TypeVar, cast, overload
 
 from . import _binding as binding
 from . import _lifecycle
@@ -30,7 +30,7 @@ from . import _rules as rules
 from . import _wire as w
 from ._core import BatchResult, Core
 from ._lifecycle import close_copy
-from ._model import Address, KernelState, MarkSpec, Proto, Request, Reservation
+from ._model import Address, KernelState, MarkSpec, Proto, Request, Reservation, Reservations, joined_batches
 from ._netlink import DEFAULT_RCVBUF, XfrmSocket
 from ._netns import NetnsSpec
 from ._rules import AllocatorStats
@@ -223,13 +223,25 @@ class AsyncAllocator:
             return book.won(req, await self._alloc_one(req, req.spi_min, req.spi_max), 0)
         return book.note(req, await self._drive(rules.single_plan(book, req)), until)
 
+    @overload
+    async def allocate_many(
+        self, count: int, dst: Address, proto: str | int | Proto = ..., *, strict: Literal[True] = ..., **options: Any
+    ) -> Reservations: ...
+
+    @overload
+    async def allocate_many(
+        self, count: int, dst: Address, proto: str | int | Proto = ..., *, strict: Literal[False], **options: Any
+    ) -> BatchResult: ...
+
     async def allocate_many(
         self, count: int, dst: Address, proto: str | int | Proto = "esp", *, strict: bool = True, **options: Any
-    ) -> list[Reservation] | BatchResult:
+    ) -> Reservations | BatchResult:
         """``Allocator.allocate_many`` in chunks of what the receive buffer
         holds, each run in a worker thread.  All or nothing across the whole
         batch when ``strict``; cancellation releases what was allocated,
-        including a chunk still running when the caller was cancelled."""
+        including a chunk still running when the caller was cancelled, and
+        skips what was lost meanwhile.  The successes come as one
+        ``Reservations`` over the chunks' arrays, as ``Allocator``'s."""
         core = self._core
         core.check_batch_args(count, {k: v for k, v in options.items() if k not in _BATCH_OPTIONS})
         core.check_open()
@@ -248,18 +260,22 @@ class AsyncAllocator:
         )
         chunk = max(1, min(1024, core.kernel.sock.window()))
         loop = self._attach()
-        done: list[Reservation] = []
+        parts: list[Reservations] = []  # each chunk's, still arrays: no object per SPI
+        got = 0
         errors: dict[int, SpiallocError] = {}
         try:
-            while len(done) + len(errors) < count and not (errors and strict):
-                n = min(chunk, count - len(done) - len(errors))
-                base = len(done) + len(errors)
-                part = await _chunk(loop, core, req, n, done)
-                done.extend(part.reservations)
+            while got + len(errors) < count and not (errors and strict):
+                n = min(chunk, count - got - len(errors))
+                base = got + len(errors)
+                part = await _chunk(loop, core, req, n, parts)
+                parts.append(cast(Reservations, part.reservations))
+                got += len(part.reservations)
                 errors.update({base + i: e for i, e in part.errors.items()})
         except BaseException:
-            await asyncio.shield(loop.run_in_executor(None, core.release, done))
+            if parts:
+                await asyncio.shield(loop.run_in_executor(None, core.release_owned, joined_batches(req, parts)))
             raise
+        done = joined_batches(req, parts) if parts else core.empty_batch(req)
         return await self._in_thread(core.outcome, count, done, errors, strict)
 
     async def release(self, reservations: Reservation | Iterable[Reservation]) -> int:
@@ -405,11 +421,11 @@ _BATCH_OPTIONS = frozenset({"src", "spi_range", "mode", "reqid", "mark", "if_id"
 
 
 async def _chunk(
-    loop: asyncio.AbstractEventLoop, core: Core, req: Request, n: int, done: list[Reservation]
+    loop: asyncio.AbstractEventLoop, core: Core, req: Request, n: int, parts: list[Reservations]
 ) -> BatchResult:
     """One batch chunk in a worker thread.  If the caller is cancelled
     meanwhile, the chunk still finishes there: wait for it and add its
-    reservations to ``done``, so the caller's clean-up releases them too
+    reservations to ``parts``, so the caller's clean-up releases them too
     (cancelled again while waiting: they are released when it ends)."""
     fut = loop.run_in_executor(None, _batch_part, core, req, n)
     try:
@@ -421,7 +437,7 @@ async def _chunk(
             fut.add_done_callback(functools.partial(_release_when_done, loop, core))
             raise
         if not fut.cancelled() and fut.exception() is None:
-            done.extend(fut.result().reservations)
+            parts.append(cast(Reservations, fut.result().reservations))
         raise
 
 
@@ -433,4 +449,4 @@ def _batch_part(core: Core, req: Request, n: int) -> BatchResult:
 
 def _release_when_done(loop: asyncio.AbstractEventLoop, core: Core, fut: asyncio.Future[BatchResult]) -> None:
     if not fut.cancelled() and fut.exception() is None:
-        loop.run_in_executor(None, core.release, fut.result().reservations)
+        loop.run_in_executor(None, core.release_owned, cast(Reservations, fut.result().reservations))

@@ -9,7 +9,7 @@ import socket
 from typing import Any, Awaitable, TypeVar
 
 import pytest
-from nsutil import make_acquire, sad_count, sad_spis, wait_for
+from nsutil import make_acquire, ns_run, sad_count, sad_spis, wait_for
 
 from spialloc import (
     Acquire,
@@ -24,8 +24,10 @@ from spialloc import (
     Proto,
     Reservation,
     ReservationLost,
+    Reservations,
     SpiExhausted,
     State,
+    aio,
 )
 
 T = TypeVar("T")
@@ -173,7 +175,7 @@ def test_allocate_many_strict(netns: Namespace) -> None:
     async def main() -> None:
         async with AsyncAllocator(netns) as alloc:
             got = await alloc.allocate_many(500, DST)
-            assert isinstance(got, list) and len(got) == 500
+            assert isinstance(got, Reservations) and len(got) == 500
             assert len({r.spi for r in got}) == 500
             assert sad_spis(netns) == {r.spi for r in got}
             assert await alloc.release(got) == 500
@@ -235,6 +237,54 @@ def test_cancelling_allocate_many_leaves_no_states(netns: Namespace, chunks_befo
             # the allocator is still usable afterwards
             r = await alloc.allocate(DST)
             assert sad_spis(netns) == {r.spi}
+            await alloc.release(r)
+
+    run(main(), timeout=120)
+
+
+@pytest.mark.parametrize("end", ["strict_failure", "cancel"])
+def test_batch_whose_early_state_was_deleted_outside_still_leaves_no_states(
+    netns: Namespace, monkeypatch: pytest.MonkeyPatch, end: str
+) -> None:
+    """A batch runs in chunks; while a later chunk runs, someone deletes a
+    state of an earlier one (it is lost, its SPI free for anyone).  The
+    batch then fails (strict, range exhausted) or is cancelled: every state
+    it still owns goes, the lost one is not deleted again, and the caller
+    gets BatchError or CancelledError, not the lost reservation's error."""
+    lo, size = 0x10000, 1500
+    real = aio._batch_part
+    calls = 0
+
+    async def main() -> None:
+        async with AsyncAllocator(netns) as alloc:
+            loop = asyncio.get_running_loop()
+            task: asyncio.Task[Any] | None = None
+
+            def second_chunk_after_an_outside_delete(core: Any, req: Any, n: int) -> Any:
+                nonlocal calls
+                calls += 1
+                if calls == 2:
+                    victim = min(sad_spis(netns))
+                    ns_run(netns, ["ip", "xfrm", "state", "delete", "dst", DST, "proto", "esp", "spi", hex(victim)])
+                    if end == "cancel":
+                        assert task is not None
+                        loop.call_soon_threadsafe(task.cancel)
+                return real(core, req, n)
+
+            monkeypatch.setattr(aio, "_batch_part", second_chunk_after_an_outside_delete)
+            task = asyncio.ensure_future(alloc.allocate_many(size + 100, DST, spi_range=(lo, lo + size - 1)))
+            if end == "cancel":
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            else:
+                with pytest.raises(BatchError) as ei:
+                    await task
+                # All but the deleted one, and its SPI again if a later chunk got it back.
+                assert ei.value.released in (size - 1, size)
+            assert calls >= 2  # the batch really ran in chunks
+            assert sad_count(netns) == 0
+            assert alloc.guard.stats.reserved == 0
+            r = await alloc.allocate(DST, spi_range=(lo, lo + size - 1))  # the whole range is free again
             await alloc.release(r)
 
     run(main(), timeout=120)

@@ -40,6 +40,7 @@ from spialloc import (
     ClosedError,
     Namespace,
     Reservation,
+    Reservations,
     SpiallocError,
     SpiExhausted,
     _netlink,
@@ -100,7 +101,7 @@ def test_isolated_namespace_handle_closed_while_allocator_open_keeps_working() -
     try:
         r = a.allocate(DST)
         rs = asyncio.run(b.allocate_many(10, DST))
-        assert isinstance(rs, list) and len(rs) == 10
+        assert isinstance(rs, Reservations) and len(rs) == 10
         assert len(a.states()) == 11
         assert a.release(r) == 1
         assert asyncio.run(b.release(rs)) == 10  # each by the allocator that issued it
@@ -285,7 +286,7 @@ def test_close_during_batch_is_closed_error(netns: Namespace, backend: str, monk
     t.join(30)
     assert not t.is_alive()
     (outcome,) = result
-    got = outcome if isinstance(outcome, list) else []
+    got = list(outcome) if isinstance(outcome, Reservations) else []
     left = _left_over(netns, got)
     problems = []
     if not isinstance(outcome, ClosedError):
@@ -521,7 +522,7 @@ def test_eintr_storm_async(netns: Namespace) -> None:
         async with AsyncAllocator(netns) as b:
             got = list(await asyncio.gather(*(b.allocate(DST) for _ in range(300))))
             more = await b.allocate_many(2000, DST)
-            assert isinstance(more, list)
+            assert isinstance(more, Reservations)
             got += more
             assert len({r.spi for r in got}) == 2300
             assert await b.release(got) == 2300

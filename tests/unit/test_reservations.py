@@ -16,7 +16,15 @@ from hypothesis import strategies as st
 
 from spialloc import Guard, Reservation
 from spialloc import guard as guard_mod
-from spialloc._model import Proto, Reservations, batch_reservations, build_request, reservation_from
+from spialloc._model import (
+    Proto,
+    Reservations,
+    batch_reservations,
+    batch_without,
+    build_request,
+    joined_batches,
+    reservation_from,
+)
 
 REQ = build_request("10.0.0.1", "esp", reqid=7, mark=(1, 0xFF))
 
@@ -126,6 +134,32 @@ def test_a_slice_is_reservations_again() -> None:
     assert part.spis == [2, 3, 4] and part._token_list() == [7, 8, 9]
     assert list(rs[::-2]) == [rs[4], rs[2], rs[0]]
     assert len(rs[10:]) == 0
+
+
+def test_joined_batches_are_the_parts_in_order() -> None:
+    """AsyncAllocator's chunks, each with one token or one per entry (or
+    none, unguarded), as one batch; empty parts drop out; the first
+    part's allocated_at, the earliest, is everyone's."""
+    one_token = batch_reservations(REQ, array.array("I", [1, 2]), 50, 10.0)
+    per_entry = _batch([3, 4], [60, 61], at=20.0)
+    empty = _batch([], [], at=5.0)
+    rs = joined_batches(REQ, [empty, one_token, empty, per_entry])
+    assert rs.spis == [1, 2, 3, 4] and rs._token_list() == [50, 50, 60, 61]
+    assert [r.allocated_at for r in rs] == [10.0] * 4
+    assert list(rs) == [reservation_from(REQ, s, 10.0, t) for s, t in [(1, 50), (2, 50), (3, 60), (4, 61)]]
+    assert joined_batches(REQ, [per_entry]) is per_entry
+    assert len(joined_batches(REQ, [empty, empty])) == 0
+    unguarded = joined_batches(REQ, [_batch([5]), _batch([6, 7])])
+    assert unguarded.spis == [5, 6, 7] and unguarded._tokens is None
+
+
+def test_batch_without_drops_the_named_entries() -> None:
+    rs = _batch([1, 2, 3, 4], [5, 6, 7, 8], at=3.0)
+    rest = batch_without(rs, {0, 2})
+    assert list(rest) == [rs[1], rs[3]] and rest[0].allocated_at == 3.0
+    assert batch_without(batch_reservations(REQ, array.array("I", [1, 2]), 9, 1.0), {1})._token_list() == [9]
+    assert batch_without(_batch([1, 2]), {0}).spis == [2]
+    assert len(batch_without(rs, range(4))) == 0
 
 
 def test_reservations_is_immutable_and_unhashable() -> None:

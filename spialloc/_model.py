@@ -692,9 +692,9 @@ def batch_reservations(
     return rs
 
 
-def joined_batches(req: Request, parts: Sequence[Reservations]) -> Reservations:
-    """Batches of one request (``AsyncAllocator.allocate_many``'s chunks) as
-    one, in order, still arrays.  Each chunk has its own token, so the
+def joined_batches(parts: Sequence[Reservations]) -> Reservations:
+    """Batches of one request (the chunks of ``AsyncAllocator.allocate_many``
+    or of the command's ``alloc``) as one, in order, still arrays.  Each chunk has its own token, so the
     tokens become one array; ``allocated_at`` is the first chunk's, the
     earliest (a caller timing a larval state's lifetime from it errs early).
     At least one part."""
@@ -708,7 +708,7 @@ def joined_batches(req: Request, parts: Sequence[Reservations]) -> Reservations:
         if tokens is not None:
             t = p._tokens
             tokens.extend(array.array("Q", [t]) * len(p) if isinstance(t, int) else cast("array.array[int]", t))
-    return batch_reservations(req, spis, tokens, parts[0]._at)
+    return batch_reservations(parts[0]._req, spis, tokens, parts[0]._at)
 
 
 def batch_without(rs: Reservations, skip: Collection[int]) -> Reservations:

@@ -273,9 +273,9 @@ class AsyncAllocator:
                 errors.update({base + i: e for i, e in part.errors.items()})
         except BaseException:
             if parts:
-                await asyncio.shield(loop.run_in_executor(None, core.release_owned, joined_batches(req, parts)))
+                await asyncio.shield(loop.run_in_executor(None, core.release_owned, joined_batches(parts)))
             raise
-        done = joined_batches(req, parts) if parts else core.empty_batch(req)
+        done = joined_batches(parts) if parts else core.empty_batch(req)
         return await self._in_thread(core.outcome, count, done, errors, strict)
 
     async def release(self, reservations: Reservation | Iterable[Reservation]) -> int:

@@ -23,8 +23,10 @@ from ._model import (
     Mode,
     Proto,
     Reservation,
+    Reservations,
     check_int,
     default_range,
+    joined_batches,
     parse_address,
     parse_mark,
     parse_proto,
@@ -347,6 +349,7 @@ def _command(args: argparse.Namespace, alloc: Allocator) -> int:
             direction=args.dir,
             pcpu=args.pcpu,
         )
+        items: Sequence[Reservation]
         if args.count == 1:
             items = [alloc.allocate(args.dst, args.proto, seq=_resolve_seq(alloc, args.seq), **opts)]
         else:
@@ -402,31 +405,37 @@ class _Progress:
             sys.stderr.flush()
 
 
-def _alloc_many(args: argparse.Namespace, alloc: Allocator, opts: dict[str, Any]) -> list[Reservation]:
+def _alloc_many(args: argparse.Namespace, alloc: Allocator, opts: dict[str, Any]) -> Sequence[Reservation]:
     """allocate_many in CHUNKs, all or nothing across them: a failed chunk
     releases the chunks before it; Ctrl-C releases them too, unless --keep
-    (then they are printed)."""
-    got: list[Reservation] = []
+    (then they are printed).  What a run releases is what it still owns: a
+    state of an early chunk may have expired or been deleted by someone else
+    since, and its SPI may be another's by now (even a later chunk's)."""
+    parts: list[Reservations] = []
+    done = 0
     progress = _Progress(args.count, sys.stderr.isatty() and not args.json)
     try:
-        while len(got) < args.count:
-            got += alloc.allocate_many(min(CHUNK, args.count - len(got)), args.dst, args.proto, **opts)
-            progress.update(len(got))
+        while done < args.count:
+            parts.append(alloc.allocate_many(min(CHUNK, args.count - done), args.dst, args.proto, **opts))
+            done += len(parts[-1])
+            progress.update(done)
     except KeyboardInterrupt:
         # The chunk in flight released its own states (allocate_many is all
         # or nothing under an interrupt, too); what came before is ours.
         progress.end()
+        got = joined_batches(parts) if parts else None
         if args.keep:
-            _print(args, got)
-            raise _Interrupted(f"kept the {len(got)} SPIs allocated so far (--keep)") from None
-        released = alloc.release(got)
+            _print(args, got or [])
+            raise _Interrupted(f"kept the {done} SPIs allocated so far (--keep)") from None
+        released = 0 if got is None else alloc.core.release_owned(got)
         raise _Interrupted(f"released the {released} SPIs allocated so far") from None
     except BaseException:
         progress.end()
-        alloc.release(got)
+        if parts:
+            alloc.core.release_owned(joined_batches(parts))
         raise
     progress.end()
-    return got
+    return joined_batches(parts) if parts else []
 
 
 def _resolve_seq(alloc: Allocator, seq: tuple[int, int]) -> int:

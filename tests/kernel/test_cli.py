@@ -336,6 +336,69 @@ def test_ctrl_c_with_keep_prints_and_keeps_them(named_netns: str) -> None:
     assert len(kept) == 10000 and ip_spis(named_netns) == kept
 
 
+# As SLOW_SECOND_CHUNK, and before the second chunk someone else deletes a
+# state of the first (argv[1], the namespace's name): that reservation is lost.
+DELETE_BEFORE_SECOND_CHUNK = r"""
+import signal, subprocess, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
+import spialloc.allocator as A
+_real, _calls, _netns, _wait = A.Allocator.allocate_many, [0], sys.argv.pop(1), "--wait" in sys.argv
+def _second(self, *a, **k):
+    _calls[0] += 1
+    if _calls[0] == 2:
+        lines = subprocess.run(["ip", "-n", _netns, "xfrm", "state", "list"], capture_output=True, text=True).stdout
+        victim = min(int(l.split()[l.split().index("spi") + 1], 16) for l in lines.splitlines() if " spi " in l)
+        assert _wait or victim < 0x10000 + 10_000  # the first chunk's, not another process's
+        subprocess.run(["ip", "-n", _netns, "xfrm", "state", "delete", "dst", "10.0.0.1", "proto", "esp",
+                        "spi", hex(victim)], check=True)
+        print("deleted", file=sys.stderr, flush=True)
+        if _wait:
+            time.sleep(60)
+    return _real(self, *a, **k)
+A.Allocator.allocate_many = _second
+from spialloc.cli import main
+sys.argv = ["spialloc"] + [a for a in sys.argv[1:] if a != "--wait"]
+main()
+"""
+
+
+@pytest.mark.parametrize("end", ["ctrl_c", "range_exhausted"])
+def test_a_run_whose_first_chunk_lost_a_state_still_releases_the_rest(named_netns: str, end: str) -> None:
+    """A state of the first chunk deleted by someone else, then the run
+    ends early (Ctrl-C, or the second chunk fails): the other 9,999 states
+    go, the lost one is not asked for, and the message is about the run."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    lo, hi, others = 0x10000, 0x10000 + 10_099, set()
+    if end == "ctrl_c":
+        extra, count = ["--wait"], 10_200
+    else:
+        # 60 of the range's 10,100 SPIs held by another process: the second
+        # chunk (100) finds 41 free, the lost SPI among them, and fails.
+        ok(run_cli("alloc", "--dst", "10.0.0.1", "--count", "60", "--min", str(hi - 59), "--max", str(hi),
+                   "--netns", named_netns))  # fmt: skip
+        others = ip_spis(named_netns)
+        extra, count = ["--min", str(lo), "--max", str(hi)], 10_100
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DELETE_BEFORE_SECOND_CHUNK, named_netns, "alloc", "--dst", "10.0.0.1",
+         "--count", str(count), "--netns", named_netns, *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    assert proc.stderr.readline() == "deleted\n"
+    if end == "ctrl_c":
+        proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err and "not current" not in err, err
+    if end == "ctrl_c":
+        assert proc.returncode == 130, err
+        assert err.strip() == "spialloc: interrupted: released the 9999 SPIs allocated so far", err
+    else:
+        assert proc.returncode == 1, err
+        assert "59 of 100 allocations failed" in err and "41 successful allocations were released" in err, err
+    assert out == ""
+    assert ip_spis(named_netns) == others
+
+
 def test_progress_on_a_terminal_only(named_netns: str) -> None:
     """Over a second, on a terminal: "allocated N of M" on stderr; piped or
     with --json, nothing."""

@@ -143,13 +143,13 @@ def test_joined_batches_are_the_parts_in_order() -> None:
     one_token = batch_reservations(REQ, array.array("I", [1, 2]), 50, 10.0)
     per_entry = _batch([3, 4], [60, 61], at=20.0)
     empty = _batch([], [], at=5.0)
-    rs = joined_batches(REQ, [empty, one_token, empty, per_entry])
+    rs = joined_batches([empty, one_token, empty, per_entry])
     assert rs.spis == [1, 2, 3, 4] and rs._token_list() == [50, 50, 60, 61]
     assert [r.allocated_at for r in rs] == [10.0] * 4
     assert list(rs) == [reservation_from(REQ, s, 10.0, t) for s, t in [(1, 50), (2, 50), (3, 60), (4, 61)]]
-    assert joined_batches(REQ, [per_entry]) is per_entry
-    assert len(joined_batches(REQ, [empty, empty])) == 0
-    unguarded = joined_batches(REQ, [_batch([5]), _batch([6, 7])])
+    assert joined_batches([per_entry]) is per_entry
+    assert len(joined_batches([empty, empty])) == 0
+    unguarded = joined_batches([_batch([5]), _batch([6, 7])])
     assert unguarded.spis == [5, 6, 7] and unguarded._tokens is None
 
 

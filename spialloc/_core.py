@@ -11,15 +11,16 @@ other operation to ``execute`` in a worker thread.
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import ipaddress
 import threading
 import time
 from dataclasses import dataclass, field
 from itertools import repeat
-from typing import Callable, Generator, Iterable, Literal, Sequence, TypeVar, cast
+from typing import Callable, Generator, Iterable, Iterator, Literal, Sequence, TypeVar, cast
 
-from . import _backend, _lifecycle, _shared
+from . import _backend, _lifecycle, _log, _shared
 from . import _rules as rules
 from . import _wire as w
 from ._batch import BatchRun
@@ -130,6 +131,9 @@ class Core:
         self._idle_lock = threading.Lock()
         self._idle = threading.Condition(self._idle_lock)
         self._running = 0  # batches under way; close() waits for them
+        #: Called by close() with this core once no batch runs, before the
+        #: sockets close: AsyncAllocator releases batches nobody was given.
+        self.before_close: list[Callable[[Core], None]] = []
         self._req_cache: dict[tuple[object, ...], Request] = {}
         #: Requests made with every option but dst and proto (a str) left
         #: at its default, by (dst, proto): ``Allocator.allocate`` finds
@@ -170,6 +174,11 @@ class Core:
             self.kernel.closing = True
         with self._idle:
             self._idle.wait_for(lambda: self._running == 0, timeout=60)
+        for hook in self.before_close:
+            try:
+                hook(self)
+            except SpiallocError as exc:
+                _log.kernel.warning("%s.close: releasing unfinished batches failed: %s", self.what, exc)
         if self.watcher is not None:
             self.watcher.close()
         if hasattr(self, "kernel"):
@@ -419,8 +428,7 @@ class Core:
         Every exit other than the return hands the batch's states back: an
         interrupted plan releases them itself; after it finished, a Ctrl-C,
         close() or anything else before the return releases them here."""
-        with self._idle_lock:
-            self._running += 1
+        self._started()
         running = True
         run: BatchRun | None = None
         try:
@@ -456,6 +464,22 @@ class Core:
         finally:
             if running:
                 self._stopped()
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        """A block close() waits for, as for a running batch (and ClosedError
+        if close() began already: the sockets may be gone by then)."""
+        self._started()
+        try:
+            yield
+        finally:
+            self._stopped()
+
+    def _started(self) -> None:
+        with self._idle_lock:
+            if self.closed:  # checked with the count: close() waits for what began before it
+                raise ClosedError(errno.EBADF, "allocator is closed")
+            self._running += 1
 
     def _stopped(self) -> None:
         with self._idle_lock:
@@ -510,16 +534,6 @@ class Core:
                 return self.release_keys(keys)
             except KeyboardInterrupt:
                 continue
-
-    def outcome(
-        self, count: int, reservations: Reservations, errors: dict[int, SpiallocError], strict: bool
-    ) -> Reservations | BatchResult:
-        """Batches run in parts (AsyncAllocator), put together: all or
-        nothing when ``strict``, as ``run_batch``.  What a failed batch
-        releases is what it still owns: a part lost meanwhile is skipped."""
-        if errors and strict:
-            raise BatchError(count, errors, self.release_owned(reservations))
-        return reservations if strict else BatchResult(reservations, errors)
 
     # --- release and commit --------------------------------------------------------------------
 

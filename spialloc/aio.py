@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import threading
 import warnings
 from typing import Any, Callable, Iterable, Literal, TypeVar, cast, overload
 
@@ -35,7 +36,7 @@ from ._netlink import DEFAULT_RCVBUF, XfrmSocket
 from ._netns import NetnsSpec
 from ._rules import AllocatorStats
 from .allocator import Allocator
-from .errors import ClosedError, ForkedError, NetlinkError, SpiallocError, from_errno
+from .errors import BatchError, ClosedError, ForkedError, NetlinkError, SpiallocError, from_errno
 from .guard import Guard
 from .monitor import Acquire
 
@@ -64,6 +65,8 @@ class AsyncAllocator:
             raise
         self._replies = _Replies(self._sock, self._core)
         self._pending = self._replies.pending
+        self._unclaimed = _Unclaimed()
+        self._core.before_close.append(self._unclaimed.release_all)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._window = asyncio.Semaphore(1)  # replaced per loop in _attach
         self._closed = False
@@ -260,23 +263,30 @@ class AsyncAllocator:
         )
         chunk = max(1, min(1024, core.kernel.sock.window()))
         loop = self._attach()
-        parts: list[Reservations] = []  # each chunk's, still arrays: no object per SPI
+        # Each chunk's Reservations (arrays: no object per SPI), appended by
+        # the chunk itself and known to close() until the caller has them:
+        # nobody else would ever release them.
+        parts = self._unclaimed.open()
         got = 0
         errors: dict[int, SpiallocError] = {}
         try:
             while got + len(errors) < count and not (errors and strict):
                 n = min(chunk, count - got - len(errors))
                 base = got + len(errors)
-                part = await _chunk(loop, core, req, n, parts)
-                parts.append(cast(Reservations, part.reservations))
+                part = await _chunk(loop, core, req, n, parts, self._unclaimed)
                 got += len(part.reservations)
                 errors.update({base + i: e for i, e in part.errors.items()})
+            if errors and strict:
+                await asyncio.shield(loop.run_in_executor(None, _give_up, core, self._unclaimed, parts, count, errors))
         except BaseException:
-            if parts:
-                await asyncio.shield(loop.run_in_executor(None, core.release_owned, joined_batches(parts)))
+            await asyncio.shield(loop.run_in_executor(None, _give_up, core, self._unclaimed, parts))
             raise
-        done = joined_batches(parts) if parts else core.empty_batch(req)
-        return await self._in_thread(core.outcome, count, done, errors, strict)
+        # No await from here on: a cancellation now would strand states nobody holds.
+        mine = self._unclaimed.take(parts)
+        if mine is None:  # close() released them
+            raise ClosedError(errno.EBADF, "allocator closed during the batch")
+        done = joined_batches(mine) if mine else core.empty_batch(req)
+        return done if strict else BatchResult(done, errors)
 
     async def release(self, reservations: Reservation | Iterable[Reservation]) -> int:
         """``Allocator.release`` (DELSA), in a worker thread."""
@@ -421,32 +431,93 @@ _BATCH_OPTIONS = frozenset({"src", "spi_range", "mode", "reqid", "mark", "if_id"
 
 
 async def _chunk(
-    loop: asyncio.AbstractEventLoop, core: Core, req: Request, n: int, parts: list[Reservations]
+    loop: asyncio.AbstractEventLoop,
+    core: Core,
+    req: Request,
+    n: int,
+    parts: list[Reservations],
+    unclaimed: _Unclaimed,
 ) -> BatchResult:
     """One batch chunk in a worker thread.  If the caller is cancelled
-    meanwhile, the chunk still finishes there: wait for it and add its
-    reservations to ``parts``, so the caller's clean-up releases them too
-    (cancelled again while waiting: they are released when it ends)."""
-    fut = loop.run_in_executor(None, _batch_part, core, req, n)
+    meanwhile, the chunk still finishes there: wait for it, so that the
+    caller's clean-up finds its part (cancelled again while waiting: the
+    chunk releases its part itself, finding the batch given up)."""
+    fut = loop.run_in_executor(None, _batch_part, core, req, n, parts, unclaimed)
     try:
         return await asyncio.shield(fut)
     except asyncio.CancelledError:
-        try:
-            await asyncio.wait([fut])
-        except asyncio.CancelledError:
-            fut.add_done_callback(functools.partial(_release_when_done, loop, core))
-            raise
-        if not fut.cancelled() and fut.exception() is None:
-            parts.append(cast(Reservations, fut.result().reservations))
+        await asyncio.wait([fut])
         raise
 
 
-def _batch_part(core: Core, req: Request, n: int) -> BatchResult:
-    part = core.run_batch(req, n, False)
-    assert isinstance(part, BatchResult)
+def _batch_part(core: Core, req: Request, n: int, parts: list[Reservations], unclaimed: _Unclaimed) -> BatchResult:
+    """A chunk, counted as running by close() until its part is in
+    ``parts``, or released if the batch was given up (by its caller, or by
+    close) while it ran."""
+    with core.busy():
+        part = core.run_batch(req, n, False)
+        assert isinstance(part, BatchResult)
+        rs = cast(Reservations, part.reservations)
+        if not unclaimed.add(parts, rs):
+            core.release_owned(rs)
     return part
 
 
-def _release_when_done(loop: asyncio.AbstractEventLoop, core: Core, fut: asyncio.Future[BatchResult]) -> None:
-    if not fut.cancelled() and fut.exception() is None:
-        loop.run_in_executor(None, core.release_owned, cast(Reservations, fut.result().reservations))
+def _give_up(
+    core: Core,
+    unclaimed: _Unclaimed,
+    parts: list[Reservations],
+    count: int = 0,
+    errors: dict[int, SpiallocError] | None = None,
+) -> None:
+    """Release what a batch's chunks made (in a worker thread), and with
+    ``errors`` raise its BatchError.  ClosedError if close() began first:
+    then close released them."""
+    with core.busy():
+        mine = unclaimed.take(parts)
+        released = core.release_owned(joined_batches(mine)) if mine else 0
+    if errors:
+        raise BatchError(count, errors, released)
+
+
+class _Unclaimed:
+    """The chunks of batches nobody has been given yet.  Released by
+    whoever comes first (the batch's clean-up, a chunk that finds its batch
+    given up, or close), and by that one only: a part released twice could
+    delete a state that is someone else's by then."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._groups: list[list[Reservations]] = []
+
+    def open(self) -> list[Reservations]:
+        """A new batch's list of parts."""
+        parts: list[Reservations] = []
+        with self._lock:
+            self._groups.append(parts)
+        return parts
+
+    def add(self, parts: list[Reservations], rs: Reservations) -> bool:
+        """Append ``rs`` to ``parts``; False if the batch was given up."""
+        with self._lock:
+            if not any(group is parts for group in self._groups):
+                return False
+            parts.append(rs)
+            return True
+
+    def take(self, parts: list[Reservations]) -> list[Reservations] | None:
+        """``parts``, now the caller's alone; None if close took them."""
+        with self._lock:
+            for i, group in enumerate(self._groups):
+                if group is parts:
+                    del self._groups[i]
+                    return parts
+        return None
+
+    def release_all(self, core: Core) -> None:
+        """Release every batch's parts (``Core.before_close``)."""
+        with self._lock:
+            groups, self._groups = self._groups, []
+        for parts in groups:
+            if parts:
+                core.release_owned(joined_batches(parts))

@@ -260,7 +260,7 @@ def test_batch_whose_early_state_was_deleted_outside_still_leaves_no_states(
             loop = asyncio.get_running_loop()
             task: asyncio.Task[Any] | None = None
 
-            def second_chunk_after_an_outside_delete(core: Any, req: Any, n: int) -> Any:
+            def second_chunk_after_an_outside_delete(*args: Any) -> Any:
                 nonlocal calls
                 calls += 1
                 if calls == 2:
@@ -269,7 +269,7 @@ def test_batch_whose_early_state_was_deleted_outside_still_leaves_no_states(
                     if end == "cancel":
                         assert task is not None
                         loop.call_soon_threadsafe(task.cancel)
-                return real(core, req, n)
+                return real(*args)
 
             monkeypatch.setattr(aio, "_batch_part", second_chunk_after_an_outside_delete)
             task = asyncio.ensure_future(alloc.allocate_many(size + 100, DST, spi_range=(lo, lo + size - 1)))
@@ -286,6 +286,41 @@ def test_batch_whose_early_state_was_deleted_outside_still_leaves_no_states(
             assert alloc.guard.stats.reserved == 0
             r = await alloc.allocate(DST, spi_range=(lo, lo + size - 1))  # the whole range is free again
             await alloc.release(r)
+
+    run(main(), timeout=120)
+
+
+@pytest.mark.parametrize("guard", [True, False], ids=["guarded", "raw"])
+def test_close_between_chunks_of_a_batch_leaves_no_states(
+    netns: Namespace, monkeypatch: pytest.MonkeyPatch, guard: bool
+) -> None:
+    """A daemon shutting down closes its allocator while a batch waits
+    between chunks (the earlier chunks' states exist, nobody holds them):
+    the batch raises ClosedError and none of its states survive."""
+    real = aio._batch_part
+    calls = 0
+
+    async def main() -> None:
+        alloc = AsyncAllocator(netns, guard=guard)
+        chunk_done = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def counted(*args: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            part = real(*args)
+            if calls == 2:
+                loop.call_soon_threadsafe(chunk_done.set)
+            return part
+
+        monkeypatch.setattr(aio, "_batch_part", counted)
+        task = asyncio.ensure_future(alloc.allocate_many(20_000, DST))
+        await chunk_done.wait()  # two chunks' states exist, the third is being asked for
+        assert sad_count(netns) > 0
+        await alloc.close()
+        with pytest.raises(ClosedError):
+            await task
+        assert sad_count(netns) == 0
 
     run(main(), timeout=120)
 

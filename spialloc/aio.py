@@ -19,6 +19,7 @@ once, if it was already read).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
 import threading
@@ -279,7 +280,10 @@ class AsyncAllocator:
             if errors and strict:
                 await asyncio.shield(loop.run_in_executor(None, _give_up, core, self._unclaimed, parts, count, errors))
         except BaseException:
-            await asyncio.shield(loop.run_in_executor(None, _give_up, core, self._unclaimed, parts))
+            # ClosedError here: close() began first and releases them; the
+            # caller hears why the batch stopped, not that.
+            with contextlib.suppress(ClosedError):
+                await asyncio.shield(loop.run_in_executor(None, _give_up, core, self._unclaimed, parts))
             raise
         # No await from here on: a cancellation now would strand states nobody holds.
         mine = self._unclaimed.take(parts)

@@ -290,13 +290,16 @@ def test_batch_whose_early_state_was_deleted_outside_still_leaves_no_states(
     run(main(), timeout=120)
 
 
+@pytest.mark.parametrize("how", ["close", "cancel-then-close"])
 @pytest.mark.parametrize("guard", [True, False], ids=["guarded", "raw"])
 def test_close_between_chunks_of_a_batch_leaves_no_states(
-    netns: Namespace, monkeypatch: pytest.MonkeyPatch, guard: bool
+    netns: Namespace, monkeypatch: pytest.MonkeyPatch, guard: bool, how: str
 ) -> None:
-    """A daemon shutting down closes its allocator while a batch waits
-    between chunks (the earlier chunks' states exist, nobody holds them):
-    the batch raises ClosedError and none of its states survive."""
+    """A daemon shutting down closes its allocator (perhaps cancelling its
+    tasks first, without letting the loop run) while a batch waits between
+    chunks (the earlier chunks' states exist, nobody holds them): the batch
+    raises ClosedError, or CancelledError if cancelled, and none of its
+    states survive."""
     real = aio._batch_part
     calls = 0
 
@@ -317,8 +320,10 @@ def test_close_between_chunks_of_a_batch_leaves_no_states(
         task = asyncio.ensure_future(alloc.allocate_many(20_000, DST))
         await chunk_done.wait()  # two chunks' states exist, the third is being asked for
         assert sad_count(netns) > 0
+        if how == "cancel-then-close":
+            task.cancel()
         await alloc.close()
-        with pytest.raises(ClosedError):
+        with pytest.raises(ClosedError if how == "close" else asyncio.CancelledError):
             await task
         assert sad_count(netns) == 0
 

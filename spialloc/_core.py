@@ -420,7 +420,7 @@ class Core:
     def empty_batch(self, req: Request) -> Reservations:
         return batch_reservations(req, array.array("I"), None if self.book.guard is None else array.array("Q"), 0.0)
 
-    def run_batch(self, req: Request, count: int, strict: bool) -> Reservations | BatchResult:
+    def run_batch(self, req: Request, count: int, strict: bool, report: bool = True) -> Reservations | BatchResult:
         """A batch through the engine in rounds (``_rules.BatchRun``).  All or
         nothing when ``strict``: a failed batch releases its SPIs and raises
         BatchError; else a BatchResult with the errors by index.
@@ -447,7 +447,7 @@ class Core:
                 # close() came while the last round ran: nobody may get SPIs
                 # from a closed allocator, so they go back while close() waits.
                 raise ClosedError(errno.EBADF, "allocator closed during the batch")
-            result = self._deliver(run, req, count, strict)
+            result = self._deliver(run, req, count, strict, report)
             self._stopped()
             running = False
             return result  # nothing that can be interrupted lies between here and the caller
@@ -494,7 +494,9 @@ class Core:
         late = set(run.late) | run.dead()
         return Core._batch_keys(req, [run.spis[i] for i in run.good() if i not in late])
 
-    def _deliver(self, run: BatchRun, req: Request, count: int, strict: bool) -> Reservations | BatchResult:
+    def _deliver(
+        self, run: BatchRun, req: Request, count: int, strict: bool, report: bool
+    ) -> Reservations | BatchResult:
         if run.errors and strict:
             run.settled = True  # by release_all, which a second Ctrl-C does not cut short
             released = self.release_all(self._keys(run, req))
@@ -517,7 +519,7 @@ class Core:
                 by_key = run.tokens
                 tokens = array.array("Q", [by_key[(gdst, proto, spi)] for spi in got])
         reservations = batch_reservations(req, got, tokens, now)
-        if tokens is not None and book.on_lost is not None:
+        if tokens is not None and book.on_lost is not None and report:
             each = repeat(tokens) if isinstance(tokens, int) else tokens
             book.origin.update(zip(zip(repeat(gdst), repeat(proto), got), zip(repeat(req), each), strict=False))
         book.stats.allocated += len(got)
@@ -525,6 +527,25 @@ class Core:
             key = (gdst, proto, spis[i])
             book.lost(key, rules.lost_reservation(book, key, run.tokens.get(key, 0)))
         return reservations if strict else BatchResult(reservations, run.errors)
+
+    def report_from_now(self, rs: Reservations) -> None:
+        """A batch made in parts with ``run_batch(report=False)`` (an async
+        batch's chunks) reaches its caller: from now on ``on_lost`` hears of
+        its reservations, and of those that died since their chunk ended
+        at once (the caller holds them now).  Until now a death of one of
+        them told nobody: the caller might never have got it."""
+        book, guard = self.book, self.book.guard
+        if guard is None or book.on_lost is None or not len(rs):
+            return
+        req, spis, tokens = rs._parts()
+        assert tokens is not None
+        gdst, proto = req.gdst, int(req.proto)
+        with guard.deaths_lock:  # no death is handled between the check and the record
+            dead = set(guard.stale_many(gdst, proto, spis, tokens))
+            pairs = enumerate(zip(spis, tokens, strict=True))
+            book.origin.update(((gdst, proto, spi), (req, t)) for i, (spi, t) in pairs if i not in dead)
+        for i in sorted(dead):
+            book.tell_lost(rs[i])
 
     def release_all(self, keys: list[rules.DelKey]) -> int:
         """``release_keys`` that a second Ctrl-C does not cut short: the

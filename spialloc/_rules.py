@@ -358,7 +358,12 @@ class Book:
         _log.guard.warning(
             "reservation lost: %s: its larval state died (expired or deleted) before commit", _log.tuple_text(*key)
         )
-        if self.on_lost is not None and r is not None:
+        if r is not None:
+            self.tell_lost(r)
+
+    def tell_lost(self, r: Reservation) -> None:
+        """on_lost(r), if set; its exceptions are logged, never raised."""
+        if self.on_lost is not None:
             try:
                 self.on_lost(r)
             except Exception:  # a callback bug must not kill the watcher

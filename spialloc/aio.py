@@ -290,6 +290,7 @@ class AsyncAllocator:
         if mine is None:  # close() released them
             raise ClosedError(errno.EBADF, "allocator closed during the batch")
         done = joined_batches(mine) if mine else core.empty_batch(req)
+        core.report_from_now(done)
         return done if strict else BatchResult(done, errors)
 
     async def release(self, reservations: Reservation | Iterable[Reservation]) -> int:
@@ -459,7 +460,7 @@ def _batch_part(core: Core, req: Request, n: int, parts: list[Reservations], unc
     ``parts``, or released if the batch was given up (by its caller, or by
     close) while it ran."""
     with core.busy():
-        part = core.run_batch(req, n, False)
+        part = core.run_batch(req, n, False, report=False)  # on_lost: once the caller has them
         assert isinstance(part, BatchResult)
         rs = cast(Reservations, part.reservations)
         if not unclaimed.add(parts, rs):

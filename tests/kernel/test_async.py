@@ -254,9 +254,10 @@ def test_batch_whose_early_state_was_deleted_outside_still_leaves_no_states(
     lo, size = 0x10000, 1500
     real = aio._batch_part
     calls = 0
+    lost: list[Reservation] = []
 
     async def main() -> None:
-        async with AsyncAllocator(netns) as alloc:
+        async with AsyncAllocator(netns, on_lost=lost.append) as alloc:
             loop = asyncio.get_running_loop()
             task: asyncio.Task[Any] | None = None
 
@@ -283,9 +284,48 @@ def test_batch_whose_early_state_was_deleted_outside_still_leaves_no_states(
                 assert ei.value.released in (size - 1, size)
             assert calls >= 2  # the batch really ran in chunks
             assert sad_count(netns) == 0
+            await asyncio.sleep(0.3)  # the watcher's thread has read every event by now
+            assert lost == []  # the caller never got the lost one: on_lost is not told either
             assert alloc.guard.stats.reserved == 0
             r = await alloc.allocate(DST, spi_range=(lo, lo + size - 1))  # the whole range is free again
             await alloc.release(r)
+
+    run(main(), timeout=120)
+
+
+def test_async_batch_reports_a_loss_once_its_caller_has_it(netns: Namespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """on_lost names only reservations the caller holds: a state of the first
+    chunk deleted by someone else while the second runs is reported when the
+    batch returns (not before, not never), and a state deleted after that
+    as any reservation's."""
+    real = aio._batch_part
+    calls = 0
+    lost: list[Reservation] = []
+    heard_before_return: list[int] = []
+
+    async def main() -> None:
+        async with AsyncAllocator(netns, on_lost=lost.append) as alloc:
+
+            def second_chunk_after_an_outside_delete(*args: Any) -> Any:
+                nonlocal calls
+                calls += 1
+                if calls == 2:
+                    victim = min(sad_spis(netns))
+                    ns_run(netns, ["ip", "xfrm", "state", "delete", "dst", DST, "proto", "esp", "spi", hex(victim)])
+                    wait_for(lambda: alloc.stats.lost == 1, timeout=5.0)  # the watcher has handled it
+                    heard_before_return.append(len(lost))
+                return real(*args)
+
+            monkeypatch.setattr(aio, "_batch_part", second_chunk_after_an_outside_delete)
+            rs = await alloc.allocate_many(3000, DST)
+            assert calls >= 2 and heard_before_return == [0]
+            assert len(lost) == 1 and lost[0] in rs and lost[0].spi not in sad_spis(netns)
+            other = rs[-1]
+            ns_run(netns, ["ip", "xfrm", "state", "delete", "dst", DST, "proto", "esp", "spi", hex(other.spi)])
+            assert wait_for(lambda: len(lost) == 2, timeout=5.0)
+            assert lost[1] == other
+            assert await alloc.release([r for r in rs if r not in lost]) == 2998
+            assert sad_count(netns) == 0
 
     run(main(), timeout=120)
 

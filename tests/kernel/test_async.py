@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Any, Awaitable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 import pytest
 from nsutil import make_acquire, ns_run, sad_count, sad_spis, wait_for
@@ -43,6 +43,28 @@ def run(coro: Awaitable[T], timeout: float = 60.0) -> T:
 
 def reservations(results: list[Any]) -> list[Reservation]:
     return [r for r in results if isinstance(r, Reservation)]
+
+
+def delete_outside(netns: Namespace, spi: int) -> None:
+    """Another process deletes one of our states."""
+    ns_run(netns, ["ip", "xfrm", "state", "delete", "dst", DST, "proto", "esp", "spi", hex(spi)])
+
+
+def before_second_chunk(monkeypatch: pytest.MonkeyPatch, netns: Namespace, then: Callable[[], None]) -> list[int]:
+    """Batches run their chunks so that, before the second, another process
+    deletes the lowest state (the first chunk's), and ``then()`` runs.
+    Returns the count of chunks run, as a one-item list."""
+    real, calls = aio._batch_part, [0]
+
+    def chunk(*args: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 2:
+            delete_outside(netns, min(sad_spis(netns)))
+            then()
+        return real(*args)
+
+    monkeypatch.setattr(aio, "_batch_part", chunk)
+    return calls
 
 
 # --- concurrency -----------------------------------------------------------------------
@@ -252,8 +274,6 @@ def test_batch_whose_early_state_was_deleted_outside_still_leaves_no_states(
     it still owns goes, the lost one is not deleted again, and the caller
     gets BatchError or CancelledError, not the lost reservation's error."""
     lo, size = 0x10000, 1500
-    real = aio._batch_part
-    calls = 0
     lost: list[Reservation] = []
 
     async def main() -> None:
@@ -261,18 +281,12 @@ def test_batch_whose_early_state_was_deleted_outside_still_leaves_no_states(
             loop = asyncio.get_running_loop()
             task: asyncio.Task[Any] | None = None
 
-            def second_chunk_after_an_outside_delete(*args: Any) -> Any:
-                nonlocal calls
-                calls += 1
-                if calls == 2:
-                    victim = min(sad_spis(netns))
-                    ns_run(netns, ["ip", "xfrm", "state", "delete", "dst", DST, "proto", "esp", "spi", hex(victim)])
-                    if end == "cancel":
-                        assert task is not None
-                        loop.call_soon_threadsafe(task.cancel)
-                return real(*args)
+            def then() -> None:
+                if end == "cancel":
+                    assert task is not None
+                    loop.call_soon_threadsafe(task.cancel)
 
-            monkeypatch.setattr(aio, "_batch_part", second_chunk_after_an_outside_delete)
+            calls = before_second_chunk(monkeypatch, netns, then)
             task = asyncio.ensure_future(alloc.allocate_many(size + 100, DST, spi_range=(lo, lo + size - 1)))
             if end == "cancel":
                 with pytest.raises(asyncio.CancelledError):
@@ -282,7 +296,7 @@ def test_batch_whose_early_state_was_deleted_outside_still_leaves_no_states(
                     await task
                 # All but the deleted one, and its SPI again if a later chunk got it back.
                 assert ei.value.released in (size - 1, size)
-            assert calls >= 2  # the batch really ran in chunks
+            assert calls[0] >= 2  # the batch really ran in chunks
             assert sad_count(netns) == 0
             await asyncio.sleep(0.3)  # the watcher's thread has read every event by now
             assert lost == []  # the caller never got the lost one: on_lost is not told either
@@ -298,30 +312,22 @@ def test_async_batch_reports_a_loss_once_its_caller_has_it(netns: Namespace, mon
     chunk deleted by someone else while the second runs is reported when the
     batch returns (not before, not never), and a state deleted after that
     as any reservation's."""
-    real = aio._batch_part
-    calls = 0
     lost: list[Reservation] = []
     heard_before_return: list[int] = []
 
     async def main() -> None:
         async with AsyncAllocator(netns, on_lost=lost.append) as alloc:
 
-            def second_chunk_after_an_outside_delete(*args: Any) -> Any:
-                nonlocal calls
-                calls += 1
-                if calls == 2:
-                    victim = min(sad_spis(netns))
-                    ns_run(netns, ["ip", "xfrm", "state", "delete", "dst", DST, "proto", "esp", "spi", hex(victim)])
-                    wait_for(lambda: alloc.stats.lost == 1, timeout=5.0)  # the watcher has handled it
-                    heard_before_return.append(len(lost))
-                return real(*args)
+            def then() -> None:
+                wait_for(lambda: alloc.stats.lost == 1, timeout=5.0)  # the watcher has handled it
+                heard_before_return.append(len(lost))
 
-            monkeypatch.setattr(aio, "_batch_part", second_chunk_after_an_outside_delete)
+            calls = before_second_chunk(monkeypatch, netns, then)
             rs = await alloc.allocate_many(3000, DST)
-            assert calls >= 2 and heard_before_return == [0]
+            assert calls[0] >= 2 and heard_before_return == [0]
             assert len(lost) == 1 and lost[0] in rs and lost[0].spi not in sad_spis(netns)
             other = rs[-1]
-            ns_run(netns, ["ip", "xfrm", "state", "delete", "dst", DST, "proto", "esp", "spi", hex(other.spi)])
+            delete_outside(netns, other.spi)
             assert wait_for(lambda: len(lost) == 2, timeout=5.0)
             assert lost[1] == other
             assert await alloc.release([r for r in rs if r not in lost]) == 2998

@@ -426,6 +426,7 @@ class Result:
     errors: int = 0
     skipped: int = 0
     problem: str = ""
+    started: bool = False  # the guest's script ran (it wrote guest.log)
 
     @property
     def ok(self) -> bool:
@@ -475,6 +476,7 @@ def boot(k: Kernel, vmlinuz: Path, vng: Path, args: argparse.Namespace, selectio
     if (out / "uname").exists():
         res.uname = (out / "uname").read_text().strip()
     guest_log = out / "guest.log"
+    res.started = guest_log.exists()
     if guest_log.exists():
         print(f"----- guest output ({k.name}) -----", flush=True)
         sys.stdout.write(guest_log.read_text(errors="replace"))
@@ -584,6 +586,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     for name in args.kernels:
         r = boot(KERNELS[name], images[name], vng, args, selection)
+        if not r.started and r.problem.startswith("the guest never wrote"):
+            # virtme-ng gave up before the guest ran a command (exit 255 in 12 s,
+            # no output, once in a few dozen CI boots; the next boot of the same
+            # kernel worked).  No test ran: boot once more; a second such boot fails.
+            log(f"{name}: the guest never started ({r.problem}); booting it once more")
+            r = boot(KERNELS[name], images[name], vng, args, selection)
         results.append(r)
         verdict = "ok" if r.ok else f"FAILED: {r.problem}"
         log(

@@ -5,7 +5,12 @@ the guard.  pytest-asyncio is not used: each test drives its own loop with
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any, Awaitable, Callable, TypeVar
 
 import pytest
@@ -374,6 +379,51 @@ def test_close_between_chunks_of_a_batch_leaves_no_states(
         assert sad_count(netns) == 0
 
     run(main(), timeout=120)
+
+
+# A daemon's asyncio.run(main()) hit by Ctrl-C mid-batch: asyncio cancels
+# the main task.  The second chunk says "running" and is slow, so the SIGINT
+# lands while the batch has states and more to make.  argv[1]: namespace name.
+CTRL_C_MID_BATCH = r"""
+import asyncio, sys, time
+import spialloc.aio as aio
+from spialloc import AsyncAllocator
+real, calls = aio._batch_part, [0]
+def slow_second(*args):
+    calls[0] += 1
+    if calls[0] == 2:
+        print("running", file=sys.stderr, flush=True)
+        time.sleep(1.0)
+    return real(*args)
+aio._batch_part = slow_second
+async def main():
+    async with AsyncAllocator(sys.argv[1]) as alloc:
+        await alloc.allocate_many(20_000, "10.0.0.1")
+        print("returned", file=sys.stderr, flush=True)
+asyncio.run(main())
+"""
+
+
+def test_ctrl_c_in_asyncio_run_mid_batch_leaves_no_states(named_netns: str) -> None:
+    """Signals: SIGINT to a process in asyncio.run while an async batch is
+    between chunks.  It exits with KeyboardInterrupt, and none of the batch's
+    states are left in the namespace."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CTRL_C_MID_BATCH, named_netns],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])),
+    )
+    assert proc.stderr is not None
+    assert proc.stderr.readline() == "running\n"
+    listed = subprocess.run(["ip", "-n", named_netns, "xfrm", "state", "list"], capture_output=True, text=True)
+    assert listed.stdout.count("\nsrc ") + listed.stdout.startswith("src ") > 0  # the first chunk's states
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert "KeyboardInterrupt" in err and "returned" not in err, err
+    left = subprocess.run(["ip", "-n", named_netns, "xfrm", "state", "list"], capture_output=True, text=True)
+    assert left.stdout == "", f"{left.stdout.count('src ')} states left"
 
 
 # --- the other operations, as coroutines -----------------------------------------------

@@ -55,17 +55,18 @@ def delete_outside(netns: Namespace, spi: int) -> None:
     ns_run(netns, ["ip", "xfrm", "state", "delete", "dst", DST, "proto", "esp", "spi", hex(spi)])
 
 
-def before_second_chunk(monkeypatch: pytest.MonkeyPatch, netns: Namespace, then: Callable[[], None]) -> list[int]:
+def before_second_chunk(monkeypatch: pytest.MonkeyPatch, netns: Namespace, then: Callable[[int], None]) -> list[int]:
     """Batches run their chunks so that, before the second, another process
-    deletes the lowest state (the first chunk's), and ``then()`` runs.
+    deletes the lowest state (the first chunk's), and ``then(its SPI)`` runs.
     Returns the count of chunks run, as a one-item list."""
     real, calls = aio._batch_part, [0]
 
     def chunk(*args: Any) -> Any:
         calls[0] += 1
         if calls[0] == 2:
-            delete_outside(netns, min(sad_spis(netns)))
-            then()
+            victim = min(sad_spis(netns))
+            delete_outside(netns, victim)
+            then(victim)
         return real(*args)
 
     monkeypatch.setattr(aio, "_batch_part", chunk)
@@ -286,7 +287,7 @@ def test_batch_whose_early_state_was_deleted_outside_still_leaves_no_states(
             loop = asyncio.get_running_loop()
             task: asyncio.Task[Any] | None = None
 
-            def then() -> None:
+            def then(victim: int) -> None:
                 if end == "cancel":
                     assert task is not None
                     loop.call_soon_threadsafe(task.cancel)
@@ -323,7 +324,7 @@ def test_async_batch_reports_a_loss_once_its_caller_has_it(netns: Namespace, mon
     async def main() -> None:
         async with AsyncAllocator(netns, on_lost=lost.append) as alloc:
 
-            def then() -> None:
+            def then(victim: int) -> None:
                 wait_for(lambda: alloc.stats.lost == 1, timeout=5.0)  # the watcher has handled it
                 heard_before_return.append(len(lost))
 
@@ -377,6 +378,60 @@ def test_close_between_chunks_of_a_batch_leaves_no_states(
         with pytest.raises(ClosedError if how == "close" else asyncio.CancelledError):
             await task
         assert sad_count(netns) == 0
+
+    run(main(), timeout=120)
+
+
+def test_close_with_two_batches_in_flight_leaves_no_states(netns: Namespace) -> None:
+    """Two batches of one allocator under way when it closes: each raises
+    ClosedError and the states of both go (each batch's parts are its own)."""
+
+    async def main() -> None:
+        alloc = AsyncAllocator(netns)
+        tasks = [
+            asyncio.ensure_future(alloc.allocate_many(20_000, DST)),
+            asyncio.ensure_future(alloc.allocate_many(20_000, DST, "ah")),
+        ]
+        for _ in range(200):  # until both have states (or a generous number of loop turns)
+            await asyncio.sleep(0)
+            listed = ns_run(netns, ["ip", "xfrm", "state", "list"]).stdout
+            if "proto esp" in listed and "proto ah" in listed:
+                break
+        assert not any(t.done() for t in tasks)
+        assert sad_count(netns) > 0
+        await alloc.close()
+        for t in tasks:
+            with pytest.raises(ClosedError):
+                await t
+        assert sad_count(netns) == 0
+
+    run(main(), timeout=120)
+
+
+def test_failed_batch_leaves_the_lost_spi_to_the_allocator_that_took_it(
+    netns: Namespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Other allocators: a state of an async batch's first chunk is deleted
+    by someone else, and a blocking allocator on the same guard takes its SPI
+    at once; the batch then fails.  Its clean-up deletes its own states and
+    leaves that one alone: it is the other allocator's now."""
+    lo, size = 0x10000, 1500
+
+    async def main() -> None:
+        with Allocator(netns) as other:
+            async with AsyncAllocator(netns) as alloc:
+                assert alloc.guard is other.guard
+                taken: list[Reservation] = []
+
+                def then(victim: int) -> None:
+                    taken.append(other.allocate(DST, spi_range=(victim, victim)))
+
+                before_second_chunk(monkeypatch, netns, then)
+                with pytest.raises(BatchError):
+                    await alloc.allocate_many(size + 100, DST, spi_range=(lo, lo + size - 1))
+                assert len(taken) == 1 and sad_spis(netns) == {taken[0].spi}
+                other.release(taken[0])
+                assert sad_count(netns) == 0
 
     run(main(), timeout=120)
 

@@ -316,7 +316,14 @@ def test_enobufs_on_request_socket_recovers(
         assert len({r.spi for r in rs}) == 1000
         assert st.overruns > 0 and st.recovered > 0
         assert larval_spis(netns) == {r.spi for r in rs}, "states of dropped replies were left behind"
-        a.release(rs)
+        released = a.release(rs)
+        # Seen once in CI (guarded-c): one state left after the release; not
+        # reproduced in 15 local runs.  Say which state and what was counted.
+        left = larval_spis(netns)
+        assert not left, (
+            f"release returned {released}; left {sorted(map(hex, left))}, of the batch: "
+            f"{sorted(map(hex, left & {r.spi for r in rs}))}; stats {a.stats}"
+        )
         assert sad_count(netns) == 0
     logged = [r.getMessage() for r in caplog.records if r.name == "spialloc.kernel" and r.levelno == logging.WARNING]
     assert any("dropped (ENOBUFS)" in m and "orphaned larval states found and deleted" in m for m in logged), logged

@@ -595,7 +595,7 @@ class Core:
         ``AsyncAllocator.allocate_many`` that failed or was cancelled after
         some chunks): entries lost meanwhile (expired, deleted by someone
         else) are skipped, not refused, since their SPIs may be others' now."""
-        return self._release_batch(rs, skip_stale=True) if len(rs) else 0
+        return self._release_batch(rs, skip_stale=True)
 
     def _release_batch(self, rs: Reservations, skip_stale: bool = False) -> int:
         """``release`` of an ``allocate_many`` result (or a slice of one):

@@ -694,10 +694,10 @@ def batch_reservations(
 
 def joined_batches(parts: Sequence[Reservations]) -> Reservations:
     """Batches of one request (the chunks of ``AsyncAllocator.allocate_many``
-    or of the command's ``alloc``) as one, in order, still arrays.  Each chunk has its own token, so the
-    tokens become one array; ``allocated_at`` is the first chunk's, the
-    earliest (a caller timing a larval state's lifetime from it errs early).
-    At least one part."""
+    or of the command's ``alloc``) as one, in order, still arrays.  Each
+    chunk has its own token, so the tokens become one array;
+    ``allocated_at`` is the first chunk's, the earliest (a caller timing a
+    larval state's lifetime from it errs early).  At least one part."""
     parts = [p for p in parts if len(p)] or [parts[0]]
     if len(parts) == 1:
         return parts[0]

@@ -88,7 +88,6 @@ LOST_CAPACITY = 65536
 #: Deaths remembered for ``seen_death``: far more than a watcher's socket
 #: buffer queues (about 1,000 events) before it overruns and resyncs.
 DEATHS_KEPT = 16384
-
 #: Port ids of request sockets remembered by ``adopt_port``.
 PORTS_KEPT = 4096
 #: Random probes before ``pick_free`` falls back to a scan: even at 97%

@@ -269,16 +269,22 @@ class Guard:
         return token
 
     def _intern(self, dst: bytes) -> int:
-        if self._free_indices:
-            idx = self._free_indices.pop()
+        # Stores, subscripts and ``+=`` only, no call: a Ctrl-C between two
+        # appends once left the three lists of unequal length, and every
+        # later reservation for that dst failed with IndexError (see _claim).
+        free = self._free_indices
+        if free:
+            idx = free[-1]
             self._dsts[idx] = dst
+            del free[-1]
         else:
             idx = len(self._dsts)
             if idx > _IDX_MASK:
                 raise InvalidRequest(f"more than {_IDX_MASK + 1:,} destinations outstanding in one guard")
-            self._dsts.append(dst)
-            self._dst_refs.append(0)
-            self._codes.append((idx << 2 | _R, idx << 2 | _C, idx << 2 | _F))
+            codes = (idx << 2 | _R, idx << 2 | _C, idx << 2 | _F)
+            self._dsts += (dst,)
+            self._dst_refs += (0,)
+            self._codes += (codes,)
         self._dst_index[dst] = idx
         return idx
 

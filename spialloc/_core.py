@@ -13,6 +13,7 @@ from __future__ import annotations
 import array
 import contextlib
 import errno
+import inspect
 import ipaddress
 import threading
 import time
@@ -344,7 +345,33 @@ class Core:
     def drive(self, plan: Generator[rules.Op, object, T]) -> T:
         """Run a plan to its end: each op's result is sent back in, each
         op's exception thrown in (the plan cleans up and re-raises)."""
-        step = rules.Stepper(plan)
+        try:
+            step = rules.Stepper(plan)
+            return self._drive(step)
+        except BaseException as exc:
+            if inspect.getgeneratorstate(plan) == inspect.GEN_SUSPENDED:
+                self._finish(plan, exc)
+            raise
+
+    def _finish(self, plan: Generator[rules.Op, object, object], exc: BaseException) -> None:
+        """An interrupt landed where ``_drive`` could not hand it to the plan
+        (as the plan's first step returned, say), and the plan waits at a
+        yield: let it clean up now, as for an exception of its op, running
+        what it asks for; its own exception is dropped, ``exc`` goes on.
+        Left suspended, it would clean up when the garbage collector
+        finalizes it: at any point of any code, perhaps where this thread
+        holds the guard's lock (a deadlock, seen under a storm of interrupts)."""
+        with contextlib.suppress(BaseException):
+            op = plan.throw(exc)
+            while True:
+                try:
+                    result = self.execute(op)
+                except BaseException as err:
+                    op = plan.throw(err)
+                else:
+                    op = plan.send(result)
+
+    def _drive(self, step: rules.Stepper[T]) -> T:
         pending: BaseException | None = None
         while True:
             try:

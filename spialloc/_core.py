@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from itertools import repeat
-from typing import Callable, Generator, Iterable, Iterator, Literal, Sequence, TypeVar, cast
+from typing import Any, Callable, Generator, Iterable, Iterator, Literal, Sequence, TypeVar, cast
 
 from . import _backend, _lifecycle, _log, _shared
 from . import _rules as rules
@@ -52,7 +52,7 @@ from ._model import (
 )
 from ._netns import Namespace, NetnsSpec
 from ._shared import GuardSpec
-from .errors import BatchError, ClosedError, ForkedError, InvalidRequest, ReservationLost, SpiallocError
+from .errors import STRAY, BatchError, ClosedError, ForkedError, InvalidRequest, ReservationLost, SpiallocError
 from .guard import State
 from .ha import Partition
 from .monitor import Acquire
@@ -267,13 +267,15 @@ class Core:
             if len(self._req_cache) >= REQUEST_CACHE_SIZE:
                 self._req_cache.clear()
                 self.plain.clear()
-            self._req_cache[args] = req
+            # plain first: a request found in the cache is not looked at again,
+            # so an interrupt between the two must not leave it out of plain.
             if (
                 type(proto) is str
                 and all(a is b for a, b in zip(args[2:], PLAIN, strict=True))
                 and (self.quick is None or self.kernel.fits(req.template))
             ):
                 self.plain[(dst, proto)] = req
+            self._req_cache[args] = req
         return req
 
     def request_for(self, acquire: object, spi_range: tuple[int, int] | None, direction: str | int | None) -> Request:
@@ -320,7 +322,7 @@ class Core:
         k = self.kernel
         # The hot ones first: a single's AllocOp, a batch's RoundOp and LifetimeOp.
         if isinstance(op, rules.AllocOp):
-            return k.alloc_one(op.req, op.lo, op.hi)
+            return k.alloc_one(op.req, op.lo, op.hi, box=op.box)
         if isinstance(op, rules.RoundOp):
             return k.round(op.req, op.n, op.cands, op.since, op.chunk, op.box)
         if isinstance(op, rules.LifetimeOp):
@@ -573,6 +575,36 @@ class Core:
             book.origin.update(((gdst, proto, spi), (req, t)) for i, (spi, t) in pairs if i not in dead)
         for i in sorted(dead):
             book.tell_lost(rs[i])
+
+    def take_back(self, req: Request, box: list[Any]) -> None:
+        """An exception (Ctrl-C, a timer's) is leaving a single allocate
+        after the kernel made its state (``box[0]``, the SPI) and before the
+        caller got its Reservation: delete the state, then free the guard's
+        tuple if this call reserved it (``box[1]``, its token; 0 if not, and
+        then another reservation may hold the tuple: it is left alone).
+        ``box[0]`` is ``STRAY`` after a refusal: the request's SPI-less state
+        is claimed and deleted as after any refusal."""
+        spi = box[0]
+        if spi is None:
+            return
+        box[0] = None
+        if spi == STRAY:  # refused: the kernel's SPI-less state, unless a retry took it
+            with contextlib.suppress(SpiallocError):
+                self.kernel.claim_stray(req)
+            return
+        keys = self._batch_keys(req, [spi])
+        while True:  # a second Ctrl-C must not leave the state behind either
+            try:
+                self.kernel.delete_all(keys)
+                break
+            except KeyboardInterrupt:
+                continue
+            except SpiallocError as exc:
+                _log.kernel.warning("allocate interrupted: deleting its state %#010x failed: %s", spi, exc)
+                break
+        token = box[1] if len(box) > 1 else 0
+        if token:
+            rules.forget(self.book, keys, [token])
 
     def release_all(self, keys: list[rules.DelKey]) -> int:
         """``release_keys`` that a second Ctrl-C does not cut short: the

@@ -17,7 +17,7 @@ import functools
 import os
 import time
 from types import ModuleType
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from . import _log
 from . import _wire as w
@@ -27,6 +27,7 @@ from ._netns import Namespace, read_sysctl, write_sysctl
 from ._rules import LOST, PENDING, Book, DelKey, RecoverOp, RoundResult, made_by, orphans
 from .errors import (
     RESTART_ERRNOS,
+    STRAY,
     ClosedError,
     NamespaceError,
     NetlinkError,
@@ -34,6 +35,7 @@ from .errors import (
     SpiExhausted,
     UnsupportedByKernel,
     from_errno,
+    leaves_stray,
     out_of_fds,
 )
 
@@ -63,10 +65,10 @@ class Kernel:
         native = getattr(engine, "native_single", None)
         self._one = None if native is None else native(self.sock._buf, self.sock.portid)
         self._one_max: int = getattr(engine, "ONE_MAX", 0)
-        #: ``alloc_one``'s first try alone, ``quick(template, lo, hi)``, for
-        #: a caller that has checked ``fits(template)``; on a NetlinkError
+        #: ``alloc_one``'s first try alone, ``quick(template, lo, hi, box)``,
+        #: for a caller that has checked ``fits(template)``; on a NetlinkError
         #: the caller goes on with ``alloc_one(..., failed=exc)``.
-        self.quick: Callable[[bytes, int, int], int] | None = None
+        self.quick: Callable[[bytes, int, int, list[Any]], int] | None = None
         if self._one is not None:
             self.quick = functools.partial(self.sock.allocspi_native, self._one)
         self._lifetime: float | None = None
@@ -80,17 +82,31 @@ class Kernel:
 
     # --- ALLOCSPI ---------------------------------------------------------------------
 
-    def alloc_one(self, req: Request, spi_min: int, spi_max: int, failed: NetlinkError | None = None) -> int:
+    def alloc_one(
+        self,
+        req: Request,
+        spi_min: int,
+        spi_max: int,
+        failed: NetlinkError | None = None,
+        box: list[Any] | None = None,
+    ) -> int:
         """One ALLOCSPI round trip; returns the SPI (host order).  ``failed``:
-        how a first try made by ``quick`` (same request and range) failed."""
+        how a first try made by ``quick`` (same request and range) failed.
+        ``box``: ``[None, ...]``; ``box[0]`` is the SPI as soon as the reply
+        is read, so a caller that an exception leaves (Ctrl-C) before it has
+        the SPI can still delete the state (``Core.take_back``)."""
+        if box is None:
+            box = [None]
         one = self._one
         if failed is not None:
+            _note_stray(box, failed)
             self._refused(req, spi_min, spi_max, failed)
         elif one is not None and len(req.template) <= self._one_max:
             # The common case first, with no loop or message to set up.
             try:
-                return self.sock.allocspi_native(one, req.template, spi_min, spi_max)
+                return self.sock.allocspi_native(one, req.template, spi_min, spi_max, box)
             except NetlinkError as exc:
+                _note_stray(box, exc)
                 self._refused(req, spi_min, spi_max, exc)
         msg = bytearray(req.template)
         if one is None and (spi_min != req.spi_min or spi_max != req.spi_max):
@@ -98,9 +114,10 @@ class Kernel:
         for _ in range(63):
             try:
                 if one is not None:
-                    return self.sock.allocspi_native(one, req.template, spi_min, spi_max)
-                return self.sock.allocspi(msg)
+                    return self.sock.allocspi_native(one, req.template, spi_min, spi_max, box)
+                return self.sock.allocspi(msg, box)
             except NetlinkError as exc:
+                _note_stray(box, exc)
                 self._refused(req, spi_min, spi_max, exc)
         raise NetlinkError(errno.EINTR, "interrupted by signals 64 times in a row", "allocspi")
 
@@ -194,11 +211,19 @@ class Kernel:
         if not strays or any(st.acquire_seq for st in strays):
             return
         lo, hi = (0x100, 0xFFFF) if req.proto is Proto.COMP else (0x100, 0xFFFFFFFF)
+        box: list[Any] = [None]
         try:
-            spi = self.alloc_one(req, lo, hi)
+            spi = self.alloc_one(req, lo, hi, box=box)
             self.delete(req.daddr, spi, req.family, req.proto, req.mark)
         except SpiallocError:
             pass  # nothing free at all: it expires on its own
+        except BaseException:
+            # Interrupted (Ctrl-C) between the ALLOCSPI and its DELSA: the
+            # state has an SPI now, and nobody else knows it.
+            if box[0] is not None:
+                with contextlib.suppress(SpiallocError):
+                    self.delete(req.daddr, box[0], req.family, req.proto, req.mark)
+            raise
 
     def round(
         self,
@@ -438,6 +463,11 @@ def kept_in_reply(sa: w.SaInfo, field: str) -> bool:
 
 #: Where a DELSA message (header, struct xfrm_usersa_id) holds the SPI.
 DELSA_SPI_OFFSET = w.NLMSGHDR_LEN + 16
+
+
+def _note_stray(box: list[Any], exc: NetlinkError) -> None:
+    if leaves_stray(exc):
+        box[0] = STRAY
 
 
 def _delsa(daddr: bytes, spi: int, family: int, proto: int, mark: tuple[int, int] | None, portid: int) -> bytes:

@@ -19,7 +19,16 @@ from typing import Any, Iterator, NoReturn
 
 from . import _wire as w
 from ._netns import Namespace
-from .errors import ClosedError, DecodeError, InsufficientPrivilege, NetlinkError, from_errno
+from .errors import (
+    STRAY,
+    ClosedError,
+    DecodeError,
+    InsufficientPrivilege,
+    NetlinkError,
+    SpiallocError,
+    from_errno,
+    leaves_stray,
+)
 
 RECV_BUF = 1 << 16
 #: Receive buffer asked for with SO_RCVBUFFORCE: room for ~5,000 queued replies
@@ -185,9 +194,9 @@ class XfrmSocket:
             if not ready:
                 return None
 
-    def allocspi(self, msg: bytearray) -> int:
+    def allocspi(self, msg: bytearray, box: list[Any]) -> int:
         """Send one ALLOCSPI (its sequence number is set here) and return the
-        SPI from its NEWSA reply.
+        SPI from its NEWSA reply, also put in ``box[0]`` (see ``_salvage``).
 
         The per-SPI hot path: reads the SPI straight out of the receive
         buffer when the first datagram is our reply, as it nearly always is;
@@ -195,19 +204,26 @@ class XfrmSocket:
         with self.lock:
             seq = next(self._seq) & 0xFFFFFFFF
             w.U32.pack_into(msg, w.MSG_SEQ, seq)
-            self.send(msg)
             try:
-                n, addr = self.sock.recvfrom_into(self._buf, RECV_BUF, socket.MSG_DONTWAIT)
-            except OSError:
-                n, addr = -1, (None,)
-            if n >= w.NLMSGHDR_LEN + w.XFRM_USERSA_INFO_LEN and addr[0] == 0:
-                length, kind, _, rseq, pid = w.NLMSGHDR.unpack_from(self._buf, 0)
-                if kind == w.XFRM_MSG_NEWSA and rseq == seq and pid == self.portid and length == n:
-                    return int(w.BE32.unpack_from(self._buf, w.MSG_REPLY_SPI)[0])
-            kind, payload = self._reply(seq, "allocspi", self._view[:n] if n >= 0 and addr[0] == 0 else None)
-        return _alloc_reply(kind, payload)
+                self.send(msg)
+                try:
+                    n, addr = self.sock.recvfrom_into(self._buf, RECV_BUF, socket.MSG_DONTWAIT)
+                except OSError:
+                    n, addr = -1, (None,)
+                if n >= w.NLMSGHDR_LEN + w.XFRM_USERSA_INFO_LEN and addr[0] == 0:
+                    length, kind, _, rseq, pid = w.NLMSGHDR.unpack_from(self._buf, 0)
+                    if kind == w.XFRM_MSG_NEWSA and rseq == seq and pid == self.portid and length == n:
+                        spi = box[0] = int(w.BE32.unpack_from(self._buf, w.MSG_REPLY_SPI)[0])
+                        return spi
+                kind, payload = self._reply(seq, "allocspi", self._view[:n] if n >= 0 and addr[0] == 0 else None)
+                spi = box[0] = _alloc_reply(kind, payload)
+                return spi
+            except BaseException as exc:
+                if not isinstance(exc, SpiallocError):
+                    self._salvage(seq, box)
+                raise
 
-    def allocspi_native(self, one: tuple[Any, ...], template: bytes, spi_min: int, spi_max: int) -> int:
+    def allocspi_native(self, one: tuple[Any, ...], template: bytes, spi_min: int, spi_max: int, box: list[Any]) -> int:
         """``allocspi`` in one C call (``_cbatch.native_single``): the
         template is copied, numbered and given its range in C, and the
         reply read into this socket's buffer; anything but our NEWSA is
@@ -215,16 +231,43 @@ class XfrmSocket:
         call, o, _, c_errno, failed = one
         with self.lock:
             seq = next(self._seq) & 0xFFFFFFFF
-            rc = call(o, self.sock.fileno(), template, len(template), seq, spi_min, spi_max)
-            if rc >= 0:
-                return rc  # type: ignore[no-any-return]  # the SPI
-            if rc == failed:
-                self._send_failed(c_errno())
-            got = o.got
-            if got == -errno.ENOBUFS:
-                self.overruns += 1  # as recv_nowait counts it: the kernel reports it once
-            kind, payload = self._reply(seq, "allocspi", self._view[:got] if got >= 0 else None)
-        return _alloc_reply(kind, payload)
+            try:
+                rc = call(o, self.sock.fileno(), template, len(template), seq, spi_min, spi_max)
+                if rc >= 0:
+                    box[0] = rc
+                    return rc  # type: ignore[no-any-return]  # the SPI
+                if rc == failed:
+                    self._send_failed(c_errno())
+                got = o.got
+                if got == -errno.ENOBUFS:
+                    self.overruns += 1  # as recv_nowait counts it: the kernel reports it once
+                kind, payload = self._reply(seq, "allocspi", self._view[:got] if got >= 0 else None)
+                spi = box[0] = _alloc_reply(kind, payload)
+                return spi
+            except BaseException as exc:
+                if not isinstance(exc, SpiallocError):
+                    self._salvage(seq, box)
+                raise
+
+    def _salvage(self, seq: int, box: list[Any]) -> None:
+        """An exception that is not the kernel's answer (a signal handler's:
+        Python raises it when a call returns, e.g. the send or the C call
+        that made the state) is leaving an ALLOCSPI before its SPI was put
+        in ``box``.  Find our reply, in the buffer (read already) or still
+        queued, and put its SPI there, or ``STRAY`` for a refusal that left
+        the request's SPI-less state: the caller's clean-up then deletes
+        what nobody will be given.  Holding the lock: nobody else has read
+        the socket since."""
+        length, _, _, rseq, pid = w.NLMSGHDR.unpack_from(self._buf, 0)
+        ours = rseq == seq and pid == self.portid and w.NLMSGHDR_LEN <= length <= RECV_BUF
+        try:
+            kind, payload = self._reply(seq, "allocspi", self._view[:length] if ours else None)
+            box[0] = _alloc_reply(kind, payload)
+        except NetlinkError as exc:
+            if leaves_stray(exc):
+                box[0] = STRAY
+        except SpiallocError:
+            pass  # the reply is gone: nothing to name
 
     def transact(self, msg: bytes | bytearray, seq: int, operation: str) -> tuple[int, memoryview | None]:
         """Send one request and return (type, payload) of its reply.

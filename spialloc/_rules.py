@@ -40,8 +40,10 @@ from ._model import (
     reservation_from,
 )
 from .errors import (
+    STRAY,
     DuplicateSpi,
     ReservationLost,
+    SpiallocError,
     SpiExhausted,
 )
 from .guard import OWNER_MASK, Guard, State, owner_of
@@ -70,11 +72,13 @@ DIRECTED_MAX_RANGE = 1 << 16
 
 
 class AllocOp(NamedTuple):
-    """One ALLOCSPI for ``req`` with the range ``lo``-``hi``; result: the SPI."""
+    """One ALLOCSPI for ``req`` with the range ``lo``-``hi``; result: the SPI.
+    ``box``: as ``Kernel.alloc_one``'s (the SPI as soon as the reply is read)."""
 
     req: Request
     lo: int
     hi: int
+    box: list[Any] | None = None
 
 
 class DeleteOp(NamedTuple):
@@ -454,13 +458,17 @@ class _Single:
         self.retries = self.misses = 0
         self.refused: SpiExhausted | None = None  # the kernel's own words, kept
         self.resynced = False
+        #: [SPI of the state this call made and has not handed out, or None;
+        #: the guard token this call holds for it, or 0; the candidate
+        #: reserved for the next request, or None] (see single_plan).
+        self.box: list[Any] = [None, 0, None]
 
     def candidate(self) -> Generator[Op, object, int]:
         """A free value, reserved; one resync when foreign marks may be stale."""
         req = self.req
         while True:
-            cand = self.guard.reserve_free(
-                req.gdst, req.proto, req.spi_min, req.spi_max, self.book.rng, owner=self.book.owner
+            cand = self.guard.reserve_free_trusted(
+                req.gdst, req.proto, req.spi_min, req.spi_max, self.book.rng, 1, self.book.owner, self.box
             )
             if cand is not None:
                 return cand
@@ -477,10 +485,19 @@ class _Single:
         """One ALLOCSPI: (spi, the directed candidate or None)."""
         req = self.req
         while True:
-            cand = (yield from self.candidate()) if self.directed else None
-            lo, hi = (cand, cand) if cand is not None else (req.spi_min, req.spi_max)
+            box = self.box
+            box[0], box[1], box[2] = None, 0, None
+            cand = None
+            if self.directed:
+                try:
+                    cand = yield from self.candidate()
+                except BaseException:
+                    if box[2] is not None:  # reserved, and lost on its way here
+                        self.guard.release(req.gdst, req.proto, box[2], box[1])
+                    raise
             try:
-                got = yield AllocOp(req, lo, hi)
+                lo, hi = (cand, cand) if cand is not None else (req.spi_min, req.spi_max)
+                got = yield AllocOp(req, lo, hi, box)
             except SpiExhausted as exc:
                 if cand is None:
                     yield ClaimOp(req)
@@ -493,7 +510,9 @@ class _Single:
                     raise
                 continue
             except BaseException:
-                if cand is not None:
+                # With a state made (an interrupt after the reply), single_plan
+                # deletes it first and then frees the tuple.
+                if cand is not None and box[0] is None:
                     self.guard.release(req.gdst, req.proto, cand)
                 raise
             assert isinstance(got, int)
@@ -505,48 +524,68 @@ def single_plan(book: Book, req: Request, first: int | None = None) -> Plan:
 
     ``first``: an SPI the caller already got with one plain request and
     found outstanding in the guard (the fast path, counted as a collision).
+
+    An interrupt (Ctrl-C, a timer's exception) after the kernel made a state
+    for this call and before the Reservation leaves the plan deletes that
+    state and frees the tuple this call reserved for it (``_Single.box``);
+    not with a seq, whose state is the kernel's ACQ state.
     """
     s = _Single(book, req)
     guard = s.guard
     owner = book.owner
     spi = first
-    while True:
-        if spi is None:
-            spi, cand = yield from s.ask()
-            if cand is not None:
-                if spi == cand:
-                    return book.won(s.req, spi, guard.token(s.req.gdst, s.req.proto, spi))  # reserved when picked
-                guard.release(s.req.gdst, s.req.proto, cand)
-            token = guard.reserve_trusted(s.req.gdst, s.req.proto, spi, owner)
+    s.box[0] = first
+    try:
+        while True:
+            if spi is None:
+                spi, cand = yield from s.ask()
+                if cand is not None:
+                    if spi == cand:
+                        return book.won(s.req, spi, guard.token(s.req.gdst, s.req.proto, spi))  # reserved when picked
+                    guard.release(s.req.gdst, s.req.proto, cand)
+                token = guard.reserve_trusted(s.req.gdst, s.req.proto, spi, owner, s.box)
+                if token:
+                    return book.won(s.req, spi, token)
+                book.stats.collisions += 1
+            # A collision: the kernel returned an SPI that is still out.
+            yield PollOp()  # maybe its holder's state just expired
+            token = guard.reserve_trusted(s.req.gdst, s.req.proto, spi, owner, s.box)
             if token:
                 return book.won(s.req, spi, token)
-            book.stats.collisions += 1
-        # A collision: the kernel returned an SPI that is still out.
-        yield PollOp()  # maybe its holder's state just expired
-        token = guard.reserve_trusted(s.req.gdst, s.req.proto, spi, owner)
-        if token:
-            return book.won(s.req, spi, token)
-        deleted = may_delete_duplicate(book, s.req, spi)
-        if deleted:
-            yield DeleteOp(s.req.daddr, spi, s.req.family, s.req.proto, s.req.mark)
-        s.retries += 1
-        book.stats.retries += 1
-        _log.guard.warning(
-            "collision: the kernel returned %s, which is still outstanding%s; retry %d of %d",
-            _log.tuple_text(s.req.gdst, s.req.proto, spi),
-            " (its duplicate state deleted)" if deleted else "",
-            s.retries,
-            book.max_retries,
-        )
-        if s.retries > book.max_retries:
-            raise DuplicateSpi(
-                f"the kernel returned outstanding SPIs {s.retries} times for {s.req.dst} "
-                f"(last {spi:#010x}); giving up after {book.max_retries} retries"
+            deleted = may_delete_duplicate(book, s.req, spi)
+            s.box[0] = None  # deleted here, or not this call's to delete
+            if deleted:
+                yield DeleteOp(s.req.daddr, spi, s.req.family, s.req.proto, s.req.mark)
+            s.retries += 1
+            book.stats.retries += 1
+            _log.guard.warning(
+                "collision: the kernel returned %s, which is still outstanding%s; retry %d of %d",
+                _log.tuple_text(s.req.gdst, s.req.proto, spi),
+                " (its duplicate state deleted)" if deleted else "",
+                s.retries,
+                book.max_retries,
             )
-        if s.req.seq:
-            s.req = s.req.with_seq(0)
-        s.directed = True
-        spi = None
+            if s.retries > book.max_retries:
+                raise DuplicateSpi(
+                    f"the kernel returned outstanding SPIs {s.retries} times for {s.req.dst} "
+                    f"(last {spi:#010x}); giving up after {book.max_retries} retries"
+                )
+            if s.req.seq:
+                s.req = s.req.with_seq(0)
+            s.directed = True
+            spi = None
+    except BaseException as exc:
+        left, token, cand = s.box
+        if left is not None and not s.req.seq and not isinstance(exc, (SpiallocError, GeneratorExit)):
+            s.box[0] = None
+            if left == STRAY:  # a refused pick: its SPI-less state, and the candidate it asked for
+                yield ClaimOp(s.req)
+                left = cand
+            else:
+                yield DeleteOp(s.req.daddr, left, s.req.family, s.req.proto, s.req.mark)
+            if token and left is not None:
+                guard.release(s.req.gdst, s.req.proto, left, token)
+        raise
 
 
 # --- what the kernel's events and dumps mean -----------------------------------------------

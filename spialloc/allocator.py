@@ -13,7 +13,7 @@ import contextlib
 import functools
 import warnings
 from dataclasses import replace
-from typing import TYPE_CHECKING, Callable, Iterable, Literal, overload
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, overload
 
 from . import _binding as binding
 from . import _rules as rules
@@ -37,7 +37,7 @@ from ._netlink import DEFAULT_RCVBUF
 from ._netns import Namespace, NetnsSpec
 from ._rules import AllocatorStats
 from ._shared import GuardSpec
-from .errors import NetlinkError, SpiExhausted
+from .errors import NetlinkError, SpiallocError, SpiExhausted
 from .guard import Guard
 from .ha import Partition
 from .monitor import Acquire
@@ -268,13 +268,46 @@ class Allocator:
                     # Guard off: _allocate's path without its layers (each
                     # layer of calls cost ~0.09 us here, 4% of the kernel's
                     # own ALLOCSPI): the C call, and on any error the
-                    # general path from where it failed.
+                    # general path from where it failed.  An interrupt that
+                    # lands before the caller has the Reservation deletes
+                    # the state (see _allocate).
+                    box = [None]
                     try:
-                        spi = quick(plain.template, plain.spi_min, plain.spi_max)
+                        spi = quick(plain.template, plain.spi_min, plain.spi_max, box)
+                        return core.book.won(plain, spi, 0)
                     except NetlinkError as exc:
+                        if box[0] is not None:
+                            raise  # not from the request: after it
                         return self._allocate(plain, None, exc)
-                    return core.book.won(plain, spi, 0)
-            return self._allocate_options(dst, proto, **options)
+                    except BaseException:
+                        core.take_back(plain, box)
+                        raise
+            # Named keywords, not **options: a call through ** is made from
+            # C, and Python raises a pending interrupt (Ctrl-C) as such a
+            # call returns, after the Reservation has left _allocate, where
+            # nothing could delete its state any more.  A plain call of a
+            # Python function returns without that check.
+            if not options:
+                return self._allocate_options(dst, proto)
+            if options.keys() <= self._OPTION_DEFAULTS.keys():
+                o = self._OPTION_DEFAULTS | options
+                return self._allocate_options(
+                    dst,
+                    proto,
+                    src=o["src"],
+                    spi_range=o["spi_range"],
+                    mode=o["mode"],
+                    reqid=o["reqid"],
+                    mark=o["mark"],
+                    if_id=o["if_id"],
+                    direction=o["direction"],
+                    seq=o["seq"],
+                    pcpu=o["pcpu"],
+                    hold=o["hold"],
+                )
+            return self._allocate_options(dst, proto, **options)  # the TypeError for an unknown keyword
+
+        _OPTION_DEFAULTS: dict[str, object] = dict(_allocate_options.__kwdefaults__)
 
     def allocate_for(
         self,
@@ -316,31 +349,50 @@ class Allocator:
             return claim.done(self._allocate(req, until))
 
     def _allocate(self, req: Request, until: float | None, failed: NetlinkError | None = None) -> Reservation:
-        """``failed``: how ``Kernel.quick`` failed (guard off, a plain request)."""
+        """``failed``: how ``Kernel.quick`` failed (guard off, a plain request).
+
+        An exception that is not the kernel's answer (Ctrl-C, a timer's
+        handler: Python raises them as a call returns, most often the one
+        that sent the request) leaves nothing behind: ``box`` holds the SPI
+        from the moment the reply is read and the guard's token from the
+        moment it is reserved (the plans keep their own, see
+        ``single_plan``), and ``take_back`` deletes the state and frees the
+        tuple before the exception goes on.  From here to the caller no
+        further call is made, so the exception cannot land after the
+        Reservation left this frame.  Not with a seq: the state is the
+        kernel's ACQ state, left to expire."""
         core = self.core
         book = core.book
         guard = book.guard
-        if guard is not None and (req.seq or rules.is_directed(book, req)):
-            r = core.drive(rules.single_plan(book, req))
-        else:
-            # The common case: one round trip, and with the guard the plan's
-            # generator only when the SPI collides (single_plan's first step, inline).
-            try:
-                spi = core.kernel.alloc_one(req, req.spi_min, req.spi_max, failed)
-            except SpiExhausted:
-                core.kernel.claim_stray(req)
-                raise
-            if guard is None:
-                return book.won(req, spi, 0)
-            token = guard.reserve_trusted(req.gdst, req.proto, spi, book.owner)
-            if token:
-                r = book.won(req, spi, token)
+        box: list[Any] = [None, 0]
+        try:
+            if guard is not None and (req.seq or rules.is_directed(book, req)):
+                r = core.drive(rules.single_plan(book, req))
             else:
-                book.stats.collisions += 1
-                r = core.drive(rules.single_plan(book, req, first=spi))
-        if book.on_lost is None and until is None:
-            return r
-        return book.note(req, r, until)
+                # The common case: one round trip, and with the guard the plan's
+                # generator only when the SPI collides (single_plan's first step, inline).
+                try:
+                    spi = core.kernel.alloc_one(req, req.spi_min, req.spi_max, failed, box)
+                except SpiExhausted:
+                    core.kernel.claim_stray(req)
+                    raise
+                if guard is None:
+                    return book.won(req, spi, 0)
+                token = guard.reserve_trusted(req.gdst, req.proto, spi, book.owner, box)
+                if token:
+                    r = book.won(req, spi, token)
+                else:
+                    book.stats.collisions += 1
+                    box[0] = None  # the plan takes the SPI over
+                    r = core.drive(rules.single_plan(book, req, first=spi))
+            if book.on_lost is None and until is None:
+                return r
+            box[0], box[1] = r._spi, r._tok  # slots, not properties: no call, so no interrupt first
+            return book.note(req, r, until)
+        except BaseException as exc:
+            if not isinstance(exc, SpiallocError) and not req.seq:
+                core.take_back(req, box)
+            raise
 
     @overload
     def allocate_many(

@@ -73,7 +73,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Literal, Protocol, Sequence
+from typing import Any, Literal, Protocol, Sequence
 
 from . import _lifecycle
 from ._lifecycle import InertLock
@@ -422,11 +422,13 @@ class Guard:
             return []
         return self.reserve_many_trusted(checked[0][0], checked[0][1], [s for _, _, s in checked], owner)
 
-    def reserve_trusted(self, dst: bytes, proto: int, spi: int, owner: int = 0) -> int:
+    def reserve_trusted(self, dst: bytes, proto: int, spi: int, owner: int = 0, box: list[Any] | None = None) -> int:
         """``reserve`` without argument checks, for a caller that validated
         dst, proto, spi and owner already (the allocator's per-SPI hot path).
         A free tuple of a known dst is claimed inline (``_claim`` unrolled);
-        anything else goes the general way."""
+        anything else goes the general way.  ``box``: the token is also put in
+        ``box[1]`` before the lock is let go, so a caller that an exception
+        leaves before it has the token can still free the tuple."""
         with self._lock:
             idx = self._dst_index.get(dst)
             if idx is not None:
@@ -443,10 +445,19 @@ class Guard:
                     self._counts[bucket] = count
                     self._dst_refs[idx] += 1
                     self._by_state[_R] += 1
+                    if box is not None:
+                        box[1] = token
                     if self._lost:
                         self._lost.pop(_lost_key(dst, proto, spi), None)
                     return token
-            return self._reserve(dst, proto, spi, owner)
+            # (An interrupt landing in _reserve after its claim loses the
+            # token: the tuple then stays reserved, so never handed out twice,
+            # but not free again either.  Rare: a dst's first tuple, or one
+            # the guard had seen lost.)
+            token = self._reserve(dst, proto, spi, owner)
+            if box is not None:
+                box[1] = token
+            return token
 
     def reserve_many_trusted(self, dst: bytes, proto: int, spis: Sequence[int], owner: int = 0) -> list[int]:
         """``reserve_many`` without argument checks (see ``reserve_trusted``)."""
@@ -687,10 +698,30 @@ class Guard:
         _, proto, _ = _check(dst, proto, 0)
         lo, hi, step = self._check_range(lo, hi, step)
         owner = check_int("owner", owner, 0, OWNER_MASK)
+        return self.reserve_free_trusted(dst, proto, lo, hi, rng or self._rng, step, owner)
+
+    def reserve_free_trusted(
+        self,
+        dst: bytes,
+        proto: int,
+        lo: int,
+        hi: int,
+        rng: random.Random,
+        step: int = 1,
+        owner: int = 0,
+        box: list[Any] | None = None,
+    ) -> int | None:
+        """``reserve_free`` without argument checks (see ``reserve_trusted``).
+        ``box``: the pick and its token are also put in ``box[2]`` and
+        ``box[1]`` before the lock is let go: an interrupt (Ctrl-C) lands as
+        the lock's release returns, and the caller could not free a tuple
+        whose value it never got."""
         with self._lock:
-            spi = self._pick(proto, dst, lo, hi, step, rng or self._rng)
+            spi = self._pick(proto, dst, lo, hi, step, rng)
             if spi is not None:
-                self._reserve(dst, proto, spi, owner)
+                token = self._reserve(dst, proto, spi, owner)
+                if box is not None:
+                    box[1], box[2] = token, spi
             return spi
 
     def reserve_free_many(

@@ -5,9 +5,11 @@ socket that fails the test if anything is ever sent."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import ipaddress
 import pickle
 import threading
+import types
 from typing import Iterator
 
 import pytest
@@ -625,3 +627,32 @@ def test_request_bytes_decode_back_to_the_same_state(dst: str, src: str) -> None
     assert ks.mode is Mode.TUNNEL
     assert (ks.reqid, ks.mark, ks.if_id, ks.direction, ks.acquire_seq) == (0x77, (0x10, 0xF0), 0x2A, Direction.IN, 5)
     assert ks.reservation() == reservation_from(req, 0xC0000099)
+
+
+def test_allocate_hands_every_option_on_by_name() -> None:
+    """``allocate(dst, **options)`` calls the documented signature with each
+    option named (not through ``**``, see the wrapper), so each one must
+    arrive, and the ones not given at the signature's defaults."""
+    seen: dict[str, object] = {}
+
+    def capture(dst: object, proto: object = "esp", **kw: object) -> str:
+        seen.update(kw, dst=dst, proto=proto)
+        return "r"
+
+    defaults = spialloc.Allocator._OPTION_DEFAULTS
+    fake = types.SimpleNamespace(_OPTION_DEFAULTS=defaults, _allocate_options=capture)
+    given = {k: object() for k in defaults}
+    assert spialloc.Allocator.allocate(fake, "10.0.0.1", "ah", **given) == "r"  # type: ignore[arg-type]
+    assert seen == {**given, "dst": "10.0.0.1", "proto": "ah"}
+    seen.clear()
+    spialloc.Allocator.allocate(fake, "10.0.0.2", reqid=7)  # type: ignore[arg-type]
+    assert seen == {**defaults, "reqid": 7, "dst": "10.0.0.2", "proto": "esp"}
+    seen.clear()
+    spialloc.Allocator.allocate(fake, "10.0.0.1", nosuch=1)  # type: ignore[arg-type, call-arg]
+    assert seen == {"nosuch": 1, "dst": "10.0.0.1", "proto": "esp"}  # as given: the signature's TypeError
+
+
+def test_allocate_shows_the_documented_signature() -> None:
+    params = inspect.signature(spialloc.Allocator.allocate).parameters
+    assert list(params)[:3] == ["self", "dst", "proto"]
+    assert {k: params[k].default for k in list(params)[3:]} == spialloc.Allocator._OPTION_DEFAULTS

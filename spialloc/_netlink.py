@@ -215,9 +215,7 @@ class XfrmSocket:
                     if kind == w.XFRM_MSG_NEWSA and rseq == seq and pid == self.portid and length == n:
                         spi = box[0] = int(w.BE32.unpack_from(self._buf, w.MSG_REPLY_SPI)[0])
                         return spi
-                kind, payload = self._reply(seq, "allocspi", self._view[:n] if n >= 0 and addr[0] == 0 else None)
-                spi = box[0] = _alloc_reply(kind, payload)
-                return spi
+                return self._alloc_rest(seq, self._view[:n] if n >= 0 and addr[0] == 0 else None, box)
             except BaseException as exc:
                 if not isinstance(exc, SpiallocError):
                     self._salvage(seq, box)
@@ -241,13 +239,18 @@ class XfrmSocket:
                 got = o.got
                 if got == -errno.ENOBUFS:
                     self.overruns += 1  # as recv_nowait counts it: the kernel reports it once
-                kind, payload = self._reply(seq, "allocspi", self._view[:got] if got >= 0 else None)
-                spi = box[0] = _alloc_reply(kind, payload)
-                return spi
+                return self._alloc_rest(seq, self._view[:got] if got >= 0 else None, box)
             except BaseException as exc:
                 if not isinstance(exc, SpiallocError):
                     self._salvage(seq, box)
                 raise
+
+    def _alloc_rest(self, seq: int, first: memoryview | None, box: list[Any]) -> int:
+        """An ALLOCSPI's reply the general way (``first``: a datagram read
+        already): its SPI, also put in ``box[0]``, or the typed refusal."""
+        kind, payload = self._reply(seq, "allocspi", first)
+        spi = box[0] = _alloc_reply(kind, payload)
+        return spi
 
     def _salvage(self, seq: int, box: list[Any]) -> None:
         """An exception that is not the kernel's answer (a signal handler's:
@@ -261,8 +264,7 @@ class XfrmSocket:
         length, _, _, rseq, pid = w.NLMSGHDR.unpack_from(self._buf, 0)
         ours = rseq == seq and pid == self.portid and w.NLMSGHDR_LEN <= length <= RECV_BUF
         try:
-            kind, payload = self._reply(seq, "allocspi", self._view[:length] if ours else None)
-            box[0] = _alloc_reply(kind, payload)
+            self._alloc_rest(seq, self._view[:length] if ours else None, box)
         except NetlinkError as exc:
             if leaves_stray(exc):
                 box[0] = STRAY

@@ -359,8 +359,9 @@ class Allocator:
         ``single_plan``), and ``take_back`` deletes the state and frees the
         tuple before the exception goes on.  From here to the caller no
         further call is made, so the exception cannot land after the
-        Reservation left this frame.  Not with a seq: the state is the
-        kernel's ACQ state, left to expire."""
+        Reservation left this frame (CPython 3.11+: a Python function's
+        return is not a place it checks for signals).  Not with a seq: the
+        state is the kernel's ACQ state, left to expire."""
         core = self.core
         book = core.book
         guard = book.guard

@@ -268,8 +268,8 @@ class XfrmSocket:
         except NetlinkError as exc:
             if leaves_stray(exc):
                 box[0] = STRAY
-        except SpiallocError:
-            pass  # the reply is gone: nothing to name
+        except (SpiallocError, OSError):
+            pass  # the reply is gone, or the socket: nothing to name
 
     def transact(self, msg: bytes | bytearray, seq: int, operation: str) -> tuple[int, memoryview | None]:
         """Send one request and return (type, payload) of its reply.

@@ -450,7 +450,7 @@ def may_delete_duplicate(book: Book, req: Request, spi: int) -> bool:
 class _Single:
     """The state of one guarded allocation across its retries."""
 
-    def __init__(self, book: Book, req: Request) -> None:
+    def __init__(self, book: Book, req: Request, box: list[Any] | None = None) -> None:
         assert book.guard is not None
         self.book, self.guard, self.req = book, book.guard, req
         self.directed = is_directed(book, req)
@@ -460,8 +460,9 @@ class _Single:
         self.resynced = False
         #: [SPI of the state this call made and has not handed out, or None;
         #: the guard token this call holds for it, or 0; the candidate
-        #: reserved for the next request, or None] (see single_plan).
-        self.box: list[Any] = [None, 0, None]
+        #: reserved for the next request, or None] (see single_plan); the
+        #: caller's, so that its own clean-up sees the same.
+        self.box: list[Any] = [None, 0, None] if box is None else box
 
     def candidate(self) -> Generator[Op, object, int]:
         """A free value, reserved; one resync when foreign marks may be stale."""
@@ -519,7 +520,7 @@ class _Single:
             return got, cand
 
 
-def single_plan(book: Book, req: Request, first: int | None = None) -> Plan:
+def single_plan(book: Book, req: Request, first: int | None = None, box: list[Any] | None = None) -> Plan:
     """Guarded allocation of one SPI.
 
     ``first``: an SPI the caller already got with one plain request and
@@ -530,7 +531,7 @@ def single_plan(book: Book, req: Request, first: int | None = None) -> Plan:
     state and frees the tuple this call reserved for it (``_Single.box``);
     not with a seq, whose state is the kernel's ACQ state.
     """
-    s = _Single(book, req)
+    s = _Single(book, req, box)
     guard = s.guard
     owner = book.owner
     spi = first

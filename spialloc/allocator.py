@@ -365,10 +365,10 @@ class Allocator:
         core = self.core
         book = core.book
         guard = book.guard
-        box: list[Any] = [None, 0]
+        box: list[Any] = [None, 0, None]  # shared with a plan (see _rules._Single.box)
         try:
             if guard is not None and (req.seq or rules.is_directed(book, req)):
-                r = core.drive(rules.single_plan(book, req))
+                r = core.drive(rules.single_plan(book, req, box=box))
             else:
                 # The common case: one round trip, and with the guard the plan's
                 # generator only when the SPI collides (single_plan's first step, inline).
@@ -384,8 +384,9 @@ class Allocator:
                     r = book.won(req, spi, token)
                 else:
                     book.stats.collisions += 1
-                    box[0] = None  # the plan takes the SPI over
-                    r = core.drive(rules.single_plan(book, req, first=spi))
+                    # The plan takes the SPI over in the same box: no moment
+                    # when neither would delete its state.
+                    r = core.drive(rules.single_plan(book, req, first=spi, box=box))
             if book.on_lost is None and until is None:
                 return r
             box[0], box[1] = r._spi, r._tok  # slots, not properties: no call, so no interrupt first

@@ -364,14 +364,7 @@ class Core:
         finalizes it: at any point of any code, perhaps where this thread
         holds the guard's lock (a deadlock, seen under a storm of interrupts)."""
         with contextlib.suppress(BaseException):
-            op = plan.throw(exc)
-            while True:
-                try:
-                    result = self.execute(op)
-                except BaseException as err:
-                    op = plan.throw(err)
-                else:
-                    op = plan.send(result)
+            self._drive(rules.Stepper.thrown(plan, exc))
 
     def _drive(self, step: rules.Stepper[T]) -> T:
         pending: BaseException | None = None
@@ -602,9 +595,8 @@ class Core:
             except SpiallocError as exc:
                 _log.kernel.warning("allocate interrupted: deleting its state %#010x failed: %s", spi, exc)
                 break
-        token = box[1] if len(box) > 1 else 0
-        if token:
-            rules.forget(self.book, keys, [token])
+        if box[1]:
+            rules.forget(self.book, keys, [box[1]])
 
     def release_all(self, keys: list[rules.DelKey]) -> int:
         """``release_keys`` that a second Ctrl-C does not cut short: the

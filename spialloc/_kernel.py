@@ -27,7 +27,6 @@ from ._netns import Namespace, read_sysctl, write_sysctl
 from ._rules import LOST, PENDING, Book, DelKey, RecoverOp, RoundResult, made_by, orphans
 from .errors import (
     RESTART_ERRNOS,
-    STRAY,
     ClosedError,
     NamespaceError,
     NetlinkError,
@@ -35,7 +34,7 @@ from .errors import (
     SpiExhausted,
     UnsupportedByKernel,
     from_errno,
-    leaves_stray,
+    note_stray,
     out_of_fds,
 )
 
@@ -92,21 +91,22 @@ class Kernel:
     ) -> int:
         """One ALLOCSPI round trip; returns the SPI (host order).  ``failed``:
         how a first try made by ``quick`` (same request and range) failed.
-        ``box``: ``[None, ...]``; ``box[0]`` is the SPI as soon as the reply
-        is read, so a caller that an exception leaves (Ctrl-C) before it has
-        the SPI can still delete the state (``Core.take_back``)."""
+        ``box``: ``[None, 0, None]`` (see ``errors.STRAY``); ``box[0]`` is the
+        SPI as soon as the reply is read, so a caller that an exception
+        leaves (Ctrl-C) before it has the SPI can still delete the state
+        (``Core.take_back``)."""
         if box is None:
-            box = [None]
+            box = [None, 0, None]
         one = self._one
         if failed is not None:
-            _note_stray(box, failed)
+            note_stray(box, failed)
             self._refused(req, spi_min, spi_max, failed)
         elif one is not None and len(req.template) <= self._one_max:
             # The common case first, with no loop or message to set up.
             try:
                 return self.sock.allocspi_native(one, req.template, spi_min, spi_max, box)
             except NetlinkError as exc:
-                _note_stray(box, exc)
+                note_stray(box, exc)
                 self._refused(req, spi_min, spi_max, exc)
         msg = bytearray(req.template)
         if one is None and (spi_min != req.spi_min or spi_max != req.spi_max):
@@ -117,7 +117,7 @@ class Kernel:
                     return self.sock.allocspi_native(one, req.template, spi_min, spi_max, box)
                 return self.sock.allocspi(msg, box)
             except NetlinkError as exc:
-                _note_stray(box, exc)
+                note_stray(box, exc)
                 self._refused(req, spi_min, spi_max, exc)
         raise NetlinkError(errno.EINTR, "interrupted by signals 64 times in a row", "allocspi")
 
@@ -211,7 +211,7 @@ class Kernel:
         if not strays or any(st.acquire_seq for st in strays):
             return
         lo, hi = (0x100, 0xFFFF) if req.proto is Proto.COMP else (0x100, 0xFFFFFFFF)
-        box: list[Any] = [None]
+        box: list[Any] = [None, 0, None]
         try:
             spi = self.alloc_one(req, lo, hi, box=box)
             self.delete(req.daddr, spi, req.family, req.proto, req.mark)
@@ -463,11 +463,6 @@ def kept_in_reply(sa: w.SaInfo, field: str) -> bool:
 
 #: Where a DELSA message (header, struct xfrm_usersa_id) holds the SPI.
 DELSA_SPI_OFFSET = w.NLMSGHDR_LEN + 16
-
-
-def _note_stray(box: list[Any], exc: NetlinkError) -> None:
-    if leaves_stray(exc):
-        box[0] = STRAY
 
 
 def _delsa(daddr: bytes, spi: int, family: int, proto: int, mark: tuple[int, int] | None, portid: int) -> bytes:

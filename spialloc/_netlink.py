@@ -20,14 +20,13 @@ from typing import Any, Iterator, NoReturn
 from . import _wire as w
 from ._netns import Namespace
 from .errors import (
-    STRAY,
     ClosedError,
     DecodeError,
     InsufficientPrivilege,
     NetlinkError,
     SpiallocError,
     from_errno,
-    leaves_stray,
+    note_stray,
 )
 
 RECV_BUF = 1 << 16
@@ -266,8 +265,7 @@ class XfrmSocket:
         try:
             self._alloc_rest(seq, self._view[:length] if ours else None, box)
         except NetlinkError as exc:
-            if leaves_stray(exc):
-                box[0] = STRAY
+            note_stray(box, exc)
         except (SpiallocError, OSError):
             pass  # the reply is gone, or the socket: nothing to name
 

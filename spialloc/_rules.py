@@ -221,6 +221,15 @@ class Stepper(Generic[T]):
         except StopIteration as stop:
             self.done, self.value = True, stop.value
 
+    @classmethod
+    def thrown(cls, plan: Generator[Op, object, T], exc: BaseException) -> Stepper[T]:
+        """A stepper for a plan suspended at a yield, ``exc`` thrown in there
+        (as for an exception of the op it waits on)."""
+        step = cls.__new__(cls)
+        step._plan, step.done, step.op = plan, False, _NO_OP
+        step.throw(exc)
+        return step
+
     def send(self, result: object) -> None:
         self._advance(self._plan.send, result)
 

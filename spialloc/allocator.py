@@ -271,13 +271,11 @@ class Allocator:
                     # general path from where it failed.  An interrupt that
                     # lands before the caller has the Reservation deletes
                     # the state (see _allocate).
-                    box = [None]
+                    box = [None, 0, None]
                     try:
                         spi = quick(plain.template, plain.spi_min, plain.spi_max, box)
                         return core.book.won(plain, spi, 0)
-                    except NetlinkError as exc:
-                        if box[0] is not None:
-                            raise  # not from the request: after it
+                    except NetlinkError as exc:  # the request's own, before any SPI
                         return self._allocate(plain, None, exc)
                     except BaseException:
                         core.take_back(plain, box)

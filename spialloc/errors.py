@@ -167,16 +167,19 @@ class ForkedError(SpiallocError):
 #: a signal is pending (6.17+ xfrm_alloc_spi checks between picks), and EINTR.
 RESTART_ERRNOS = frozenset({_errno.EINTR, 512, 513, 514, 516})
 
-#: In an ALLOCSPI's box (``Kernel.alloc_one``), for ``Core.take_back``: the
-#: request was refused and left the kernel's SPI-less larval state behind
+#: In an ALLOCSPI's box (``Kernel.alloc_one``: ``[SPI or None, guard token
+#: or 0, directed candidate or None]``), for ``Core.take_back``: the request
+#: was refused and left the kernel's SPI-less larval state behind
 #: (``Kernel.claim_stray`` removes it).
 STRAY = -1
 
 
-def leaves_stray(exc: NetlinkError) -> bool:
-    """A refusal that leaves the request's larval state, with no SPI, behind:
-    no SPI free (ENOENT), or the kernel's pick loop interrupted by a signal."""
-    return exc.errno == _errno.ENOENT or exc.errno in RESTART_ERRNOS
+def note_stray(box: list[object], exc: NetlinkError) -> None:
+    """Mark ``box`` STRAY for a refusal that leaves the request's larval
+    state, with no SPI, behind: no SPI free (ENOENT), or the kernel's pick
+    loop interrupted by a signal."""
+    if exc.errno == _errno.ENOENT or exc.errno in RESTART_ERRNOS:
+        box[0] = STRAY
 
 
 def from_errno(code: int, kernel_text: str | None, operation: str) -> NetlinkError:

@@ -838,59 +838,40 @@ def test_single_allocate_under_signals_never_surfaces_erestartsys(netns: Namespa
     assert sorted(got) == list(range(lo + 100, lo + 200))  # observed: NetlinkError errno 512 within a few calls
 
 
-def test_exceptions_from_signal_handlers_never_leave_the_socket_locked(netns: Namespace) -> None:
-    """A single allocate holds the request socket's lock from its request
-    to its reply.  A signal handler's exception can land anywhere in that:
-    on the way in, right as the C call returns, in the error path reading
-    the reply (every try here is refused: the range's one SPI is held).  Under
-    a storm of SIGALRMs whose handler raises, the lock must never be left
-    held: afterwards another thread still gets the socket.  (A lock taken in
-    C and given back from Python-level ``__enter__``/``__exit__`` failed
-    exactly this: their frames can be interrupted.)"""
+class _ArmedAlarms:
+    """SIGALRM every ``interval`` seconds, whose handler raises ``_Alarm``
+    once per arming: ``call`` arms it around one call, so the interrupt
+    lands inside that call (anywhere in it), never in the test's own
+    bookkeeping."""
 
-    class Tick(Exception):
-        pass
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.armed = False
+        self.count = 0
 
-    armed = [False]
+    def _handler(self, signum: int, frame: object) -> None:
+        if self.armed:
+            self.armed = False
+            self.count += 1
+            raise _Alarm()
 
-    def tick(*_: object) -> None:
-        if armed[0]:  # once per arming: only inside allocate, never in this test's own bookkeeping
-            armed[0] = False
-            raise Tick
+    def __enter__(self) -> _ArmedAlarms:
+        self._old = signal.signal(signal.SIGALRM, self._handler)
+        signal.setitimer(signal.ITIMER_REAL, self.interval, self.interval)
+        return self
 
-    with Allocator(netns, backend="c", guard=False, spi_range=(0x7000, 0x7000)) as a:
-        assert a.core.quick is not None
-        held = a.allocate(DST)
-        ticks = refused = 0
-        old = signal.signal(signal.SIGALRM, tick)
-        signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)  # about one refusal's time
+    def __exit__(self, *exc: object) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, self._old)
+
+    def call(self, fn: Callable[[Allocator, str], Reservation], a: Allocator, dst: str) -> Reservation:
+        # fn(a, dst), not fn(*args): a call through * returns through C, where
+        # Python raises a pending interrupt here, after allocate returned.
+        self.armed = True
         try:
-            deadline = time.monotonic() + 3
-            while time.monotonic() < deadline:
-                try:
-                    armed[0] = True
-                    try:
-                        a.allocate(DST)
-                    finally:
-                        armed[0] = False
-                except SpiExhausted:
-                    refused += 1
-                except Tick:
-                    ticks += 1
+            return fn(a, dst)
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, old)
-        assert ticks > 0 and refused > 0
-        with pytest.raises(SpiExhausted):
-            a.allocate(DST)  # claims a refusal's SPI-less larval state an exception may have left
-        out: list[int] = []
-        t = threading.Thread(target=lambda: out.append(a.release(held)), daemon=True)
-        t.start()
-        t.join(10)
-        assert not t.is_alive(), f"the socket's lock was left held ({ticks} exceptions, {refused} refusals)"
-        assert out == [1]
-        left = ns_run(netns, ["ip", "xfrm", "state"]).stdout
-        assert sad_count(netns) == 0, left
+            self.armed = False
 
 
 _STORM_CALLS: dict[str, Callable[[Allocator, str], Reservation]] = {
@@ -906,6 +887,41 @@ _STORM_CALLS: dict[str, Callable[[Allocator, str], Reservation]] = {
 }
 
 
+def test_exceptions_from_signal_handlers_never_leave_the_socket_locked(netns: Namespace) -> None:
+    """A single allocate holds the request socket's lock from its request
+    to its reply.  A signal handler's exception can land anywhere in that:
+    on the way in, right as the C call returns, in the error path reading
+    the reply (every try here is refused: the range's one SPI is held).  Under
+    a storm of SIGALRMs whose handler raises, the lock must never be left
+    held: afterwards another thread still gets the socket.  (A lock taken in
+    C and given back from Python-level ``__enter__``/``__exit__`` failed
+    exactly this: their frames can be interrupted.)"""
+    with Allocator(netns, backend="c", guard=False, spi_range=(0x7000, 0x7000)) as a:
+        assert a.core.quick is not None
+        held = a.allocate(DST)
+        refused = 0
+        with _ArmedAlarms(0.0002) as alarms:  # about one refusal's time
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                try:
+                    alarms.call(_STORM_CALLS["plain"], a, DST)
+                except SpiExhausted:
+                    refused += 1
+                except _Alarm:
+                    pass
+        assert alarms.count > 0 and refused > 0
+        with pytest.raises(SpiExhausted):
+            a.allocate(DST)  # claims a refusal's SPI-less larval state an exception may have left
+        out: list[int] = []
+        t = threading.Thread(target=lambda: out.append(a.release(held)), daemon=True)
+        t.start()
+        t.join(10)
+        assert not t.is_alive(), f"the socket's lock was left held ({alarms.count} exceptions, {refused} refusals)"
+        assert out == [1]
+        left = ns_run(netns, ["ip", "xfrm", "state"]).stdout
+        assert sad_count(netns) == 0, left
+
+
 def _storm_of_interrupts(netns: Namespace, backend: str, guard: bool, how: str) -> None:
     """A storm of SIGALRMs whose handler raises, each once, anywhere inside
     ``allocate``: most land as the request's send returns, after the kernel
@@ -913,41 +929,20 @@ def _storm_of_interrupts(netns: Namespace, backend: str, guard: bool, how: str) 
     nothing: the SAD holds exactly the reservations returned, and the guard
     exactly their tuples.  A new dst every few calls: the guard's per-dst
     bookkeeping is made under the storm too (it once broke for good)."""
-
-    class Tick(Exception):
-        pass
-
-    armed = [False]
-
-    def tick(*_: object) -> None:
-        if armed[0]:
-            armed[0] = False
-            raise Tick
-
     call = _STORM_CALLS[how]
     got: list[Reservation] = []
-    ticks = 0
     with Allocator(netns, backend=backend, guard=guard) as a:
-        old = signal.signal(signal.SIGALRM, tick)
-        signal.setitimer(signal.ITIMER_REAL, 0.0001, 0.0001)
-        try:
+        with _ArmedAlarms(0.0001) as alarms:
             deadline = time.monotonic() + 1.5
             n = 0
             while time.monotonic() < deadline:
                 n += 1
                 dst = f"10.{n // 8 >> 8 & 255}.{n // 8 & 255}.1"
                 try:
-                    armed[0] = True
-                    try:
-                        r = call(a, dst)
-                    finally:
-                        armed[0] = False
-                    got.append(r)
-                except Tick:
-                    ticks += 1
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, old)
+                    got.append(alarms.call(call, a, dst))
+                except _Alarm:
+                    pass
+        ticks = alarms.count
         assert ticks > 100 and len(got) > 100, (ticks, len(got))
         held = {(str(s.dst), s.spi) for s in a.states()}
         assert held == {(str(r.dst), r.spi) for r in got}, (

@@ -12,6 +12,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <string.h>
+#include <time.h>
 #include <arpa/inet.h>
 #include <sys/socket.h>
 #include "spialloc.h"
@@ -474,29 +475,13 @@ int spialloc_batch_drain(struct spialloc_batch *b)
 	return fail(err);
 }
 
-/**
- * spialloc_alloc_one - one ALLOCSPI round trip, for the single allocate
- * @o:       the socket's struct spialloc_one (buffers, port id, results)
- * @fd:      NETLINK_XFRM socket connected to the kernel (passed per call:
- *           Python's closed socket is -1)
- * @tmpl:    one ALLOCSPI message (as for a batch); copied, not changed
- * @len:     its length, at most SPIALLOC_ONE_MAX
- * @seq:     nlmsg_seq to send it with
- * @lo, @hi: SPI range to patch in, host order
- *
- * Why: one Python-level call instead of a bytearray copy, struct packing,
- * send(), recvfrom_into() and header parsing, each an object or two.  The
- * kernel answers inside send(), so one non-blocking read finds the reply.
- * Only the common case is decided here: anything but our NEWSA (an error,
- * a stray reply, a dropped one) goes back to Python with what was read.
- *
- * Return: the SPI, host order (0 to 2^32 - 1: the return value carries it,
- * so Python reads no struct field on its common path); SPIALLOC_ONE_OTHER
- * (see @o->got; Python takes over); or SPIALLOC_ONE_FAILED with errno if
- * send() failed (nothing was sent).
+/*
+ * round_trip - send @len bytes of @tmpl as ALLOCSPI @seq for [@lo, @hi] on
+ * @fd and read the one datagram the kernel queued in answer (see
+ * spialloc_alloc_one() for the return value)
  */
-int64_t spialloc_alloc_one(struct spialloc_one *o, int fd, const char *tmpl,
-			   uint32_t len, uint32_t seq, uint32_t lo, uint32_t hi)
+static int64_t round_trip(struct spialloc_one *o, int fd, const void *tmpl,
+			  uint32_t len, uint32_t seq, uint32_t lo, uint32_t hi)
 {
 	struct nlmsghdr h;
 	uint32_t spi;
@@ -532,4 +517,151 @@ int64_t spialloc_alloc_one(struct spialloc_one *o, int fd, const char *tmpl,
 	memcpy(&spi, o->rbuf + NLMSG_HDRLEN +
 	       offsetof(struct xfrm_usersa_info, id.spi), 4);
 	return ntohl(spi);
+}
+
+/**
+ * spialloc_alloc_one - one ALLOCSPI round trip, for the single allocate
+ * @o:       the socket's struct spialloc_one (buffers, port id, results)
+ * @fd:      NETLINK_XFRM socket connected to the kernel (passed per call:
+ *           Python's closed socket is -1)
+ * @tmpl:    one ALLOCSPI message (as for a batch); copied, not changed
+ * @len:     its length, at most SPIALLOC_ONE_MAX
+ * @seq:     nlmsg_seq to send it with
+ * @lo, @hi: SPI range to patch in, host order
+ *
+ * Why: one Python-level call instead of a bytearray copy, struct packing,
+ * send(), recvfrom_into() and header parsing, each an object or two.  The
+ * kernel answers inside send(), so one non-blocking read finds the reply.
+ * Only the common case is decided here: anything but our NEWSA (an error,
+ * a stray reply, a dropped one) goes back to Python with what was read.
+ * The caller holds the socket's (Python) lock.
+ *
+ * Return: the SPI, host order (0 to 2^32 - 1: the return value carries it,
+ * so Python reads no struct field on its common path); SPIALLOC_ONE_OTHER
+ * (see @o->got; Python takes over); or SPIALLOC_ONE_FAILED with errno if
+ * send() failed (nothing was sent).
+ */
+int64_t spialloc_alloc_one(struct spialloc_one *o, int fd, const char *tmpl,
+			   uint32_t len, uint32_t seq, uint32_t lo, uint32_t hi)
+{
+	return round_trip(o, fd, tmpl, len, seq, lo, hi);
+}
+
+/*
+ * The calling thread, as a token for @busy: the address of a thread-local
+ * (no syscall, unlike gettid()).  @last is this thread's latest SPI from
+ * spialloc_alloc_req(), for a caller that an exception (a signal handler's,
+ * raised as the call returns) left before it stored it: only the thread
+ * that made the call reads it, so no other call can overwrite it.
+ */
+static __thread struct {
+	char me;
+	const struct spialloc_one *o;
+	uint32_t seq;
+	int64_t spi;
+} self_;
+
+static uintptr_t me(void)
+{
+	return (uintptr_t)&self_.me;
+}
+
+/**
+ * spialloc_alloc_req - spialloc_alloc_one() on @o's own socket, with no lock
+ * in Python
+ * @o:   struct spialloc_one of a socket used by nothing else (@o->fd)
+ * @r:   the request, prepared once
+ * @seq: nlmsg_seq to send it with
+ *
+ * Why: Python's lock around spialloc_alloc_one() and its seven converted
+ * arguments cost about a third of what a single allocate adds to the
+ * kernel's own work.  Here the socket is taken with one compare-and-swap
+ * that never waits (a thread that finds it taken goes the locked way on
+ * the other socket), inside one C call that no Python exception can cut in
+ * two, and given back before returning, except after SPIALLOC_ONE_OTHER:
+ * the reply in @o->rbuf is then Python's to read until it calls
+ * spialloc_one_release().
+ *
+ * Return: as spialloc_alloc_one(), or SPIALLOC_ONE_BUSY (nothing sent).
+ */
+int64_t spialloc_alloc_req(struct spialloc_one *o, const struct spialloc_req *r,
+			   uint32_t seq)
+{
+	uintptr_t free_ = 0;
+	int64_t ret;
+
+	if (!__atomic_compare_exchange_n(&o->busy, &free_, me(), 0,
+					 __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+		return SPIALLOC_ONE_BUSY;
+	if (o->fd < 0) {
+		errno = EBADF;
+		ret = SPIALLOC_ONE_FAILED;
+	} else {
+		ret = round_trip(o, o->fd, r->msg, r->len, seq, r->lo, r->hi);
+	}
+	if (ret >= 0) {
+		self_.o = o;
+		self_.seq = seq;
+		self_.spi = ret;
+	}
+	if (ret != SPIALLOC_ONE_OTHER)
+		__atomic_store_n(&o->busy, 0, __ATOMIC_RELEASE);
+	return ret;
+}
+
+/**
+ * spialloc_one_last - the SPI this thread's spialloc_alloc_req(@o, .., @seq)
+ * returned, or -1 if this thread's latest successful call was another
+ */
+int64_t spialloc_one_last(const struct spialloc_one *o, uint32_t seq)
+{
+	return self_.o == o && self_.seq == seq ? self_.spi : -1;
+}
+
+/**
+ * spialloc_one_held - whether this thread holds @o's socket (after
+ * SPIALLOC_ONE_OTHER, until spialloc_one_release())
+ */
+int spialloc_one_held(const struct spialloc_one *o)
+{
+	return __atomic_load_n(&o->busy, __ATOMIC_ACQUIRE) == me();
+}
+
+/**
+ * spialloc_one_release - give @o's socket back, if this thread holds it
+ */
+void spialloc_one_release(struct spialloc_one *o)
+{
+	uintptr_t mine = me();
+
+	__atomic_compare_exchange_n(&o->busy, &mine, 0, 0, __ATOMIC_RELEASE,
+				    __ATOMIC_RELAXED);
+}
+
+/**
+ * spialloc_one_close - no spialloc_alloc_req() on @o uses its socket after
+ * this returns (@o->fd is -1): the caller may then close the socket
+ *
+ * Waits for a call in flight (the GIL is released meanwhile), but not for
+ * this thread's own hold: a close() from a signal handler that interrupted
+ * this thread's slow path would wait for itself.
+ */
+void spialloc_one_close(struct spialloc_one *o)
+{
+	const struct timespec pause = { 0, 50000 };
+	uintptr_t free_;
+
+	for (;;) {
+		free_ = 0;
+		if (__atomic_compare_exchange_n(&o->busy, &free_, me(), 0,
+						__ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+			break;
+		if (free_ == me()) {
+			o->fd = -1;
+			return;
+		}
+		nanosleep(&pause, NULL);
+	}
+	o->fd = -1;
+	__atomic_store_n(&o->busy, 0, __ATOMIC_RELEASE);
 }

@@ -125,25 +125,52 @@ struct spialloc_batch {
 #define SPIALLOC_ONE_FAILED	(-1)
 /* spialloc_alloc_one(): sent, but what came back is for Python (see @got) */
 #define SPIALLOC_ONE_OTHER	(-2)
+/* spialloc_alloc_req(): another call is using the socket; nothing was sent */
+#define SPIALLOC_ONE_BUSY	(-3)
 
 /**
- * struct spialloc_one - a socket's state for spialloc_alloc_one()
+ * struct spialloc_one - a socket's state for spialloc_alloc_one() and
+ * spialloc_alloc_req()
+ * @fd:      spialloc_alloc_req()'s socket (-1 once spialloc_one_close() ran);
+ *           spialloc_alloc_one() takes its own per call
  * @portid:  the socket's netlink port id
  * @rbuf:    receive buffer of @rlen bytes (Python's, read on its slow path)
  * @got:     out: bytes of the datagram read into @rbuf, -errno if recv()
  *           failed
+ * @busy:    0, or the calling thread's token while spialloc_alloc_req() uses
+ *           the socket (and after SPIALLOC_ONE_OTHER, until
+ *           spialloc_one_release())
  * @scratch: where the message is built
  */
 struct spialloc_one {
+	int fd;
 	uint32_t portid;
 	uint8_t *rbuf;
 	uint32_t rlen;
 	int64_t got;
+	uintptr_t busy;
 	uint8_t scratch[SPIALLOC_ONE_MAX];
+};
+
+/**
+ * struct spialloc_req - one request, prepared once for spialloc_alloc_req()
+ * @len:     bytes of @msg, at most SPIALLOC_ONE_MAX
+ * @lo, @hi: SPI range to patch in, host order
+ * @msg:     the ALLOCSPI message (its nlmsg_seq is patched per call)
+ */
+struct spialloc_req {
+	uint32_t len, lo, hi;
+	uint8_t msg[SPIALLOC_ONE_MAX];
 };
 
 int64_t spialloc_alloc_one(struct spialloc_one *o, int fd, const char *tmpl,
 			   uint32_t len, uint32_t seq, uint32_t lo, uint32_t hi);
+int64_t spialloc_alloc_req(struct spialloc_one *o, const struct spialloc_req *r,
+			   uint32_t seq);
+int64_t spialloc_one_last(const struct spialloc_one *o, uint32_t seq);
+int spialloc_one_held(const struct spialloc_one *o);
+void spialloc_one_release(struct spialloc_one *o);
+void spialloc_one_close(struct spialloc_one *o);
 
 int spialloc_batch_init_allocspi(struct spialloc_batch *b);
 int spialloc_batch_init_delsa(struct spialloc_batch *b);

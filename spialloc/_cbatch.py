@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import array
 import errno
+import itertools
 import os
 import socket
 import weakref
@@ -178,3 +179,68 @@ def native_single(buf: bytearray, portid: int) -> tuple[Any, ...]:
 
 #: The longest template ``native_single`` takes; longer ones go the Python way.
 ONE_MAX = lib.SPIALLOC_ONE_MAX
+
+
+class Fast:
+    """``spialloc_alloc_req`` on a socket of its own: the single allocate's
+    request path with no Python lock (see csrc/spialloc.c for why).
+
+    ``call(one, prepared, seq)`` returns the SPI, or ``BUSY`` (nothing
+    sent: another thread has the socket; go the locked way), ``FAILED``
+    (send() failed, ``errno()`` says why) or ``OTHER`` (the reply, read
+    into the socket's own buffer, is Python's: this thread holds the
+    socket until ``release``).  ``last(seq)``: the SPI this thread's call
+    with ``seq`` returned, for a caller that an exception left before it
+    stored it.  ``close()`` returns once no call uses the socket.
+
+    ``seqs``: every call's sequence number, from one counter for the whole
+    process, so that ``last`` can never mistake another call's SPI for its
+    own (a closed allocator's struct may be made again at the same address
+    and its thread-local record still name it).  The kernel only echoes
+    nlmsg_seq."""
+
+    seqs = itertools.count(1)
+    BUSY = lib.SPIALLOC_ONE_BUSY
+    FAILED = lib.SPIALLOC_ONE_FAILED
+    OTHER = lib.SPIALLOC_ONE_OTHER
+    call = lib.spialloc_alloc_req
+
+    def __init__(self, fd: int, buf: bytearray, portid: int) -> None:
+        self.one = ffi.new("struct spialloc_one *")
+        self._rbuf = ffi.from_buffer("uint8_t[]", buf)
+        self.one.fd, self.one.portid, self.one.rbuf, self.one.rlen = fd, portid, self._rbuf, len(buf)
+
+    @staticmethod
+    def prepare(template: bytes, lo: int, hi: int) -> Any:
+        """A request for ``call``, or None if the template is too long."""
+        if len(template) > lib.SPIALLOC_ONE_MAX:
+            return None
+        r = ffi.new("struct spialloc_req *")
+        r.len, r.lo, r.hi = len(template), lo, hi
+        ffi.memmove(r.msg, template, len(template))
+        return r
+
+    @staticmethod
+    def errno() -> int:
+        return int(ffi.errno)
+
+    def got(self) -> int:
+        return int(self.one.got)
+
+    def last(self, seq: int) -> int | None:
+        spi = int(lib.spialloc_one_last(self.one, seq))
+        return None if spi < 0 else spi
+
+    def held(self) -> bool:
+        return bool(lib.spialloc_one_held(self.one))
+
+    def release(self) -> None:
+        lib.spialloc_one_release(self.one)
+
+    def close(self) -> None:
+        lib.spialloc_one_close(self.one)
+
+    def forget_fd(self) -> None:
+        """In a fork child: the fd is a copy, closed by the caller; no lock
+        (the parent's thread that held it is not here)."""
+        self.one.fd = -1

@@ -27,7 +27,6 @@ from . import _wire as w
 from ._batch import BatchRun
 from ._expiry import ExpiryWatcher
 from ._kernel import Kernel
-from ._lifecycle import close_copy
 from ._model import (
     Address,
     Direction,
@@ -139,7 +138,8 @@ class Core:
         #: Requests made with every option but dst and proto (a str) left
         #: at its default, by (dst, proto): ``Allocator.allocate`` finds
         #: them with identity checks instead of hashing eleven arguments.
-        self.plain: dict[tuple[object, str], Request] = {}
+        #: Each with its ``Kernel.prepare`` form (None without the C engine).
+        self.plain: dict[tuple[object, str], tuple[Request, Any]] = {}
         self.ns = Namespace.open(netns)
         self._shared = False
         try:
@@ -147,9 +147,13 @@ class Core:
             self.book = rules.Book(chosen, max_retries, on_lost)
             self.kernel = Kernel(self.ns, engine, self.book, rcvbuf)
             self.kernel.warm()
-            #: The C single call for ``Allocator.allocate``'s plain requests
-            #: (every one in ``plain`` then fits it), guard off only.
-            self.quick = self.kernel.quick if self.book.guard is None else None
+            #: The C engine's lock-free single call for ``Allocator.allocate``'s
+            #: plain requests, guard off only: ``(call, struct, seq counter)``
+            #: (see ``_cbatch.Fast``; every request in ``plain`` is prepared).
+            self.fast: tuple[Any, Any, Iterator[int]] | None = None
+            k = self.kernel
+            if k.fast is not None and self.book.guard is None:
+                self.fast = (k.fast.call, k.fast.one, k.fast.seqs)
         except BaseException:
             if self._shared:
                 _shared.detach(chosen)
@@ -195,7 +199,7 @@ class Core:
             return
         self.forked_from = parent
         self.closed = True
-        close_copy(self.kernel.sock.sock)
+        self.kernel.after_fork()
         if self.watcher is not None:
             self.watcher.after_fork()
         self.ns.close_copy()
@@ -269,12 +273,10 @@ class Core:
                 self.plain.clear()
             # plain first: a request found in the cache is not looked at again,
             # so an interrupt between the two must not leave it out of plain.
-            if (
-                type(proto) is str
-                and all(a is b for a, b in zip(args[2:], PLAIN, strict=True))
-                and (self.quick is None or self.kernel.fits(req.template))
-            ):
-                self.plain[(dst, proto)] = req
+            if type(proto) is str and all(a is b for a, b in zip(args[2:], PLAIN, strict=True)):
+                prepared = self.kernel.prepare(req)
+                if prepared is not None or self.kernel.fast is None:
+                    self.plain[(dst, proto)] = (req, prepared)
             self._req_cache[args] = req
         return req
 
@@ -577,6 +579,8 @@ class Core:
         then another reservation may hold the tuple: it is left alone).
         ``box[0]`` is ``STRAY`` after a refusal: the request's SPI-less state
         is claimed and deleted as after any refusal."""
+        if box[0] is None and box[3]:
+            self.kernel.fast_salvage(box)
         spi = box[0]
         if spi is None:
             return

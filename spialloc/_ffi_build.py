@@ -89,6 +89,7 @@ struct spialloc_batch {
 };
 
 struct spialloc_one {
+    int fd;
     uint32_t portid;
     uint8_t *rbuf;
     uint32_t rlen;
@@ -96,10 +97,21 @@ struct spialloc_one {
     ...;
 };
 
+struct spialloc_req {
+    uint32_t len, lo, hi;
+    uint8_t msg[...];
+};
+
 #define SPIALLOC_ONE_FAILED ...
 #define SPIALLOC_ONE_OTHER ...
+#define SPIALLOC_ONE_BUSY ...
 int64_t spialloc_alloc_one(struct spialloc_one *o, int fd, const char *tmpl,
                            uint32_t len, uint32_t seq, uint32_t lo, uint32_t hi);
+int64_t spialloc_alloc_req(struct spialloc_one *o, const struct spialloc_req *r, uint32_t seq);
+int64_t spialloc_one_last(const struct spialloc_one *o, uint32_t seq);
+int spialloc_one_held(const struct spialloc_one *o);
+void spialloc_one_release(struct spialloc_one *o);
+void spialloc_one_close(struct spialloc_one *o);
 int spialloc_batch_init_allocspi(struct spialloc_batch *b);
 int spialloc_batch_init_delsa(struct spialloc_batch *b);
 int spialloc_batch_step(struct spialloc_batch *b);

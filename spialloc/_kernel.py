@@ -13,14 +13,14 @@ from __future__ import annotations
 import array
 import contextlib
 import errno
-import functools
 import os
 import time
 from types import ModuleType
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from . import _log
 from . import _wire as w
+from ._lifecycle import close_copy
 from ._model import KernelState, Proto, Request, build_request
 from ._netlink import REPLY_TRUESIZE, XfrmSocket
 from ._netns import Namespace, read_sysctl, write_sysctl
@@ -64,20 +64,85 @@ class Kernel:
         native = getattr(engine, "native_single", None)
         self._one = None if native is None else native(self.sock._buf, self.sock.portid)
         self._one_max: int = getattr(engine, "ONE_MAX", 0)
-        #: ``alloc_one``'s first try alone, ``quick(template, lo, hi, box)``,
-        #: for a caller that has checked ``fits(template)``; on a NetlinkError
-        #: the caller goes on with ``alloc_one(..., failed=exc)``.
-        self.quick: Callable[[bytes, int, int, list[Any]], int] | None = None
-        if self._one is not None:
-            self.quick = functools.partial(self.sock.allocspi_native, self._one)
+        #: The C engine's lock-free single call (``_cbatch.Fast``) and the
+        #: socket it has to itself (nothing else is sent on it: ALLOCSPI
+        #: only, so no event of ours ever names its port).
+        self.fast: Any = None
+        self.fast_sock: XfrmSocket | None = None
+        make_fast = getattr(engine, "Fast", None)
+        if make_fast is not None:
+            try:
+                self.fast_sock = XfrmSocket(ns, rcvbuf=rcvbuf)
+                self.fast = make_fast(self.fast_sock.fileno(), self.fast_sock._buf, self.fast_sock.portid)
+            except BaseException:  # out of fds, say: nothing of ours stays open
+                if self.fast_sock is not None:
+                    self.fast_sock.close()
+                self.sock.close()
+                raise
         self._lifetime: float | None = None
         self._probes: dict[bytes, Probe] = {}  # by Request.attrs
         #: Set by close(): a running engine round stops after its chunk.
         self.closing = False
 
     def close(self) -> None:
-        with self.sock.lock:  # never between a request and its reply
+        if self.fast is not None:
+            self.fast.close()  # waits for a call in flight: never between a request and its reply
+            self.fast_sock.close()  # type: ignore[union-attr]
+        with self.sock.lock:  # the same for the locked socket
             self.sock.close()
+
+    def after_fork(self) -> None:
+        """In a fork child: drop the copies of the parent's sockets, taking
+        no lock (a thread of the parent may have held one)."""
+        close_copy(self.sock.sock)
+        if self.fast is not None:
+            self.fast.forget_fd()
+            close_copy(self.fast_sock.sock)  # type: ignore[union-attr]
+
+    # --- ALLOCSPI on the single allocate's own socket ------------------------------------
+
+    def prepare(self, req: Request) -> Any:
+        """``req`` made ready for ``fast.call`` (None without the C engine,
+        or if its message is too long for it)."""
+        return None if self.fast is None else self.fast.prepare(req.template, req.spi_min, req.spi_max)
+
+    def fast_rest(self, seq: int, rc: int, box: list[Any]) -> int | None:
+        """What ``fast.call(.., seq)`` returning ``rc`` (< 0) left to Python:
+        None if nothing was sent (another thread had the socket: go the
+        locked way), else the SPI, also put in ``box[0]``, or the typed
+        refusal (``NetlinkError``, ``ClosedError``)."""
+        fast, sock = self.fast, self.fast_sock
+        assert sock is not None
+        if rc == fast.BUSY:
+            return None
+        if rc == fast.FAILED:
+            sock._send_failed(fast.errno())
+        try:
+            got = fast.got()
+            if got == -errno.ENOBUFS:
+                sock.overruns += 1  # as recv_nowait counts it
+            return sock._alloc_rest(seq, sock._view[:got] if got >= 0 else None, box)
+        except BaseException as exc:
+            if not isinstance(exc, SpiallocError):
+                sock._salvage(seq, box)
+            raise
+        finally:
+            fast.release()
+
+    def fast_salvage(self, box: list[Any]) -> None:
+        """For ``Core.take_back``: an exception that is not the kernel's
+        answer left the caller of ``fast.call(.., box[3])`` before it stored
+        the SPI.  Put in ``box[0]`` the SPI this thread's call returned, or
+        what the reply this thread still holds says (nothing if the call
+        never ran, or was another thread's)."""
+        fast, sock = self.fast, self.fast_sock
+        if fast.held():
+            try:
+                sock._salvage(box[3], box)  # type: ignore[union-attr]
+            finally:
+                fast.release()
+        else:
+            box[0] = fast.last(box[3])
 
     # --- ALLOCSPI ---------------------------------------------------------------------
 
@@ -88,15 +153,33 @@ class Kernel:
         spi_max: int,
         failed: NetlinkError | None = None,
         box: list[Any] | None = None,
+        prepared: Any = None,
     ) -> int:
         """One ALLOCSPI round trip; returns the SPI (host order).  ``failed``:
-        how a first try made by ``quick`` (same request and range) failed.
-        ``box``: ``[None, 0, None]`` (see ``errors.STRAY``); ``box[0]`` is the
-        SPI as soon as the reply is read, so a caller that an exception
-        leaves (Ctrl-C) before it has the SPI can still delete the state
-        (``Core.take_back``)."""
+        how a first try made by ``allocate``'s C call (same request and
+        range) failed.  ``prepared``: ``req`` as ``prepare`` made it, to try
+        the fast call (``req``'s own range only).  ``box``: ``[None, 0,
+        None, 0]`` (see ``errors.STRAY``); ``box[0]`` is the SPI as soon as
+        the reply is read, so a caller that an exception leaves (Ctrl-C)
+        before it has the SPI can still delete the state (``Core.take_back``)."""
         if box is None:
-            box = [None, 0, None]
+            box = [None, 0, None, 0]
+        if prepared is not None and failed is None:
+            fast = self.fast
+            seq = box[3] = next(fast.seqs) & 0xFFFFFFFF
+            got = fast.call(fast.one, prepared, seq)
+            if got >= 0:
+                box[0] = got
+            else:
+                try:
+                    got = self.fast_rest(seq, got, box)
+                except NetlinkError as exc:
+                    failed, got = exc, None  # the refusal is handled below, as the locked socket's
+            # box[0] has the SPI now (or nothing was made): a plan that takes
+            # this box over must not find this call's SPI again by its seq.
+            box[3] = 0
+            if got is not None:
+                return got  # type: ignore[no-any-return]
         one = self._one
         if failed is not None:
             note_stray(box, failed)
@@ -120,10 +203,6 @@ class Kernel:
                 note_stray(box, exc)
                 self._refused(req, spi_min, spi_max, exc)
         raise NetlinkError(errno.EINTR, "interrupted by signals 64 times in a row", "allocspi")
-
-    def fits(self, template: bytes) -> bool:
-        """Whether ``quick`` takes this request."""
-        return self._one is not None and len(template) <= self._one_max
 
     def _refused(self, req: Request, spi_min: int, spi_max: int, exc: NetlinkError) -> None:
         """An ALLOCSPI failed: return to ask again (a signal came between
@@ -211,7 +290,7 @@ class Kernel:
         if not strays or any(st.acquire_seq for st in strays):
             return
         lo, hi = (0x100, 0xFFFF) if req.proto is Proto.COMP else (0x100, 0xFFFFFFFF)
-        box: list[Any] = [None, 0, None]
+        box: list[Any] = [None, 0, None, 0]
         try:
             spi = self.alloc_one(req, lo, hi, box=box)
             self.delete(req.daddr, spi, req.family, req.proto, req.mark)

@@ -469,9 +469,10 @@ class _Single:
         self.resynced = False
         #: [SPI of the state this call made and has not handed out, or None;
         #: the guard token this call holds for it, or 0; the candidate
-        #: reserved for the next request, or None] (see single_plan); the
-        #: caller's, so that its own clean-up sees the same.
-        self.box: list[Any] = [None, 0, None] if box is None else box
+        #: reserved for the next request, or None; a fast call's seq]
+        #: (see single_plan, errors.STRAY); the caller's, so that its own
+        #: clean-up sees the same.
+        self.box: list[Any] = [None, 0, None, 0] if box is None else box
 
     def candidate(self) -> Generator[Op, object, int]:
         """A free value, reserved; one resync when foreign marks may be stale."""
@@ -585,7 +586,7 @@ def single_plan(book: Book, req: Request, first: int | None = None, box: list[An
             s.directed = True
             spi = None
     except BaseException as exc:
-        left, token, cand = s.box
+        left, token, cand, _ = s.box  # (a plan makes no fast call: no seq)
         if left is not None and not s.req.seq and not isinstance(exc, (SpiallocError, GeneratorExit)):
             s.box[0] = None
             if left == STRAY:  # a refused pick: its SPI-less state, and the candidate it asked for

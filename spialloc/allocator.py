@@ -262,23 +262,26 @@ class Allocator:
                 core = self.core
                 plain = core.plain.get((dst, proto))
                 if plain is not None and not core.closed:
-                    quick = core.quick
-                    if quick is None:
-                        return self._allocate(plain, None)
+                    fast = core.fast
+                    if fast is None:
+                        return self._allocate(plain[0], None, None, plain[1])
                     # Guard off: _allocate's path without its layers (each
                     # layer of calls cost ~0.09 us here, 4% of the kernel's
-                    # own ALLOCSPI): the C call, and on any error the
-                    # general path from where it failed.  An interrupt that
-                    # lands before the caller has the Reservation deletes
-                    # the state (see _allocate).
-                    box = [None, 0, None]
+                    # own ALLOCSPI): one C call on a socket of its own, no
+                    # Python lock; anything but an SPI goes on in
+                    # _fast_rest.  An interrupt that lands before the
+                    # caller has the Reservation deletes the state (the C
+                    # side keeps each thread's last SPI for that).
+                    call, one, seqs = fast
+                    req, prepared = plain
+                    seq = next(seqs) & 0xFFFFFFFF
                     try:
-                        spi = quick(plain.template, plain.spi_min, plain.spi_max, box)
-                        return core.book.won(plain, spi, 0)
-                    except NetlinkError as exc:  # the request's own, before any SPI
-                        return self._allocate(plain, None, exc)
+                        spi = call(one, prepared, seq)
+                        if spi >= 0:
+                            return core.book.won(req, spi, 0)
+                        return self._fast_rest(req, seq, spi)
                     except BaseException:
-                        core.take_back(plain, box)
+                        core.take_back(req, [None, 0, None, seq])
                         raise
             # Named keywords, not **options: a call through ** is made from
             # C, and Python raises a pending interrupt (Ctrl-C) as such a
@@ -346,8 +349,33 @@ class Allocator:
         with binding.Claim(req.seq) as claim:
             return claim.done(self._allocate(req, until))
 
-    def _allocate(self, req: Request, until: float | None, failed: NetlinkError | None = None) -> Reservation:
-        """``failed``: how ``Kernel.quick`` failed (guard off, a plain request).
+    def _fast_rest(self, req: Request, seq: int, rc: int) -> Reservation:
+        """``allocate``'s C call (``Core.fast``) returned ``rc`` < 0: read
+        the reply the C side left (``Kernel.fast_rest``), or, if nothing was
+        sent or the kernel refused, go the general way."""
+        core = self.core
+        box: list[Any] = [None, 0, None, 0]
+        try:
+            try:
+                spi = core.kernel.fast_rest(seq, rc, box)
+            except NetlinkError as exc:  # the request's own, before any SPI
+                failed: NetlinkError | None = exc
+            else:
+                if spi is not None:
+                    return core.book.won(req, spi, 0)
+                failed = None  # another thread had the socket: the locked one
+        except BaseException as exc:
+            if not isinstance(exc, SpiallocError):
+                core.take_back(req, box)
+            raise
+        return self._allocate(req, None, failed)
+
+    def _allocate(
+        self, req: Request, until: float | None, failed: NetlinkError | None = None, prepared: Any = None
+    ) -> Reservation:
+        """``failed``: how ``allocate``'s C call failed (guard off, a plain
+        request).  ``prepared``: a plain request's C form (``Core.plain``),
+        for the lock-free call (``Kernel.alloc_one``).
 
         An exception that is not the kernel's answer (Ctrl-C, a timer's
         handler: Python raises them as a call returns, most often the one
@@ -363,7 +391,7 @@ class Allocator:
         core = self.core
         book = core.book
         guard = book.guard
-        box: list[Any] = [None, 0, None]  # shared with a plan (see _rules._Single.box)
+        box: list[Any] = [None, 0, None, 0]  # shared with a plan (see _rules._Single.box)
         try:
             if guard is not None and (req.seq or rules.is_directed(book, req)):
                 r = core.drive(rules.single_plan(book, req, box=box))
@@ -371,7 +399,7 @@ class Allocator:
                 # The common case: one round trip, and with the guard the plan's
                 # generator only when the SPI collides (single_plan's first step, inline).
                 try:
-                    spi = core.kernel.alloc_one(req, req.spi_min, req.spi_max, failed, box)
+                    spi = core.kernel.alloc_one(req, req.spi_min, req.spi_max, failed, box, prepared)
                 except SpiExhausted:
                     core.kernel.claim_stray(req)
                     raise

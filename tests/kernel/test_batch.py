@@ -794,7 +794,7 @@ def test_plain_allocate_guard_off_under_signals_never_surfaces_erestartsys(
     netns: Namespace, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``allocate(dst)`` guard off makes the C call straight from
-    ``allocate`` (``Kernel.quick``); a pick interrupted by a signal
+    ``allocate`` (``Core.fast``); a pick interrupted by a signal
     (ERESTARTSYS) goes on in ``Kernel.alloc_one``, which asks again.  Random
     picks (no guard) in a range a quarter held: collisions, hence
     interrupted picks, are frequent, 64 in a row practically never."""
@@ -810,7 +810,7 @@ def test_plain_allocate_guard_off_under_signals_never_surfaces_erestartsys(
 
     old = signal.signal(signal.SIGALRM, lambda *a: None)
     with Allocator(netns, backend="c", guard=False, spi_range=(lo, lo + 399)) as alloc:
-        assert alloc.core.quick is not None
+        assert alloc.core.fast is not None
         monkeypatch.setattr(Kernel, "_refused", counted)
         signal.setitimer(signal.ITIMER_REAL, 0.0001, 0.0001)
         try:
@@ -888,16 +888,16 @@ _STORM_CALLS: dict[str, Callable[[Allocator, str], Reservation]] = {
 
 
 def test_exceptions_from_signal_handlers_never_leave_the_socket_locked(netns: Namespace) -> None:
-    """A single allocate holds the request socket's lock from its request
-    to its reply.  A signal handler's exception can land anywhere in that:
-    on the way in, right as the C call returns, in the error path reading
+    """A single allocate holds the request socket's lock (or, guard off,
+    its own socket: ``Core.fast``) from its request to its reply.  A signal
+    handler's exception can land anywhere in that: on the way in, right as the C call returns, in the error path reading
     the reply (every try here is refused: the range's one SPI is held).  Under
     a storm of SIGALRMs whose handler raises, the lock must never be left
     held: afterwards another thread still gets the socket.  (A lock taken in
     C and given back from Python-level ``__enter__``/``__exit__`` failed
     exactly this: their frames can be interrupted.)"""
     with Allocator(netns, backend="c", guard=False, spi_range=(0x7000, 0x7000)) as a:
-        assert a.core.quick is not None
+        assert a.core.fast is not None
         held = a.allocate(DST)
         refused = 0
         with _ArmedAlarms(0.0002) as alarms:  # about one refusal's time
@@ -910,6 +910,9 @@ def test_exceptions_from_signal_handlers_never_leave_the_socket_locked(netns: Na
                 except _Alarm:
                     pass
         assert alarms.count > 0 and refused > 0
+        # allocate's own socket (Core.fast) is held past the C call only
+        # while a refusal is read: never after the call is over.
+        assert not a.core.kernel.fast.held()
         with pytest.raises(SpiExhausted):
             a.allocate(DST)  # claims a refusal's SPI-less larval state an exception may have left
         out: list[int] = []

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import logging
 import os
 import signal
@@ -198,7 +197,7 @@ def test_close_under_pending_calls_typed_errors_and_no_orphans(netns: Namespace,
     unrelated_all: list[str] = []
     orphans_all: set[int] = set()
     for _ in range(5):
-        got, kinds, unrelated = _hammer_then_close(netns, batch, guard=guard)  # no guard: Kernel.quick
+        got, kinds, unrelated = _hammer_then_close(netns, batch, guard=guard)  # no guard: Core.fast
         unrelated_all += [f"{type(e).__name__}: {e}" for e in unrelated]
         assert sum(kinds.values()) + len(unrelated) == 4
         orphans_all |= _left_over(netns, got)
@@ -218,11 +217,11 @@ def test_close_between_send_and_reply_orphans_nothing(
     deleted; a ClosedError with the state left behind is the bug.  Backend
     "c" sends and reads in one C call; it is held up right after it.  warm:
     allocate(dst)'s request is known already, so with backend "c" the call
-    is made straight from allocate (Kernel.quick), not through _allocate."""
+    is made straight from allocate (Core.fast), not through _allocate."""
     a = Allocator(netns, guard=False, backend=backend)
     if warm:
         a.release(a.allocate(DST))
-        assert (a.core.quick is not None) == (backend == "c")
+        assert (a.core.fast is not None) == (backend == "c")
     in_flight = threading.Event()
     real_send = _netlink.XfrmSocket.send
 
@@ -233,19 +232,21 @@ def test_close_between_send_and_reply_orphans_nothing(
             time.sleep(0.3)
 
     if backend == "c":
+
+        def held_up(c_call: Any) -> Any:
+            def slow_call(*args: Any) -> int:
+                rc = int(c_call(*args))
+                in_flight.set()
+                time.sleep(0.3)
+                return rc
+
+            return slow_call
+
         one = a.core.kernel._one
         assert one is not None
-        c_call = one[0]
-
-        def slow_call(*args: Any) -> int:
-            rc = int(c_call(*args))
-            in_flight.set()
-            time.sleep(0.3)
-            return rc
-
-        a.core.kernel._one = (slow_call, *one[1:])
-        if a.core.quick is not None:
-            a.core.quick = functools.partial(a.core.kernel.sock.allocspi_native, a.core.kernel._one)
+        a.core.kernel._one = (held_up(one[0]), *one[1:])
+        if a.core.fast is not None:
+            a.core.fast = (held_up(a.core.fast[0]), *a.core.fast[1:])
     else:
         monkeypatch.setattr(_netlink.XfrmSocket, "send", slow_send)
     result: list[object] = []

@@ -8,6 +8,7 @@ import array
 import errno
 import os
 import struct
+import threading
 from typing import Any
 
 import pytest
@@ -508,3 +509,101 @@ def test_alloc_one_on_a_closed_socket_fails_with_ebadf(one: One) -> None:
     tmpl = allocspi_template()
     assert lib.spialloc_alloc_one(one.o, -1, tmpl, len(tmpl), 1, 1, 2) == lib.SPIALLOC_ONE_FAILED
     assert ffi.errno == errno.EBADF
+
+
+# --- spialloc_alloc_req: the same round trip on a socket of its own (_cbatch.Fast) ---------
+
+
+class FastPair(One):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fast = _cbatch.Fast(self.ours.fileno(), self.buf, PORTID)
+
+    def req(self, reply: bytes | None, seq: int = 77, lo: int = 0x1000, hi: int = 0x2000) -> int:
+        if reply is not None:
+            self.peer.send(reply)
+        prepared = self.fast.prepare(allocspi_template(), lo, hi)
+        rc = int(self.fast.call(self.fast.one, prepared, seq))
+        if rc not in (self.fast.FAILED, self.fast.BUSY):
+            sent = self.peer.recv(4096)
+            assert w.U32.unpack_from(sent, w.MSG_SEQ)[0] == seq
+            assert struct.unpack_from("=II", sent, w.NLMSGHDR_LEN + w.XFRM_USERSA_INFO_LEN) == (lo, hi)
+        return rc
+
+
+@pytest.fixture
+def fast() -> Any:
+    t = FastPair()
+    yield t
+    t.close()
+
+
+def test_alloc_req_reads_our_newsa_and_keeps_this_threads_last_spi(fast: FastPair) -> None:
+    seq = next(fast.fast.seqs)
+    assert fast.req(newsa(seq, 0xC0FFEE01), seq) == 0xC0FFEE01
+    assert not fast.fast.held()
+    assert fast.fast.last(seq) == 0xC0FFEE01
+    assert fast.fast.last(seq + 1) is None  # another call's seq
+    seen: list[int | None] = []
+    t = threading.Thread(target=lambda: seen.append(fast.fast.last(seq)))
+    t.start()
+    t.join()
+    assert seen == [None]  # another thread's calls are not its own
+
+
+def test_alloc_req_holds_the_socket_after_other_until_released(fast: FastPair) -> None:
+    seq = next(fast.fast.seqs)
+    err = nlerr(seq, -errno.ENOENT, "No SPI available")
+    assert fast.req(err, seq) == fast.fast.OTHER
+    assert fast.fast.got() == len(err) and bytes(fast.buf[: len(err)]) == err
+    assert fast.fast.held()
+    assert fast.fast.last(seq) is None  # no SPI: nothing to take back
+    # Meanwhile another thread is told BUSY and sends nothing.
+    rcs: list[int] = []
+    t = threading.Thread(target=lambda: rcs.append(fast.req(None, next(fast.fast.seqs))))
+    t.start()
+    t.join()
+    assert rcs == [fast.fast.BUSY]
+    fast.peer.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        fast.peer.recv(4096)
+    fast.peer.setblocking(True)
+    # Only the holder's release gives it back.
+    t = threading.Thread(target=fast.fast.release)
+    t.start()
+    t.join()
+    assert fast.fast.held()
+    fast.fast.release()
+    assert not fast.fast.held()
+    seq = next(fast.fast.seqs)
+    assert fast.req(newsa(seq, 5), seq) == 5
+
+
+def test_alloc_req_after_close_fails_with_ebadf_and_sends_nothing(fast: FastPair) -> None:
+    fast.fast.close()
+    assert fast.req(newsa(77, 1)) == fast.fast.FAILED
+    assert fast.fast.errno() == errno.EBADF
+    assert not fast.fast.held()
+
+
+def test_close_waits_for_the_holder_but_not_for_itself(fast: FastPair) -> None:
+    assert fast.req(nlerr(77, -errno.ENOENT, "")) == fast.fast.OTHER
+    fast.fast.close()  # this thread holds it (a handler's close): no wait
+    fast.fast.release()
+    fast2 = FastPair()
+    try:
+        assert fast2.req(nlerr(77, -errno.ENOENT, "")) == fast2.fast.OTHER
+        done = threading.Event()
+        t = threading.Thread(target=lambda: (fast2.fast.close(), done.set()))
+        t.start()
+        assert not done.wait(0.2)  # waits: the reply is still being read here
+        fast2.fast.release()
+        assert done.wait(5)
+        t.join()
+        assert fast2.req(newsa(78, 1), 78) == fast2.fast.FAILED
+    finally:
+        fast2.close()
+
+
+def test_prepare_refuses_what_does_not_fit() -> None:
+    assert _cbatch.Fast.prepare(b"\0" * (lib.SPIALLOC_ONE_MAX + 1), 1, 2) is None

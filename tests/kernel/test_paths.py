@@ -166,6 +166,116 @@ def test_single_allocate_on_a_closed_allocator(netns: Namespace, backend: str) -
         a.allocate(DST)
 
 
+# --- allocate's own socket (backend "c": Core.fast), attacked --------------------------------
+
+
+@pytest.mark.parametrize("guard", [False, True], ids=["no-guard", "guard"])
+def test_threads_contending_for_allocates_socket_get_distinct_states(netns: Namespace, guard: bool) -> None:
+    """Four threads allocate at once.  A thread that finds the C call's
+    socket taken is sent the locked way (BUSY, nothing sent): every call
+    still gets its own state, no SPI twice, nothing left behind."""
+    import threading
+
+    from spialloc._kernel import Kernel
+
+    busy = 0
+    real = Kernel.fast_rest
+
+    def counted(self: Kernel, seq: int, rc: int, box: list[Any]) -> Any:
+        nonlocal busy
+        if rc == self.fast.BUSY:
+            busy += 1
+        return real(self, seq, rc, box)
+
+    with Allocator(netns, backend="c", guard=guard) as a:
+        a.release(a.allocate(DST))  # plain from here on: the C call
+        got: list[list[Reservation]] = [[] for _ in range(4)]
+        errors: list[BaseException] = []
+        start = threading.Barrier(4)
+
+        def work(i: int) -> None:
+            try:
+                start.wait()
+                for _ in range(2000):
+                    got[i].append(a.allocate(DST))
+            except BaseException as exc:  # noqa: BLE001 - asserted on
+                errors.append(exc)
+
+        Kernel.fast_rest = counted  # type: ignore[method-assign]
+        try:
+            ts = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join(60)
+        finally:
+            Kernel.fast_rest = real  # type: ignore[method-assign]
+        assert not errors, errors
+        spis = [r.spi for rs in got for r in rs]
+        assert len(spis) == len(set(spis)) == 8000
+        assert sad_spis(netns) == set(spis)
+        assert busy > 0, "no thread ever found the socket taken: the locked way went untested"
+        assert a.release([r for rs in got for r in rs]) == 8000
+    assert sad_count(netns) == 0
+
+
+@pytest.mark.parametrize("nested", ["allocate", "close"])
+def test_a_handler_that_allocates_or_closes_while_this_thread_reads_a_refusal(netns: Namespace, nested: str) -> None:
+    """The C call's socket stays taken while Python reads a reply that is
+    not an SPI (here: "No SPI available").  A signal handler runs in that
+    thread at any point of it; one that calls allocate must not wait for
+    the socket its own thread holds (it goes the locked way), and one that
+    calls close must not wait for itself either.  Made deterministic by
+    running the 'handler' right where the reply is read."""
+    from spialloc import ClosedError
+    from spialloc._kernel import Kernel
+
+    a = Allocator(netns, backend="c", guard=False, spi_range=(0x7000, 0x7000))
+    held = a.allocate(DST)  # the range's one SPI: the next call is refused
+    k = a.core.kernel
+    inner: list[object] = []
+    real = Kernel.fast_rest
+
+    def handler_inside(self: Kernel, seq: int, rc: int, box: list[Any]) -> Any:
+        if rc == self.fast.OTHER and not inner:
+            assert self.fast.held()
+            try:
+                if nested == "allocate":
+                    a.release(held)  # so that the nested call gets the SPI
+                    inner.append(a.allocate(DST))
+                else:
+                    inner.append(a.close())
+            except BaseException as exc:  # noqa: BLE001 - asserted on
+                inner.append(exc)
+        return real(self, seq, rc, box)
+
+    Kernel.fast_rest = handler_inside  # type: ignore[method-assign]
+    try:
+        with pytest.raises((SpiExhausted, ClosedError)) as outer:
+            a.allocate(DST)
+    finally:
+        Kernel.fast_rest = real  # type: ignore[method-assign]
+    assert len(inner) == 1
+    assert not k.fast.held()
+    if nested == "allocate":
+        assert isinstance(outer.value, SpiExhausted)
+        r = inner[0]
+        assert isinstance(r, Reservation) and r.spi == 0x7000, r
+        assert sad_spis(netns) == {0x7000}
+        a.release(r)
+        a.close()
+    else:
+        assert inner == [None] and a.closed
+        with Allocator(netns, guard=False) as b:
+            b.release(held)
+            # What close() cut short: the refusal's SPI-less larval state,
+            # which the closed allocator could not claim.  It holds no SPI
+            # (nobody can be handed its value) and expires.
+            assert {s.spi for s in b.states()} <= {0}
+        ns_run(netns, ["ip", "xfrm", "state", "flush"])
+    assert sad_count(netns) == 0
+
+
 # --- Reservations, released in bulk ----------------------------------------------------------
 
 

@@ -311,6 +311,53 @@ def test_locks_held_by_parent_threads_at_fork_never_hang_the_child(netns: Namesp
         assert mon.get(timeout=0) is None
 
 
+def test_allocates_own_socket_held_by_a_parent_thread_at_fork(netns: Namespace) -> None:
+    """The single allocate's socket (backend "c", ``Core.fast``) is taken in
+    C; a parent thread holding it at fork time (reading a refusal) holds it
+    for ever in the child's copy.  The inherited allocator is inert there
+    anyway, a new one has a socket of its own, and the parent's holder
+    finishes and gives the socket back as if nothing happened."""
+    with spialloc.Allocator(netns, backend="c", guard=False, spi_range=(0x7000, 0x7000)) as alloc:
+        held = alloc.allocate(DST)  # the range's one SPI: the next request is refused
+        req, prepared = alloc.core.plain[(DST, "esp")]
+        k = alloc.core.kernel
+        holding, done = threading.Event(), threading.Event()
+        seen: list[object] = []
+
+        def holder() -> None:
+            seq = next(k.fast.seqs) & 0xFFFFFFFF
+            rc = k.fast.call(k.fast.one, prepared, seq)
+            seen.append(rc == k.fast.OTHER and k.fast.held())
+            holding.set()
+            done.wait(30)
+            try:
+                k.fast_rest(seq, rc, [None, 0, None, 0])
+            except spialloc.SpiExhausted:
+                seen.append("refused")
+
+        t = threading.Thread(target=holder)
+        t.start()
+        try:
+            assert holding.wait(5) and seen == [True]
+
+            def child() -> tuple[list[str], int]:
+                wrong = not_inert({"allocate": lambda: alloc.allocate(DST)}, "Allocator")
+                alloc.close()  # must not wait for the parent thread's hold
+                with spialloc.Allocator(netns, backend="c", guard=False) as mine:
+                    return wrong, mine.release(mine.allocate("192.0.2.2"))
+
+            assert Child(child).result() == [[], 1]
+        finally:
+            done.set()
+            t.join()
+        assert seen == [True, "refused"] and not k.fast.held()
+        alloc.release(held)
+        k.claim_stray(req)  # the refusal's SPI-less state
+        r = alloc.allocate(DST)
+        assert r.spi == 0x7000 and alloc.release(r) == 1
+    assert sad_count(netns) == 0
+
+
 def test_namespace_helper_is_inert_in_the_child() -> None:
     """A namespace reached through a helper process (unprivileged
     Namespace.isolated()) has one request channel: a child's requests would

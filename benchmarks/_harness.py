@@ -916,6 +916,14 @@ def breakdown(bns: BenchNS, total: int, round_n: int, guarded_ns: BenchNS | None
         one = alloc.core.kernel.alloc_one
         return lambda n: (None, [one(req, req.spi_min, req.spi_max) for _ in range(n)])
 
+    def fast_call() -> Piece:
+        # allocate's C call on its own socket (Core.fast) alone: no Python
+        # lock, three arguments, nothing around it.
+        k = alloc.core.kernel
+        prepared = k.prepare(alloc.core.request(*args))
+        call, one, seqs = k.fast.call, k.fast.one, k.fast.seqs
+        return lambda n: (None, [call(one, prepared, next(seqs) & 0xFFFFFFFF) for _ in range(n)])
+
     def request_build() -> Piece:
         rq = alloc.core.request
 
@@ -956,6 +964,7 @@ def breakdown(bns: BenchNS, total: int, round_n: int, guarded_ns: BenchNS | None
     add("floor_batch_us", lambda: floor_piece(FLOOR_BATCH))
     add("python_raw_round_trip_us", raw_round_trip)
     add("alloc_one_round_trip_us", alloc_one)
+    add("fast_call_round_trip_us", fast_call)
     add("request_build_us", request_build)
     add("reservation_build_us", reservation_build)
     add("allocate_guard_off_us", lambda: lambda n: (None, [alloc.allocate(DST) for _ in range(n)]), alloc)

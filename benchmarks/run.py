@@ -605,8 +605,13 @@ def render_md(results: dict[str, Any], plan: h.Plan) -> str:
         ("floor single (C: send + recv)", bd.get("floor_single_us")),
         ("Python, raw socket + struct: send + recv_into, nothing else", bd.get("python_raw_round_trip_us")),
         (
-            "library round trip `Kernel.alloc_one` (backend c: lock, one C call: copy, patch, send, read, parse)",
+            "locked round trip `Kernel.alloc_one` (backend c: the request socket's lock, one C call with seven "
+            "arguments: copy, patch, send, read, parse)",
             bd.get("alloc_one_round_trip_us"),
+        ),
+        (
+            "`allocate`'s C call alone (`Core.fast`: its own socket, taken in C, three arguments)",
+            bd.get("fast_call_round_trip_us"),
         ),
         ("`Core.request` alone, same arguments each call (validation / request cache)", bd.get("request_build_us")),
         ("`reservation_from` alone (a Reservation: four slots)", bd.get("reservation_build_us")),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import pickle
+import time
 from typing import Any
 
 import pytest
@@ -274,6 +275,50 @@ def test_a_handler_that_allocates_or_closes_while_this_thread_reads_a_refusal(ne
             assert {s.spi for s in b.states()} <= {0}
         ns_run(netns, ["ip", "xfrm", "state", "flush"])
     assert sad_count(netns) == 0
+
+
+def test_close_from_another_thread_while_refusals_are_read(netns: Namespace) -> None:
+    """Every call is refused (the range's one SPI is held), so each one
+    holds allocate's own socket while Python reads the refusal; another
+    thread closes the allocator meanwhile.  close() must wait for a hold
+    in progress and then stop the calls: the caller ends with a typed
+    error, nothing hangs, and nothing but the held state stays."""
+    import threading
+
+    from spialloc import SpiallocError
+
+    a = Allocator(netns, backend="c", guard=False, spi_range=(0x7000, 0x7000))
+    held = a.allocate(DST)
+    ended: list[BaseException] = []
+    refusals = 0
+
+    def work() -> None:
+        nonlocal refusals
+        try:
+            while True:
+                try:
+                    a.allocate(DST)
+                except SpiExhausted:
+                    refusals += 1
+        except BaseException as exc:  # noqa: BLE001 - asserted on
+            ended.append(exc)
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 5
+    while refusals < 200 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    a.close()
+    t.join(10)
+    assert not t.is_alive(), "a call hung after close()"
+    assert refusals >= 200
+    (exc,) = ended
+    assert isinstance(exc, SpiallocError), repr(exc)  # ClosedError, or a refusal's claim cut short
+    assert not a.core.kernel.fast.held()
+    with Allocator(netns, guard=False) as b:
+        b.release(held)
+        assert {s.spi for s in b.states()} <= {0}  # at most a refusal's SPI-less state
+    ns_run(netns, ["ip", "xfrm", "state", "flush"])
 
 
 # --- Reservations, released in bulk ----------------------------------------------------------

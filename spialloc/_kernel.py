@@ -151,23 +151,29 @@ class Kernel:
         req: Request,
         spi_min: int,
         spi_max: int,
-        failed: NetlinkError | None = None,
         box: list[Any] | None = None,
         prepared: Any = None,
+        sent: tuple[int, int] | None = None,
     ) -> int:
-        """One ALLOCSPI round trip; returns the SPI (host order).  ``failed``:
-        how a first try made by ``allocate``'s C call (same request and
-        range) failed.  ``prepared``: ``req`` as ``prepare`` made it, to try
-        the fast call (``req``'s own range only).  ``box``: ``[None, 0,
-        None, 0]`` (see ``errors.STRAY``); ``box[0]`` is the SPI as soon as
-        the reply is read, so a caller that an exception leaves (Ctrl-C)
-        before it has the SPI can still delete the state (``Core.take_back``)."""
+        """One ALLOCSPI round trip; returns the SPI (host order).
+        ``prepared``: ``req`` as ``prepare`` made it, to try the fast call
+        (``req``'s own range only).  ``sent``: ``(seq, rc)`` of that call
+        made by the caller already (``allocate``'s own, which returned ``rc``
+        < 0): what it left is read here.  ``box``: ``[None, 0, None, 0]``
+        (see ``errors.STRAY``); ``box[0]`` is the SPI as soon as the reply is
+        read, so a caller that an exception leaves (Ctrl-C) before it has the
+        SPI can still delete the state (``Core.take_back``)."""
         if box is None:
             box = [None, 0, None, 0]
-        if prepared is not None and failed is None:
+        failed: NetlinkError | None = None
+        if prepared is not None:
             fast = self.fast
-            seq = box[3] = next(fast.seqs) & 0xFFFFFFFF
-            got = fast.call(fast.one, prepared, seq)
+            if sent is None:
+                seq = box[3] = next(fast.seqs) & 0xFFFFFFFF
+                got = fast.call(fast.one, prepared, seq)
+            else:
+                seq, got = sent
+                box[3] = seq
             if got >= 0:
                 box[0] = got
             else:

@@ -37,7 +37,7 @@ from ._netlink import DEFAULT_RCVBUF
 from ._netns import Namespace, NetnsSpec
 from ._rules import AllocatorStats
 from ._shared import GuardSpec
-from .errors import NetlinkError, SpiallocError, SpiExhausted
+from .errors import SpiallocError, SpiExhausted
 from .guard import Guard
 from .ha import Partition
 from .monitor import Acquire
@@ -264,12 +264,12 @@ class Allocator:
                 if plain is not None and not core.closed:
                     fast = core.fast
                     if fast is None:
-                        return self._allocate(plain[0], None, None, plain[1])
+                        return self._allocate(plain[0], None, plain[1])
                     # Guard off: _allocate's path without its layers (each
                     # layer of calls cost ~0.09 us here, 4% of the kernel's
                     # own ALLOCSPI): one C call on a socket of its own, no
                     # Python lock; anything but an SPI goes on in
-                    # _fast_rest.  An interrupt that lands before the
+                    # _allocate.  An interrupt that lands before the
                     # caller has the Reservation deletes the state (the C
                     # side keeps each thread's last SPI for that).
                     call, one, seqs = fast
@@ -279,7 +279,7 @@ class Allocator:
                         spi = call(one, prepared, seq)
                         if spi >= 0:
                             return core.book.won(req, spi, 0)
-                        return self._fast_rest(req, seq, spi)
+                        return self._allocate(req, None, prepared, (seq, spi))
                     except BaseException:
                         core.take_back(req, [None, 0, None, seq])
                         raise
@@ -349,33 +349,12 @@ class Allocator:
         with binding.Claim(req.seq) as claim:
             return claim.done(self._allocate(req, until))
 
-    def _fast_rest(self, req: Request, seq: int, rc: int) -> Reservation:
-        """``allocate``'s C call (``Core.fast``) returned ``rc`` < 0: read
-        the reply the C side left (``Kernel.fast_rest``), or, if nothing was
-        sent or the kernel refused, go the general way."""
-        core = self.core
-        box: list[Any] = [None, 0, None, 0]
-        try:
-            try:
-                spi = core.kernel.fast_rest(seq, rc, box)
-            except NetlinkError as exc:  # the request's own, before any SPI
-                failed: NetlinkError | None = exc
-            else:
-                if spi is not None:
-                    return core.book.won(req, spi, 0)
-                failed = None  # another thread had the socket: the locked one
-        except BaseException as exc:
-            if not isinstance(exc, SpiallocError):
-                core.take_back(req, box)
-            raise
-        return self._allocate(req, None, failed)
-
     def _allocate(
-        self, req: Request, until: float | None, failed: NetlinkError | None = None, prepared: Any = None
+        self, req: Request, until: float | None, prepared: Any = None, sent: tuple[int, int] | None = None
     ) -> Reservation:
-        """``failed``: how ``allocate``'s C call failed (guard off, a plain
-        request).  ``prepared``: a plain request's C form (``Core.plain``),
-        for the lock-free call (``Kernel.alloc_one``).
+        """``prepared``: a plain request's C form (``Core.plain``), for the
+        lock-free call; ``sent``: ``(seq, rc)`` of that call, made by
+        ``allocate`` already and not an SPI (see ``Kernel.alloc_one``).
 
         An exception that is not the kernel's answer (Ctrl-C, a timer's
         handler: Python raises them as a call returns, most often the one
@@ -399,7 +378,7 @@ class Allocator:
                 # The common case: one round trip, and with the guard the plan's
                 # generator only when the SPI collides (single_plan's first step, inline).
                 try:
-                    spi = core.kernel.alloc_one(req, req.spi_min, req.spi_max, failed, box, prepared)
+                    spi = core.kernel.alloc_one(req, req.spi_min, req.spi_max, box, prepared, sent)
                 except SpiExhausted:
                     core.kernel.claim_stray(req)
                     raise

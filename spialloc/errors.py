@@ -169,9 +169,8 @@ RESTART_ERRNOS = frozenset({_errno.EINTR, 512, 513, 514, 516})
 
 #: In an ALLOCSPI's box (``Kernel.alloc_one``: ``[SPI or None, guard token
 #: or 0, directed candidate or None, seq of a ``Kernel.fast`` call or 0]``),
-#: for ``Core.take_back``: the request
-#: was refused and left the kernel's SPI-less larval state behind
-#: (``Kernel.claim_stray`` removes it).
+#: for ``Core.take_back``: the request was refused and left the kernel's
+#: SPI-less larval state behind (``Kernel.claim_stray`` removes it).
 STRAY = -1
 
 

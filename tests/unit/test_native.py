@@ -444,12 +444,16 @@ class One:
         tmpl = allocspi_template()
         rc = int(lib.spialloc_alloc_one(self.o, self.ours.fileno(), tmpl, len(tmpl), seq, lo, hi))
         if rc != lib.SPIALLOC_ONE_FAILED:
-            sent = self.peer.recv(4096)
-            assert len(sent) == len(tmpl)
-            assert w.U32.unpack_from(sent, w.MSG_SEQ)[0] == seq
-            assert struct.unpack_from("=II", sent, w.NLMSGHDR_LEN + w.XFRM_USERSA_INFO_LEN) == (lo, hi)
-            assert sent[: w.MSG_SEQ] == tmpl[: w.MSG_SEQ]
+            self.check_sent(tmpl, seq, lo, hi)
         return rc
+
+    def check_sent(self, tmpl: bytes, seq: int, lo: int, hi: int) -> None:
+        """The peer got ``tmpl`` with ``seq`` and the range patched in."""
+        sent = self.peer.recv(4096)
+        assert len(sent) == len(tmpl)
+        assert w.U32.unpack_from(sent, w.MSG_SEQ)[0] == seq
+        assert struct.unpack_from("=II", sent, w.NLMSGHDR_LEN + w.XFRM_USERSA_INFO_LEN) == (lo, hi)
+        assert sent[: w.MSG_SEQ] == tmpl[: w.MSG_SEQ]
 
     def close(self) -> None:
         self.ours.close()
@@ -522,12 +526,10 @@ class FastPair(One):
     def req(self, reply: bytes | None, seq: int = 77, lo: int = 0x1000, hi: int = 0x2000) -> int:
         if reply is not None:
             self.peer.send(reply)
-        prepared = self.fast.prepare(allocspi_template(), lo, hi)
-        rc = int(self.fast.call(self.fast.one, prepared, seq))
+        tmpl = allocspi_template()
+        rc = int(self.fast.call(self.fast.one, self.fast.prepare(tmpl, lo, hi), seq))
         if rc not in (self.fast.FAILED, self.fast.BUSY):
-            sent = self.peer.recv(4096)
-            assert w.U32.unpack_from(sent, w.MSG_SEQ)[0] == seq
-            assert struct.unpack_from("=II", sent, w.NLMSGHDR_LEN + w.XFRM_USERSA_INFO_LEN) == (lo, hi)
+            self.check_sent(tmpl, seq, lo, hi)
         return rc
 
 

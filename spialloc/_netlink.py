@@ -15,7 +15,7 @@ import select
 import socket
 import struct
 import threading
-from typing import Any, Iterator, NoReturn
+from typing import Any, NoReturn
 
 from . import _wire as w
 from ._netns import Namespace
@@ -83,6 +83,8 @@ class XfrmSocket:
         self._view = memoryview(self._buf)
         self.overruns = 0
         self._rcvbuf_seen: int | None = None
+        #: A dump whose end has not been read (see ``dump``).
+        self._dump_seq: int | None = None
 
     def _force_buf(self, plain: int, forced: int, size: int) -> None:
         # FORCE needs CAP_NET_ADMIN in the netns' user namespace, which ALLOCSPI
@@ -314,33 +316,63 @@ class XfrmSocket:
         protocol (filtered by the kernel: a daemon's SAD can be large)."""
         with self.lock:
             seq = self.next_seq()
-            entries = list(self.dump(w.getsa_dump(seq, to), seq, "getsa dump"))
-        return [w.decode_sa(p) for k, p in entries if k == w.XFRM_MSG_NEWSA]
+            entries = self.dump(w.getsa_dump(seq, to), seq, "getsa dump")
+        return [w.decode_sa(memoryview(p)) for k, p in entries if k == w.XFRM_MSG_NEWSA]
 
-    def dump(self, msg: bytes, seq: int, operation: str) -> Iterator[tuple[int, memoryview]]:
-        """Run a dump request; yields (type, payload) of each entry."""
+    def dump(self, msg: bytes, seq: int, operation: str) -> list[tuple[int, bytes]]:
+        """Run a dump request: (type, payload) of each entry.
+
+        The kernel keeps a dump running until its last part is read, and
+        refuses the socket another (EBUSY) meanwhile: a dump an exception
+        left unread (a signal handler's) is read to its end first."""
         with self.lock:
+            if self._dump_seq is not None:
+                self._finish_dump(self._dump_seq)
+            self._dump_seq = seq  # before the send: an interrupt may land as it returns
             self.send(msg)
             entries: list[tuple[int, bytes]] = []
-            done = False
-            while not done:
+            # ``while True``, not ``while not done``: CPython 3.13 compiles a
+            # conditional loop's back edge outside the enclosing ``with``
+            # (gh-130279), where a signal handler's exception skips the
+            # lock's release (tests/unit/test_bytecode.py).
+            while True:
                 data = self.recv_wait(5.0)
                 if data is None:
                     raise NetlinkError(errno.ETIMEDOUT, "dump did not finish", operation)
-                for kind, flags, rseq, pid, payload in w.iter_messages(data):
-                    if rseq != seq or pid != self.portid:
-                        continue
-                    if kind == w.NLMSG_DONE:
-                        done = True
-                        break
-                    if kind == w.NLMSG_ERROR:
-                        code, text, _ = w.decode_error(payload, flags)
-                        if code:
-                            raise from_errno(code, text, operation)
-                        continue
-                    entries.append((kind, bytes(payload)))
-        for kind, raw in entries:
-            yield kind, memoryview(raw)
+                if self._dump_part(data, seq, operation, entries):
+                    return entries
+
+    def _dump_part(self, data: memoryview, seq: int, operation: str, entries: list[tuple[int, bytes]]) -> bool:
+        """Add one datagram's entries of dump ``seq``; True once it is over."""
+        for kind, flags, rseq, pid, payload in w.iter_messages(data):
+            if rseq != seq or pid != self.portid:
+                continue
+            if kind == w.NLMSG_DONE:
+                self._dump_seq = None
+                return True
+            if kind == w.NLMSG_ERROR:
+                code, text, _ = w.decode_error(payload, flags)
+                if code:
+                    self._dump_seq = None  # refused, or ended by the error
+                    raise from_errno(code, text, operation)
+                continue
+            entries.append((kind, bytes(payload)))
+        return False
+
+    def _finish_dump(self, seq: int) -> None:
+        """Read what is left of dump ``seq``, dropping it.  Each read makes
+        the kernel queue the next part before it returns, so an empty queue
+        means the dump is over: no waiting."""
+        while True:
+            data = self.recv_nowait()
+            if data is None:
+                self._dump_seq = None
+                return
+            try:
+                if self._dump_part(data, seq, "getsa dump", []):
+                    return
+            except NetlinkError:
+                return  # the old dump's error: it is over, and nobody asked
 
 
 def _alloc_reply(kind: int, payload: memoryview | None) -> int:

@@ -349,7 +349,12 @@ class _UserNsHelper:
         try:
             # Up to EOF: the helper closes its end once it has answered, so
             # after this it holds nothing but its channel.
-            while chunk := os.read(ready_r, 4):
+            # ``while True``, not ``while chunk := ...``: CPython 3.13 compiles a
+            # conditional loop's back edge outside this try (gh-130279).
+            while True:
+                chunk = os.read(ready_r, 4)
+                if not chunk:
+                    break
                 ready += chunk
         finally:
             os.close(ready_r)

@@ -415,7 +415,12 @@ def _alloc_many(args: argparse.Namespace, alloc: Allocator, opts: dict[str, Any]
     done = 0
     progress = _Progress(args.count, sys.stderr.isatty() and not args.json)
     try:
-        while done < args.count:
+        # ``while True``, not ``while done < args.count``: CPython 3.13
+        # compiles a conditional loop's back edge outside this try
+        # (gh-130279), where a Ctrl-C would skip the release below.
+        while True:
+            if done >= args.count:
+                break
             parts.append(alloc.allocate_many(min(CHUNK, args.count - done), args.dst, args.proto, **opts))
             done += len(parts[-1])
             progress.update(done)

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import pytest
 from nsutil import MID_BATCH_HOOK, ns_run, sad_count, sad_spis
@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BACKENDS = ["c", "python"]
 ENGINES = {"c": _cbatch, "python": _pybatch}
 DST = "10.0.0.1"
+_T = TypeVar("_T")
 KTEXT = "No SPI available in the requested range"
 LO, HI = DEFAULT_SPI_RANGE
 
@@ -864,7 +865,7 @@ class _ArmedAlarms:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, self._old)
 
-    def call(self, fn: Callable[[Allocator, str], Reservation], a: Allocator, dst: str) -> Reservation:
+    def call(self, fn: Callable[[Allocator, str], _T], a: Allocator, dst: str) -> _T:
         # fn(a, dst), not fn(*args): a call through * returns through C, where
         # Python raises a pending interrupt here, after allocate returned.
         self.armed = True
@@ -923,6 +924,40 @@ def test_exceptions_from_signal_handlers_never_leave_the_socket_locked(netns: Na
         assert out == [1]
         left = ns_run(netns, ["ip", "xfrm", "state"]).stdout
         assert sad_count(netns) == 0, left
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_interrupted_dumps_leave_the_socket_usable(netns: Namespace, backend: str) -> None:
+    """A GETSA dump stays running in the kernel until its last part is read,
+    and the socket refuses another dump (EBUSY) meanwhile.  Under a storm of
+    SIGALRMs whose handler raises, a dump (``states()``) is left unread at
+    any point: the next one must still answer, right, and the socket's lock
+    must be free for another thread.  (Both broke: EBUSY for every later
+    dump, and on CPython 3.13 the lock left held by an interrupt at the
+    read loop's back edge, gh-130279.)"""
+    with Allocator(netns, backend=backend, guard=False) as a:
+        rs = a.allocate_many(300, DST)  # more than one dump part
+        t0 = time.perf_counter()
+        a.states()
+        took = time.perf_counter() - t0
+        interrupted = answered = 0
+        with _ArmedAlarms(took * 2) as alarms:  # about half the dumps interrupted, anywhere in them
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline:
+                try:
+                    assert len(alarms.call(lambda a, _: a.states(), a, DST)) == 300
+                    answered += 1
+                except _Alarm:
+                    interrupted += 1
+        assert interrupted > 20 and answered > 5, (interrupted, answered)
+        out: list[int] = []
+        t = threading.Thread(target=lambda: out.append(len(a.states())), daemon=True)
+        t.start()
+        t.join(10)
+        assert not t.is_alive(), "the request socket's lock was left held"
+        assert out == [300]
+        assert a.release(rs) == 300
+        assert sad_count(netns) == 0
 
 
 def _storm_of_interrupts(netns: Namespace, backend: str, guard: bool, how: str) -> None:

@@ -61,25 +61,11 @@ def v6(text: str) -> bytes:
     return socket.inet_pton(socket.AF_INET6, text)
 
 
-def allocspi(
-    seq: int,
-    *,
-    family: int = w.AF_INET,
-    daddr: bytes = v4("192.0.2.1"),
-    saddr: bytes = bytes(16),
-    proto: int = w.IPPROTO_ESP,
-    mode: int = 0,
-    reqid: int = 0,
-    lo: int = 0xC0000000,
-    hi: int = 0xCFFFFFFF,
-    mark=None,
-    if_id=None,
-    direction=None,
-    pcpu=None,
-) -> bytes:
-    info = w.userspi_info(
-        family=family, daddr=daddr, saddr=saddr, proto=proto, mode=mode, reqid=reqid, acq_seq=0, spi_min=lo, spi_max=hi
-    )
+def allocspi(seq: int, *, family: int = w.AF_INET, daddr: bytes = v4("192.0.2.1"), saddr: bytes = bytes(16),
+             proto: int = w.IPPROTO_ESP, mode: int = 0, reqid: int = 0, lo: int = 0xC0000000,
+             hi: int = 0xCFFFFFFF, mark=None, if_id=None, direction=None, pcpu=None) -> bytes:
+    info = w.userspi_info(family=family, daddr=daddr, saddr=saddr, proto=proto, mode=mode, reqid=reqid,
+                          acq_seq=0, spi_min=lo, spi_max=hi)
     return w.allocspi(seq, info, w.sa_attrs(mark, if_id, direction, pcpu))
 
 
@@ -96,7 +82,7 @@ def one(s: socket.socket, msg: bytes) -> bytes:
 
 
 def spi_of(reply: bytes) -> int:
-    return w.decode_alloc_reply(memoryview(reply)[w.NLMSGHDR_LEN :])
+    return w.decode_alloc_reply(memoryview(reply)[w.NLMSGHDR_LEN:])
 
 
 def capture() -> None:
@@ -107,30 +93,11 @@ def capture() -> None:
     r = one(s, allocspi(100))
     save(FEED, "newsa_v4.bin", r)
     taken = spi_of(r)
-    save(
-        FEED,
-        "newsa_v4_mark_ifid_dir.bin",
-        one(s, allocspi(200, mode=1, reqid=7, saddr=v4("192.0.2.2"), mark=(5, 0xFF), if_id=9, direction=1)),
-    )
-    save(
-        FEED,
-        "newsa_v6_all.bin",
-        one(
-            s,
-            allocspi(
-                300,
-                family=w.AF_INET6,
-                daddr=v6("2001:db8::1"),
-                saddr=v6("2001:db8::2"),
-                mode=1,
-                reqid=3,
-                mark=(0x10, 0xFFFFFFFF),
-                if_id=0xFFFFFFFF,
-                direction=2,
-                pcpu=0,
-            ),
-        ),
-    )
+    save(FEED, "newsa_v4_mark_ifid_dir.bin",
+         one(s, allocspi(200, mode=1, reqid=7, saddr=v4("192.0.2.2"), mark=(5, 0xFF), if_id=9, direction=1)))
+    save(FEED, "newsa_v6_all.bin",
+         one(s, allocspi(300, family=w.AF_INET6, daddr=v6("2001:db8::1"), saddr=v6("2001:db8::2"),
+                         mode=1, reqid=3, mark=(0x10, 0xFFFFFFFF), if_id=0xFFFFFFFF, direction=2, pcpu=0)))
     save(FEED, "newsa_comp.bin", one(s, allocspi(350, proto=w.IPPROTO_COMP, lo=0x100, hi=0xEFFF)))
     save(FEED, "newsa_ah_seq_wrap.bin", one(s, allocspi(0xFFFFFFFF, proto=w.IPPROTO_AH)))
     save(FEED, "err_enoent_extack.bin", one(s, allocspi(400, lo=taken, hi=taken)))
@@ -146,10 +113,8 @@ def capture() -> None:
 
     # One sendmsg with four requests, one bad: four reply datagrams, joined
     # into one file as a multi-message input.
-    batch = b"".join(
-        allocspi(800 + i, lo=(0xC0000020 if i == 2 else 0xC0000000), hi=(0xC0000010 if i == 2 else 0xCFFFFFFF))
-        for i in range(4)
-    )
+    batch = b"".join(allocspi(800 + i, lo=(0xC0000020 if i == 2 else 0xC0000000),
+                              hi=(0xC0000010 if i == 2 else 0xCFFFFFFF)) for i in range(4))
     s.send(batch)
     replies = recv_all(s)
     assert len(replies) == 4, len(replies)
@@ -204,29 +169,8 @@ def capture_events() -> None:
     sh("ip", "link", "set", "va", "up")
     sh("ip", "link", "set", "vb", "up")
     sh("ip", "link", "set", "lo", "up")
-    sh(
-        "ip",
-        "xfrm",
-        "policy",
-        "add",
-        "src",
-        "10.99.0.1/32",
-        "dst",
-        "10.99.0.2/32",
-        "dir",
-        "out",
-        "tmpl",
-        "src",
-        "10.99.0.1",
-        "dst",
-        "10.99.0.2",
-        "proto",
-        "esp",
-        "mode",
-        "tunnel",
-        "reqid",
-        "7",
-    )
+    sh("ip", "xfrm", "policy", "add", "src", "10.99.0.1/32", "dst", "10.99.0.2/32", "dir", "out",
+       "tmpl", "src", "10.99.0.1", "dst", "10.99.0.2", "proto", "esp", "mode", "tunnel", "reqid", "7")
     u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         u.sendto(b"x", ("10.99.0.2", 9))
@@ -253,84 +197,14 @@ def capture_acquires() -> None:
     sh("ip", "link", "set", "qb", "up")
     sh("ip", "addr", "add", "10.98.0.1/24", "dev", "qa")
     sh("ip", "-6", "addr", "add", "fd00:98::1/64", "dev", "qa", "nodad")
-    sh(
-        "ip",
-        "xfrm",
-        "policy",
-        "add",
-        "src",
-        "10.98.0.1/32",
-        "dst",
-        "10.98.0.2/32",
-        "dir",
-        "out",
-        "mark",
-        "0x70",
-        "mask",
-        "0xf0",
-        "tmpl",
-        "src",
-        "10.98.0.1",
-        "dst",
-        "10.98.0.2",
-        "proto",
-        "esp",
-        "mode",
-        "tunnel",
-        "reqid",
-        "7",
-    )
-    sh(
-        "ip",
-        "xfrm",
-        "policy",
-        "add",
-        "src",
-        "fd00:98::1/128",
-        "dst",
-        "fd00:98::2/128",
-        "proto",
-        "udp",
-        "dir",
-        "out",
-        "priority",
-        "100",
-        "index",
-        "0x4449",
-        "tmpl",
-        "proto",
-        "esp",
-        "mode",
-        "transport",
-        "reqid",
-        "9",
-    )
-    sh(
-        "ip",
-        "xfrm",
-        "policy",
-        "add",
-        "src",
-        "10.98.0.1/32",
-        "dst",
-        "10.98.0.3/32",
-        "dir",
-        "out",
-        "tmpl",
-        "proto",
-        "ah",
-        "mode",
-        "transport",
-        "reqid",
-        "11",
-        "tmpl",
-        "proto",
-        "esp",
-        "mode",
-        "transport",
-        "reqid",
-        "12",
-    )
+    sh("ip", "xfrm", "policy", "add", "src", "10.98.0.1/32", "dst", "10.98.0.2/32", "dir", "out",
+       "mark", "0x70", "mask", "0xf0",
+       "tmpl", "src", "10.98.0.1", "dst", "10.98.0.2", "proto", "esp", "mode", "tunnel", "reqid", "7")
+    sh("ip", "xfrm", "policy", "add", "src", "fd00:98::1/128", "dst", "fd00:98::2/128", "proto", "udp", "dir", "out",
+       "priority", "100", "index", "0x4449", "tmpl", "proto", "esp", "mode", "transport", "reqid", "9")
+    sh("ip", "xfrm", "policy", "add", "src", "10.98.0.1/32", "dst", "10.98.0.3/32", "dir", "out",
+       "tmpl", "proto", "ah", "mode", "transport", "reqid", "11",
+       "tmpl", "proto", "esp", "mode", "transport", "reqid", "12")
     for family, dst, mark, name in (
         (socket.AF_INET, "10.98.0.2", 0x75, "acquire_mark_tunnel.bin"),
         (socket.AF_INET6, "fd00:98::2", 0, "acquire_v6_transport.bin"),

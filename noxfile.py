@@ -39,15 +39,16 @@ def _one(pattern: str, session: nox.Session) -> str:
     return found[0]
 
 
-def _test(session: nox.Session, *selection: str, **env: str) -> None:
-    """pytest from a folder outside the checkout: nothing there shadows the
+def _test(session: nox.Session, *paths: str, keyword: str | None = None, **env: str) -> None:
+    """pytest on ``paths`` (from the repository root; ``keyword``: pytest's
+    ``-k``) from a folder outside the checkout: nothing there shadows the
     installed package."""
     tmp = session.create_tmp()
     session.chdir(tmp)
     session.run("python", "-c", "import spialloc, sys; print(spialloc.__file__, spialloc.backend)")
     session.run(
         "pytest", "-q", "-p", "no:cacheprovider", "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(ROOT),
-        *(str(ROOT / s) if s.startswith("tests/") else s for s in selection),
+        *(str(ROOT / p) for p in paths), *(("-k", keyword) if keyword else ()),
         env={"SPIALLOC_REQUIRE_KERNEL": "1", **env},
     )  # fmt: skip
 
@@ -56,7 +57,7 @@ def _test(session: nox.Session, *selection: str, **env: str) -> None:
 #: allocate, a dump, a batch): they depend on how each CPython compiles and
 #: where it checks for signals (gh-130279 on 3.13).  3.11 runs them in the
 #: whole kernel tier; 3.10 is known to fail them (README: Python versions).
-STORMS = ("tests/kernel/test_batch.py", "-k", "interrupt or socket_locked")
+STORMS = "interrupt or socket_locked"  # in tests/kernel/test_batch.py
 STORM_PYTHONS = ("3.12", "3.13")
 
 
@@ -65,7 +66,7 @@ def wheel(session: nox.Session) -> None:
     session.install(_one("spialloc-*-cp310-abi3-manylinux*.whl", session), *TEST_DEPS)
     _test(session, "tests/unit", "tests/kernel/test_smoke.py", SPIALLOC_EXPECT_BACKEND="c")
     if session.python in STORM_PYTHONS:
-        _test(session, *STORMS)
+        _test(session, "tests/kernel/test_batch.py", keyword=STORMS)
 
 
 @nox.session(python="3.11")
